@@ -1,0 +1,56 @@
+//! Domain values → wire messages.
+
+use crate::{
+    notification::{Delivery, EventBody, Notification, StreamEvent},
+    proto,
+};
+
+impl From<&Notification> for proto::Notification {
+    fn from(n: &Notification) -> Self {
+        Self {
+            id: n.id,
+            seq: n.seq,
+            recipient: n.recipient.clone(),
+            r#type: n.kind.clone(),
+            title: n.title.clone(),
+            body: n.body.clone(),
+            data: n.data.clone(),
+            created_at: Some(n.created_at.into()),
+            read: n.read,
+        }
+    }
+}
+
+impl From<&StreamEvent> for proto::Event {
+    fn from(e: &StreamEvent) -> Self {
+        let kind = match &e.body {
+            EventBody::Notification(n) => proto::event::Kind::Notification(n.into()),
+            EventBody::Read(r) => proto::event::Kind::Read(proto::ReadStateChanged {
+                notification_ids: r.ids.clone(),
+                up_to_seq: r.up_to_seq,
+            }),
+        };
+        Self {
+            seq: e.seq,
+            kind: Some(kind),
+        }
+    }
+}
+
+impl From<Delivery> for proto::Delivery {
+    fn from(d: Delivery) -> Self {
+        Self {
+            recipient: d.recipient,
+            notification_id: d.notification_id,
+            seq: d.seq,
+        }
+    }
+}
+
+/// A control event (caught-up, heartbeat, resync) at stream position `seq`.
+pub fn control(seq: u64, kind: proto::event::Kind) -> proto::Event {
+    proto::Event {
+        seq,
+        kind: Some(kind),
+    }
+}

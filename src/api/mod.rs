@@ -1,0 +1,210 @@
+//! The gRPC service `herald.v1.Notifications`: authenticate, parse the
+//! request into domain values, call the store or start a stream, convert
+//! back. No SQL and no delivery logic here.
+
+pub mod convert;
+
+use std::{collections::HashSet, sync::Arc};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    auth::{Identity, Verifier},
+    hub::Hub,
+    notification::{
+        InvalidArgument, NewNotification, NotificationType, PageQuery, ReadTarget, SendLimits,
+    },
+    proto::{self, notifications_server::Notifications},
+    store::{Store, StoreError},
+    subscription::{Session, Start, StreamSettings},
+};
+
+/// Events buffered between a stream's task and tonic's HTTP/2 writer. Small:
+/// the hub's per-stream queue is the real buffer.
+const OUT_BUFFER: usize = 16;
+
+/// Most entries in `SubscribeRequest.types`.
+pub const MAX_TYPE_FILTERS: usize = 64;
+
+impl From<InvalidArgument> for Status {
+    fn from(e: InvalidArgument) -> Self {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<StoreError> for Status {
+    /// Maps store errors per the gRPC status-code guide: a database that
+    /// cannot be reached is `UNAVAILABLE` (retryable), a reused idempotency
+    /// key `FAILED_PRECONDITION`, anything else `INTERNAL`.
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
+            StoreError::IdempotencyKeyReused => Status::failed_precondition(e.to_string()),
+            StoreError::Internal(_) => {
+                tracing::error!(error = %e, "store error");
+                Status::internal("internal error")
+            }
+        }
+    }
+}
+
+/// The service implementation, generic over the store.
+pub struct NotificationsService<S> {
+    store: Arc<S>,
+    hub: Arc<Hub>,
+    verifier: Arc<Verifier>,
+    limits: SendLimits,
+    streams: StreamSettings,
+    shutdown: CancellationToken,
+}
+
+impl<S: Store> NotificationsService<S> {
+    /// Builds the service. `shutdown` ends every open stream when cancelled.
+    pub fn new(
+        store: Arc<S>,
+        hub: Arc<Hub>,
+        verifier: Arc<Verifier>,
+        limits: SendLimits,
+        streams: StreamSettings,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            hub,
+            verifier,
+            limits,
+            streams,
+            shutdown,
+        }
+    }
+
+    fn identify<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+        self.verifier.verify(request.metadata())
+    }
+}
+
+fn parse_types(types: &[String]) -> Result<HashSet<String>, InvalidArgument> {
+    if types.len() > MAX_TYPE_FILTERS {
+        return Err(InvalidArgument::new(
+            "types",
+            format!("names {} types, more than {MAX_TYPE_FILTERS}", types.len()),
+        ));
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            NotificationType::parse(&format!("types[{i}]"), t).map(|t| t.as_str().to_owned())
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl<S: Store> Notifications for NotificationsService<S> {
+    async fn send_notification(
+        &self,
+        request: Request<proto::SendNotificationRequest>,
+    ) -> Result<Response<proto::SendNotificationResponse>, Status> {
+        let identity = self.identify(&request)?;
+        identity.require_send()?;
+        let new = NewNotification::parse(request.into_inner(), &self.limits)?;
+        let deliveries = self
+            .store
+            .send(identity.tenant.as_str(), identity.user.as_str(), &new)
+            .await?;
+        tracing::debug!(
+            sender = %identity.user,
+            r#type = new.kind.as_str(),
+            recipients = deliveries.len(),
+            "notification stored"
+        );
+        Ok(Response::new(proto::SendNotificationResponse {
+            deliveries: deliveries.into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    type SubscribeStream = ReceiverStream<Result<proto::Event, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let identity = self.identify(&request)?;
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable("server is shutting down"));
+        }
+        let req = request.into_inner();
+        let types = parse_types(&req.types)?;
+        let tenant = identity.tenant.as_str();
+        let user = identity.user.as_str();
+        // Register first, then read the head: whatever commits after the
+        // head was read is already being queued for this stream.
+        let subscription = self.hub.subscribe(tenant, user);
+        let head = self.store.head(tenant, user).await?;
+        let start = Start::new(req.after_seq, head)?;
+        let (out, rx) = mpsc::channel(OUT_BUFFER);
+        let session = Session {
+            store: self.store.clone(),
+            subscription,
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+            types,
+            settings: self.streams,
+            shutdown: self.shutdown.clone(),
+            out,
+        };
+        tokio::spawn(session.run(start));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn mark_read(
+        &self,
+        request: Request<proto::MarkReadRequest>,
+    ) -> Result<Response<proto::MarkReadResponse>, Status> {
+        let identity = self.identify(&request)?;
+        let target = ReadTarget::parse(request.into_inner())?;
+        let outcome = self
+            .store
+            .mark_read(identity.tenant.as_str(), identity.user.as_str(), &target)
+            .await?;
+        Ok(Response::new(proto::MarkReadResponse {
+            marked: outcome.marked,
+            seq: outcome.seq,
+        }))
+    }
+
+    async fn list_notifications(
+        &self,
+        request: Request<proto::ListNotificationsRequest>,
+    ) -> Result<Response<proto::ListNotificationsResponse>, Status> {
+        let identity = self.identify(&request)?;
+        let query = PageQuery::parse(request.get_ref())?;
+        let page = self
+            .store
+            .list(identity.tenant.as_str(), identity.user.as_str(), query)
+            .await?;
+        let next_page_token = match page.last() {
+            Some(n) if page.len() == query.limit => n.seq.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListNotificationsResponse {
+            notifications: page.iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn get_unread_count(
+        &self,
+        request: Request<proto::GetUnreadCountRequest>,
+    ) -> Result<Response<proto::GetUnreadCountResponse>, Status> {
+        let identity = self.identify(&request)?;
+        let (unread, seq) = self
+            .store
+            .unread_count(identity.tenant.as_str(), identity.user.as_str())
+            .await?;
+        Ok(Response::new(proto::GetUnreadCountResponse { unread, seq }))
+    }
+}

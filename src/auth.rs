@@ -1,0 +1,222 @@
+//! Token verification: `authorization: Bearer <JWT>` metadata (RFC 6750
+//! §2.1) → [`Identity`]. Identity comes only from a verified token, never
+//! from a request field.
+//!
+//! Tokens are JWTs (RFC 7519) signed with HS256, RS256 or ES256 (RFC 7518
+//! §3). Exactly one algorithm is accepted, the one the key is for, so a token
+//! cannot choose its own (`alg: none` and HS/RS confusion fail). `exp` and
+//! `sub` are required; `iss` and `aud` are checked when configured.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tonic::{Status, metadata::MetadataMap};
+
+use crate::notification::{Tenant, UserId};
+
+/// Scope a token needs to call `SendNotification`.
+pub const SEND_SCOPE: &str = "notifications:send";
+
+/// The HS256 secret `--dev` uses. Public knowledge: anyone can mint tokens
+/// with it, which is why `--dev` binds to loopback only.
+pub const DEV_SECRET: &str = "herald-dev-secret-insecure-do-not-use-in-production";
+
+/// Longest token accepted, in bytes; longer ones are refused before any
+/// signature check.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// The claims Herald reads from (and `herald token` writes into) a JWT.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The user (RFC 7519 §4.1.2).
+    pub sub: String,
+    /// Tenant; absent or empty is the default tenant.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+    /// Space-separated scopes (RFC 8693 §4.2), e.g. `notifications:send`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub scope: String,
+    /// Expiry, seconds since the Unix epoch (RFC 7519 §4.1.4).
+    pub exp: u64,
+    /// Issued-at, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Issuer (RFC 7519 §4.1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// Audience (RFC 7519 §4.1.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// Who is calling, from a verified token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's tenant.
+    pub tenant: Tenant,
+    /// The token's user (`sub`).
+    pub user: UserId,
+    scopes: Vec<String>,
+}
+
+impl Identity {
+    /// Whether the token carries `scope`.
+    pub fn has_scope(&self, scope: &str) -> bool {
+        self.scopes.iter().any(|s| s == scope)
+    }
+
+    /// `Ok` when the token may send notifications, else `PERMISSION_DENIED`.
+    pub fn require_send(&self) -> Result<(), Status> {
+        if self.has_scope(SEND_SCOPE) {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "token lacks the {SEND_SCOPE} scope"
+            )))
+        }
+    }
+}
+
+/// The key tokens are verified with.
+#[derive(Clone)]
+pub enum VerificationKey {
+    /// HS256 shared secret (at least 32 bytes outside `--dev`).
+    Secret(Vec<u8>),
+    /// RS256 public key, PEM.
+    RsaPem(Vec<u8>),
+    /// ES256 (P-256) public key, PEM.
+    EcPem(Vec<u8>),
+}
+
+impl std::fmt::Debug for VerificationKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a secret.
+        f.write_str(match self {
+            Self::Secret(_) => "Secret(..)",
+            Self::RsaPem(_) => "RsaPem(..)",
+            Self::EcPem(_) => "EcPem(..)",
+        })
+    }
+}
+
+/// How tokens are verified: the key plus optional issuer/audience checks.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The verification key.
+    pub key: VerificationKey,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+}
+
+/// A misconfigured verification key.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid JWT verification key: {0}")]
+pub struct KeyError(String);
+
+/// Verifies tokens. Build once at start-up; verification is pure CPU.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// Builds a verifier; fails if a PEM key does not parse.
+    pub fn new(config: &AuthConfig) -> Result<Self, KeyError> {
+        let (key, alg) = match &config.key {
+            VerificationKey::Secret(s) => (DecodingKey::from_secret(s), Algorithm::HS256),
+            VerificationKey::RsaPem(pem) => (
+                DecodingKey::from_rsa_pem(pem).map_err(|e| KeyError(e.to_string()))?,
+                Algorithm::RS256,
+            ),
+            VerificationKey::EcPem(pem) => (
+                DecodingKey::from_ec_pem(pem).map_err(|e| KeyError(e.to_string()))?,
+                Algorithm::ES256,
+            ),
+        };
+        let mut validation = Validation::new(alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        match &config.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &config.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        Ok(Self { key, validation })
+    }
+
+    /// Verifies the bearer token in `metadata`. Every failure is
+    /// `UNAUTHENTICATED` (gRPC status-code guide), with a reason that does
+    /// not help forge a token.
+    pub fn verify(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
+        let value = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
+        if value.len() > MAX_TOKEN_BYTES + 7 {
+            return Err(Status::unauthenticated("token too large"));
+        }
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .ok_or_else(|| Status::unauthenticated("authorization is not `Bearer <token>`"))?;
+        let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.key, &self.validation)
+            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
+        let claims = data.claims;
+        let user = UserId::parse("sub", &claims.sub)
+            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
+        let tenant = Tenant::parse(&claims.tenant)
+            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
+        Ok(Identity {
+            tenant,
+            user,
+            scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
+        })
+    }
+}
+
+/// Mints an HS256 token for `user` that expires `ttl_secs` from now. For the
+/// CLI, tests and development; production tokens come from an identity
+/// provider.
+pub fn mint(
+    secret: &[u8],
+    user: &str,
+    tenant: &str,
+    scope: &str,
+    ttl_secs: u64,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let claims = Claims {
+        sub: user.to_owned(),
+        tenant: tenant.to_owned(),
+        scope: scope.to_owned(),
+        exp: now + ttl_secs,
+        iat: Some(now),
+        iss: None,
+        aud: None,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+}

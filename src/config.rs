@@ -1,0 +1,315 @@
+//! Configuration: the `herald serve` flags (each also an environment
+//! variable), turned into one validated [`Config`]. The server refuses to
+//! start on an invalid configuration and says why.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+
+use crate::{
+    auth::{AuthConfig, DEV_SECRET, VerificationKey},
+    listener::ListenerSettings,
+    notification::SendLimits,
+};
+
+/// Shortest HS256 secret accepted outside `--dev`: 256 bits, the hash size
+/// (RFC 7518 §3.2).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The validated server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to serve gRPC on (port 0: any free port).
+    pub listen: SocketAddr,
+    /// PostgreSQL URL; `None` runs the in-memory store (one replica).
+    pub database_url: Option<String>,
+    /// URL for the LISTEN connection when it must bypass a transaction
+    /// pooler; defaults to `database_url`.
+    pub listener_database_url: Option<String>,
+    /// Most pooled database connections.
+    pub pool_size: usize,
+    /// How long a call waits for a pooled connection (or a new one).
+    pub pool_timeout: Duration,
+    /// How tokens are verified.
+    pub auth: AuthConfig,
+    /// Development mode: loopback only, well-known secret.
+    pub dev: bool,
+    /// Idle time after which a stream gets a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Events queued per stream before it falls back to the store.
+    pub stream_queue: usize,
+    /// Events older than this are pruned; resuming before them gets
+    /// `resync`.
+    pub retention: Duration,
+    /// Time between retention runs.
+    pub prune_interval: Duration,
+    /// Listener liveness probing.
+    pub listener: ListenerSettings,
+    /// Send limits.
+    pub limits: SendLimits,
+}
+
+impl Config {
+    /// A configuration with defaults, verifying tokens with `auth`, serving
+    /// on `listen`, with the in-memory store.
+    pub fn new(listen: SocketAddr, auth: AuthConfig) -> Self {
+        Self {
+            listen,
+            database_url: None,
+            listener_database_url: None,
+            pool_size: 16,
+            pool_timeout: Duration::from_secs(5),
+            auth,
+            dev: false,
+            heartbeat_interval: Duration::from_secs(15),
+            stream_queue: 256,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(3600),
+            listener: ListenerSettings {
+                ping_interval: Duration::from_secs(10),
+                ping_timeout: Duration::from_secs(5),
+            },
+            limits: SendLimits::default(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No way to verify tokens.
+    #[error(
+        "no JWT verification key: set HERALD_JWT_SECRET (or --jwt-secret-file) for HS256, \
+         or --jwt-public-key-file for RS256/ES256; for local development only, use --dev"
+    )]
+    NoKey,
+    /// More than one key source.
+    #[error("give only one of --jwt-secret, --jwt-secret-file, --jwt-public-key-file")]
+    SeveralKeys,
+    /// A secret too short to be safe.
+    #[error("the JWT secret is {0} bytes; use at least {MIN_SECRET_BYTES} random bytes")]
+    WeakSecret(usize),
+    /// A key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A public key that is neither RSA nor P-256 EC.
+    #[error("--jwt-public-key-file: {0}")]
+    BadPublicKey(String),
+    /// `--dev` with a non-loopback listen address.
+    #[error("--dev serves with a publicly known secret, so it binds to loopback only; {0} is not")]
+    DevNotLoopback(SocketAddr),
+    /// A value out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where an HS256 secret comes from; shared by `serve` and the client
+/// commands (which mint their own tokens with it).
+#[derive(Debug, Clone, Args)]
+pub struct SecretArgs {
+    /// HS256 secret for verifying (and, in client commands, minting) tokens.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// File holding the HS256 secret (trailing newline ignored).
+    #[arg(long, env = "HERALD_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Development mode: loopback only, with the documented insecure secret.
+    #[arg(long, env = "HERALD_DEV")]
+    pub dev: bool,
+}
+
+impl SecretArgs {
+    /// The HS256 secret these flags give (the dev secret under `--dev`), if
+    /// any. Reads the secret file.
+    pub fn secret(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        if let Some(s) = &self.jwt_secret {
+            return Ok(Some(s.as_bytes().to_vec()));
+        }
+        if let Some(path) = &self.jwt_secret_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            return Ok(Some(
+                text.trim_end_matches(['\r', '\n']).as_bytes().to_vec(),
+            ));
+        }
+        Ok(self.dev.then(|| DEV_SECRET.as_bytes().to_vec()))
+    }
+}
+
+/// Token verification flags of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct AuthArgs {
+    /// The HS256 secret, or `--dev`.
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    /// PEM public key (RSA for RS256, P-256 EC for ES256).
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "HERALD_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "HERALD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+}
+
+impl AuthArgs {
+    /// The verification configuration for `serve`.
+    pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        let given_secret =
+            self.secret.jwt_secret.is_some() || self.secret.jwt_secret_file.is_some();
+        if self.secret.jwt_secret.is_some() && self.secret.jwt_secret_file.is_some()
+            || given_secret && self.jwt_public_key_file.is_some()
+        {
+            return Err(ConfigError::SeveralKeys);
+        }
+        let key = if let Some(path) = &self.jwt_public_key_file {
+            let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            public_key(pem)?
+        } else {
+            let secret = self.secret.secret()?.ok_or(ConfigError::NoKey)?;
+            if given_secret && secret.len() < MIN_SECRET_BYTES {
+                return Err(ConfigError::WeakSecret(secret.len()));
+            }
+            VerificationKey::Secret(secret)
+        };
+        Ok(AuthConfig {
+            key,
+            issuer: self.jwt_issuer.clone(),
+            audience: self.jwt_audience.clone(),
+        })
+    }
+}
+
+/// Tells RSA from EC by trying both parsers.
+fn public_key(pem: Vec<u8>) -> Result<VerificationKey, ConfigError> {
+    use jsonwebtoken::DecodingKey;
+    if DecodingKey::from_rsa_pem(&pem).is_ok() {
+        return Ok(VerificationKey::RsaPem(pem));
+    }
+    match DecodingKey::from_ec_pem(&pem) {
+        Ok(_) => Ok(VerificationKey::EcPem(pem)),
+        Err(e) => Err(ConfigError::BadPublicKey(format!(
+            "not an RSA or EC public key in PEM: {e}"
+        ))),
+    }
+}
+
+fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// `herald serve` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// PostgreSQL URL. Without it, notifications are kept in memory (one
+    /// replica, lost on restart).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Direct PostgreSQL URL for the LISTEN connection (LISTEN does not work
+    /// through a transaction-pooling PgBouncer). Defaults to DATABASE_URL.
+    #[arg(long, env = "HERALD_LISTENER_DATABASE_URL", hide_env_values = true)]
+    pub listener_database_url: Option<String>,
+    /// Most pooled database connections.
+    #[arg(long, env = "HERALD_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+    /// How long a call waits for a database connection, e.g. `5s`.
+    #[arg(long, env = "HERALD_POOL_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub pool_timeout: Duration,
+    /// Token verification.
+    #[command(flatten)]
+    pub auth: AuthArgs,
+    /// Idle time after which a stream gets a heartbeat, e.g. `15s`.
+    #[arg(long, env = "HERALD_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
+    pub heartbeat_interval: Duration,
+    /// Events queued per stream before a slow stream reads from the store.
+    #[arg(long, env = "HERALD_STREAM_QUEUE", default_value_t = 256)]
+    pub stream_queue: usize,
+    /// How long events are kept, e.g. `30days`.
+    #[arg(long, env = "HERALD_RETENTION", default_value = "30days", value_parser = duration)]
+    pub retention: Duration,
+    /// Time between retention runs.
+    #[arg(long, env = "HERALD_PRUNE_INTERVAL", default_value = "1h", value_parser = duration)]
+    pub prune_interval: Duration,
+    /// Time between LISTEN liveness probes.
+    #[arg(long, env = "HERALD_LISTENER_PING_INTERVAL", default_value = "10s", value_parser = duration)]
+    pub listener_ping_interval: Duration,
+    /// How long a LISTEN liveness probe may take before reconnecting.
+    #[arg(long, env = "HERALD_LISTENER_PING_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub listener_ping_timeout: Duration,
+    /// Most distinct recipients of one send.
+    #[arg(long, env = "HERALD_MAX_RECIPIENTS", default_value_t = 1_000)]
+    pub max_recipients: usize,
+    /// Longest notification body, bytes.
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    pub max_body_bytes: usize,
+    /// Longest notification data JSON, bytes.
+    #[arg(long, env = "HERALD_MAX_DATA_BYTES", default_value_t = 16 * 1024)]
+    pub max_data_bytes: usize,
+}
+
+impl ServeArgs {
+    /// Validates the flags into a [`Config`].
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let auth = self.auth.auth_config()?;
+        if self.auth.secret.dev && !self.listen.ip().is_loopback() {
+            return Err(ConfigError::DevNotLoopback(self.listen));
+        }
+        for (name, d) in [
+            ("--heartbeat-interval", self.heartbeat_interval),
+            ("--prune-interval", self.prune_interval),
+            ("--listener-ping-interval", self.listener_ping_interval),
+            ("--listener-ping-timeout", self.listener_ping_timeout),
+            ("--pool-timeout", self.pool_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!("{name} must be positive")));
+            }
+        }
+        if self.max_recipients == 0 || self.pool_size == 0 || self.stream_queue == 0 {
+            return Err(ConfigError::Invalid(
+                "--max-recipients, --pool-size and --stream-queue must be positive".into(),
+            ));
+        }
+        if self.listener_database_url.is_some() && self.database_url.is_none() {
+            return Err(ConfigError::Invalid(
+                "HERALD_LISTENER_DATABASE_URL needs DATABASE_URL".into(),
+            ));
+        }
+        Ok(Config {
+            listen: self.listen,
+            database_url: self.database_url,
+            listener_database_url: self.listener_database_url,
+            pool_size: self.pool_size,
+            pool_timeout: self.pool_timeout,
+            auth,
+            dev: self.auth.secret.dev,
+            heartbeat_interval: self.heartbeat_interval,
+            stream_queue: self.stream_queue,
+            retention: self.retention,
+            prune_interval: self.prune_interval,
+            listener: ListenerSettings {
+                ping_interval: self.listener_ping_interval,
+                ping_timeout: self.listener_ping_timeout,
+            },
+            limits: SendLimits {
+                max_recipients: self.max_recipients,
+                max_body_bytes: self.max_body_bytes,
+                max_data_bytes: self.max_data_bytes,
+            },
+        })
+    }
+}

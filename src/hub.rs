@@ -1,0 +1,269 @@
+//! The hub: this replica's open streams, by tenant and user, and the routing
+//! of committed events to them.
+//!
+//! Publishing never blocks and never allocates per stream beyond an `Arc`
+//! clone: each stream has a bounded queue, and when it is full the event is
+//! not queued but the stream is flagged *lagging* and woken. A lagging
+//! stream re-reads what it missed from the store, from its last delivered
+//! seq (see `subscription.rs`), so a slow client costs only itself and memory
+//! per stream stays bounded by the queue length.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::notification::StreamEvent;
+
+/// The shared state between the hub and one stream.
+#[derive(Debug, Default)]
+struct Signal {
+    /// Set when the stream may have missed events and must catch up from
+    /// the store before trusting its queue again.
+    lagging: AtomicBool,
+    /// Wakes the stream's task when `lagging` is set.
+    wake: Notify,
+}
+
+#[derive(Debug)]
+struct Slot {
+    id: u64,
+    tx: mpsc::Sender<Arc<StreamEvent>>,
+    signal: Arc<Signal>,
+}
+
+impl Slot {
+    fn flag_lagging(&self) {
+        self.signal.lagging.store(true, Ordering::Release);
+        self.signal.wake.notify_one();
+    }
+}
+
+type Users = HashMap<String, Vec<Slot>>;
+
+/// This replica's open streams. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Hub {
+    tenants: RwLock<HashMap<String, Users>>,
+    next_id: AtomicU64,
+    queue_len: usize,
+}
+
+impl Hub {
+    /// A hub whose streams each queue at most `queue_len` events (min 1).
+    pub fn new(queue_len: usize) -> Arc<Self> {
+        Arc::new(Self {
+            tenants: RwLock::default(),
+            next_id: AtomicU64::new(1),
+            queue_len: queue_len.max(1),
+        })
+    }
+
+    /// Registers a stream for `tenant`/`user`. Events published from now on
+    /// reach it (or flag it lagging); the stream is removed when the
+    /// returned [`Subscription`] is dropped.
+    pub fn subscribe(self: &Arc<Self>, tenant: &str, user: &str) -> Subscription {
+        let (tx, rx) = mpsc::channel(self.queue_len);
+        let signal = Arc::new(Signal::default());
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot {
+            id,
+            tx,
+            signal: signal.clone(),
+        };
+        self.write()
+            .entry(tenant.to_owned())
+            .or_default()
+            .entry(user.to_owned())
+            .or_default()
+            .push(slot);
+        Subscription {
+            hub: self.clone(),
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+            id,
+            rx,
+            signal,
+        }
+    }
+
+    /// Whether `tenant`/`user` has any stream on this replica.
+    pub fn has_streams(&self, tenant: &str, user: &str) -> bool {
+        self.read()
+            .get(tenant)
+            .is_some_and(|users| users.contains_key(user))
+    }
+
+    /// Offers `event` to every stream of `tenant`/`user` on this replica.
+    /// A stream whose queue is full is flagged lagging instead.
+    pub fn publish(&self, tenant: &str, user: &str, event: &Arc<StreamEvent>) {
+        let tenants = self.read();
+        let Some(slots) = tenants.get(tenant).and_then(|u| u.get(user)) else {
+            return;
+        };
+        for slot in slots {
+            if slot.tx.try_send(event.clone()).is_err() {
+                slot.flag_lagging();
+            }
+        }
+    }
+
+    /// Tells every stream of `tenant`/`user` that events up to some seq were
+    /// committed without their content reaching this replica (e.g. a NOTIFY
+    /// too large to carry them): each catches up from the store.
+    pub fn signal_user(&self, tenant: &str, user: &str) {
+        let tenants = self.read();
+        if let Some(slots) = tenants.get(tenant).and_then(|u| u.get(user)) {
+            slots.iter().for_each(Slot::flag_lagging);
+        }
+    }
+
+    /// Makes every stream on this replica catch up from the store, e.g.
+    /// after the LISTEN connection was lost and notifications may have been
+    /// missed.
+    pub fn signal_all(&self) {
+        for users in self.read().values() {
+            users.values().flatten().for_each(Slot::flag_lagging);
+        }
+    }
+
+    /// Number of open streams on this replica.
+    pub fn stream_count(&self) -> usize {
+        self.read()
+            .values()
+            .flat_map(|u| u.values())
+            .map(Vec::len)
+            .sum()
+    }
+
+    fn remove(&self, tenant: &str, user: &str, id: u64) {
+        let mut tenants = self.write();
+        let Some(users) = tenants.get_mut(tenant) else {
+            return;
+        };
+        if let Some(slots) = users.get_mut(user) {
+            slots.retain(|s| s.id != id);
+            if slots.is_empty() {
+                users.remove(user);
+            }
+        }
+        if users.is_empty() {
+            tenants.remove(tenant);
+        }
+    }
+
+    // A panic while holding the lock cannot leave the maps half-updated
+    // (every mutation is a single insert/retain/remove), so a poisoned lock
+    // is safe to keep using.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Users>> {
+        self.tenants.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Users>> {
+        self.tenants.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One stream's registration in the hub: its queue of live events and its
+/// lagging signal. Dropping it unregisters the stream.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    tenant: String,
+    user: String,
+    id: u64,
+    rx: mpsc::Receiver<Arc<StreamEvent>>,
+    signal: Arc<Signal>,
+}
+
+/// What a stream should do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Deliver this live event (if its seq is the next one expected).
+    Event(Arc<StreamEvent>),
+    /// Events may have been missed: catch up from the store.
+    CatchUp,
+}
+
+impl Subscription {
+    /// Waits for the next live event or a catch-up signal. The lagging flag
+    /// is cleared when `CatchUp` is returned, so a catch-up that starts after
+    /// this call sees everything that was not queued. Cancel-safe.
+    pub async fn next(&mut self) -> Next {
+        loop {
+            if self.signal.lagging.swap(false, Ordering::AcqRel) {
+                return Next::CatchUp;
+            }
+            tokio::select! {
+                biased;
+                () = self.signal.wake.notified() => continue,
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => return Next::Event(ev),
+                    // The hub holds the sender until we unregister, so this
+                    // is unreachable; treat it as "re-read the store".
+                    None => return Next::CatchUp,
+                },
+            }
+        }
+    }
+
+    /// Takes a queued event without waiting, if one is ready.
+    pub fn try_next(&mut self) -> Option<Arc<StreamEvent>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.hub.remove(&self.tenant, &self.user, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::notification::{EventBody, ReadChange};
+
+    fn event(seq: u64) -> Arc<StreamEvent> {
+        Arc::new(StreamEvent {
+            seq,
+            body: EventBody::Read(ReadChange {
+                ids: vec![],
+                up_to_seq: seq,
+            }),
+        })
+    }
+
+    #[tokio::test]
+    async fn routes_by_tenant_and_user_and_unregisters_on_drop() {
+        let hub = Hub::new(4);
+        let mut a = hub.subscribe("t", "alice");
+        let mut other_tenant = hub.subscribe("u", "alice");
+        hub.publish("t", "alice", &event(1));
+        assert!(matches!(a.next().await, Next::Event(e) if e.seq == 1));
+        assert!(other_tenant.try_next().is_none());
+        drop(a);
+        drop(other_tenant);
+        assert_eq!(hub.stream_count(), 0);
+        assert!(!hub.has_streams("t", "alice"));
+    }
+
+    #[tokio::test]
+    async fn full_queue_flags_lagging_without_blocking() {
+        let hub = Hub::new(2);
+        let mut s = hub.subscribe("t", "alice");
+        for seq in 1..=5 {
+            hub.publish("t", "alice", &event(seq));
+        }
+        // Queue first: the flag is checked before waiting, so CatchUp wins.
+        assert!(matches!(s.next().await, Next::CatchUp));
+        assert!(matches!(s.next().await, Next::Event(e) if e.seq == 1));
+        hub.signal_all();
+        assert!(matches!(s.next().await, Next::CatchUp));
+    }
+}

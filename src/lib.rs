@@ -1,0 +1,27 @@
+//! Herald: a gRPC streaming notification service.
+//!
+//! See `ARCHITECTURE.md` for the map. The binary (`src/main.rs`) is a thin
+//! CLI over this library, so tests and benchmarks run the real server
+//! in-process.
+
+pub mod hub;
+pub mod notification;
+pub mod store;
+
+/// Code generated from `proto/herald/v1/herald.proto` (package `herald.v1`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("herald.v1");
+
+    /// Encoded `FileDescriptorSet` of the API, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/herald_descriptor.bin"));
+}
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod listener;
+pub mod server;
+pub mod subscription;
+pub mod telemetry;

@@ -1,0 +1,301 @@
+//! The `herald` command: `serve` a replica, `migrate` a database, and the
+//! client commands `token`, `send` and `subscribe` for trying it out.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use herald::{
+    auth::{self, SEND_SCOPE},
+    config::{SecretArgs, ServeArgs},
+    proto::{self, event::Kind, notifications_client::NotificationsClient},
+    server, store, telemetry,
+};
+use serde_json::json;
+use tonic::{Request, transport::Channel};
+
+/// Herald: a gRPC streaming notification service on PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "herald", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a replica.
+    Serve(Box<ServeArgs>),
+    /// Apply database migrations and exit.
+    Migrate {
+        /// PostgreSQL URL.
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Print an HS256 token signed with the configured secret.
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        user: String,
+        #[command(flatten)]
+        claims: ClaimArgs,
+        #[command(flatten)]
+        secret: SecretArgs,
+    },
+    /// Send a notification and print what was stored, as JSON.
+    Send(SendArgs),
+    /// Stream a user's events, one JSON object per line.
+    Subscribe(SubscribeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClaimArgs {
+    /// Tenant claim.
+    #[arg(long, env = "HERALD_TENANT", default_value = "")]
+    tenant: String,
+    /// Space-separated scopes.
+    #[arg(long, default_value = "")]
+    scope: String,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    ttl: u64,
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// Server URL.
+    #[arg(long, env = "HERALD_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Bearer token; without it one is minted with the HS256 secret.
+    #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Tenant of the minted token.
+    #[arg(long, env = "HERALD_TENANT", default_value = "")]
+    tenant: String,
+    #[command(flatten)]
+    secret: SecretArgs,
+}
+
+impl ClientArgs {
+    fn token(&self, user: &str, scope: &str) -> anyhow::Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let Some(secret) = self.secret.secret()? else {
+            bail!("give --token, or set HERALD_JWT_SECRET to mint one, or use --dev");
+        };
+        Ok(auth::mint(&secret, user, &self.tenant, scope, 3600)?)
+    }
+
+    async fn client(&self) -> anyhow::Result<NotificationsClient<Channel>> {
+        let channel = Channel::from_shared(self.server.clone())
+            .context("--server is not a URL")?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {}", self.server))?;
+        Ok(NotificationsClient::new(channel))
+    }
+}
+
+fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+#[derive(Debug, Args)]
+struct SendArgs {
+    /// Recipients, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    to: Vec<String>,
+    /// Notification type, e.g. `project.created`.
+    #[arg(long = "type")]
+    kind: String,
+    /// Title.
+    #[arg(long)]
+    title: String,
+    /// Body.
+    #[arg(long, default_value = "")]
+    body: String,
+    /// Data: a JSON object.
+    #[arg(long, default_value = "")]
+    data: String,
+    /// Idempotency key.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+    /// The sender, when minting a token.
+    #[arg(long = "as", default_value = "herald-cli")]
+    sender: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct SubscribeArgs {
+    /// The user, when minting a token.
+    #[arg(long, default_value = "")]
+    user: String,
+    /// Resume after this seq.
+    #[arg(long)]
+    after_seq: Option<u64>,
+    /// Only these types, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    types: Vec<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("error: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(*args).await,
+        Command::Migrate { database_url } => {
+            telemetry::init();
+            let applied = store::postgres::migrate(&database_url).await?;
+            tracing::info!(?applied, "migrations applied");
+            Ok(())
+        }
+        Command::Token {
+            user,
+            claims,
+            secret,
+        } => {
+            let Some(secret) = secret.secret()? else {
+                bail!("set HERALD_JWT_SECRET (or --jwt-secret-file), or use --dev");
+            };
+            println!(
+                "{}",
+                auth::mint(&secret, &user, &claims.tenant, &claims.scope, claims.ttl)?
+            );
+            Ok(())
+        }
+        Command::Send(args) => send(args).await,
+        Command::Subscribe(args) => subscribe(args).await,
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    telemetry::init();
+    let config = args.into_config()?;
+    let running = server::start(config).await?;
+    let token = running.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: ending streams so clients resume elsewhere");
+        token.cancel();
+    });
+    running.wait(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<()> {
+    let token = args.client.token(&args.sender, SEND_SCOPE)?;
+    let mut client = args.client.client().await?;
+    let request = proto::SendNotificationRequest {
+        recipients: args.to,
+        r#type: args.kind,
+        title: args.title,
+        body: args.body,
+        data: args.data,
+        idempotency_key: args.idempotency_key,
+    };
+    let response = client
+        .send_notification(authorized(request, &token)?)
+        .await?
+        .into_inner();
+    let deliveries: Vec<_> = response
+        .deliveries
+        .iter()
+        .map(|d| json!({"recipient": d.recipient, "notification_id": d.notification_id, "seq": d.seq}))
+        .collect();
+    println!("{}", json!({ "deliveries": deliveries }));
+    Ok(())
+}
+
+async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
+    if args.user.is_empty() && args.client.token.is_none() {
+        bail!("give --user (to mint a token) or --token");
+    }
+    let token = args.client.token(&args.user, "")?;
+    let mut client = args.client.client().await?;
+    let request = proto::SubscribeRequest {
+        after_seq: args.after_seq,
+        types: args.types,
+    };
+    let mut stream = client
+        .subscribe(authorized(request, &token)?)
+        .await?
+        .into_inner();
+    while let Some(event) = stream.message().await? {
+        println!("{}", event_json(&event));
+    }
+    Ok(())
+}
+
+fn event_json(event: &proto::Event) -> serde_json::Value {
+    let (kind, body) = match &event.kind {
+        Some(Kind::Notification(n)) => (
+            "notification",
+            json!({
+                "id": n.id,
+                "recipient": n.recipient,
+                "type": n.r#type,
+                "title": n.title,
+                "body": n.body,
+                "data": serde_json::from_str::<serde_json::Value>(&n.data).unwrap_or_default(),
+                "created_at": n.created_at.map(|t| t.to_string()),
+            }),
+        ),
+        Some(Kind::Read(r)) => (
+            "read",
+            json!({"notification_ids": r.notification_ids, "up_to_seq": r.up_to_seq}),
+        ),
+        Some(Kind::CaughtUp(_)) => ("caught_up", json!({})),
+        Some(Kind::Heartbeat(h)) => (
+            "heartbeat",
+            json!({"server_time": h.server_time.map(|t| t.to_string())}),
+        ),
+        Some(Kind::Resync(_)) => ("resync", json!({})),
+        None => ("unknown", json!({})),
+    };
+    json!({"seq": event.seq, "kind": kind, kind: body})
+}

@@ -1,0 +1,526 @@
+//! The domain: what a notification is, what a user's event stream carries,
+//! and the parsing that turns untrusted request fields into values that can
+//! only exist valid. Handlers parse; nothing downstream re-checks.
+
+use std::{collections::HashSet, fmt, time::SystemTime};
+
+use crate::proto;
+
+/// Longest user id, tenant, type or idempotency key, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest title, in bytes.
+pub const MAX_TITLE_BYTES: usize = 512;
+
+/// A request field that failed to parse. Maps to `INVALID_ARGUMENT`, with
+/// the field named first in the message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidArgument {
+    /// The proto field name, e.g. `recipients[2]`.
+    pub field: String,
+    /// What is wrong with it, in a sentence fragment.
+    pub reason: String,
+}
+
+impl InvalidArgument {
+    /// Builds the error for `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Limits on a send, set by the server's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct SendLimits {
+    /// Most distinct recipients of one send.
+    pub max_recipients: usize,
+    /// Longest `body`, in bytes.
+    pub max_body_bytes: usize,
+    /// Longest `data` JSON text, in bytes.
+    pub max_data_bytes: usize,
+}
+
+impl Default for SendLimits {
+    fn default() -> Self {
+        Self {
+            max_recipients: 1_000,
+            max_body_bytes: 16 * 1024,
+            max_data_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// Checks a name-like field: 1 to [`MAX_NAME_BYTES`] bytes, no control
+/// characters.
+fn parse_name(field: &str, value: &str) -> Result<String, InvalidArgument> {
+    if value.is_empty() {
+        return Err(InvalidArgument::new(field, "must not be empty"));
+    }
+    if value.len() > MAX_NAME_BYTES {
+        return Err(InvalidArgument::new(
+            field,
+            format!("is {} bytes, longer than {MAX_NAME_BYTES}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(InvalidArgument::new(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// A user id: the `sub` of the user's tokens. 1 to 128 bytes, no control
+/// characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UserId(String);
+
+impl UserId {
+    /// Parses `value`, naming `field` in the error.
+    pub fn parse(field: &str, value: &str) -> Result<Self, InvalidArgument> {
+        parse_name(field, value).map(Self)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A tenant: the `tenant` claim of a token, or the empty string for tokens
+/// without one. At most 128 bytes, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Tenant(String);
+
+impl Tenant {
+    /// Parses a tenant claim (empty allowed: the default tenant).
+    pub fn parse(value: &str) -> Result<Self, InvalidArgument> {
+        if value.is_empty() {
+            return Ok(Self::default());
+        }
+        parse_name("tenant", value).map(Self)
+    }
+
+    /// The tenant as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A notification type such as `project.created`: 1 to 128 bytes of ASCII
+/// letters, digits and `. _ - : /`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NotificationType(String);
+
+impl NotificationType {
+    /// Parses `value`, naming `field` in the error.
+    pub fn parse(field: &str, value: &str) -> Result<Self, InvalidArgument> {
+        let value = parse_name(field, value)?;
+        if let Some(bad) = value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/')))
+        {
+            return Err(InvalidArgument::new(
+                field,
+                format!("contains {bad:?}; allowed are ASCII letters, digits and . _ - : /"),
+            ));
+        }
+        Ok(Self(value))
+    }
+
+    /// The type as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A validated `SendNotification` request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewNotification {
+    /// Distinct recipients, in the order first named.
+    pub recipients: Vec<UserId>,
+    /// The event type.
+    pub kind: NotificationType,
+    /// Headline, 1 to [`MAX_TITLE_BYTES`] bytes.
+    pub title: String,
+    /// Body text, possibly empty.
+    pub body: String,
+    /// Compact JSON text of an object.
+    pub data: String,
+    /// The caller's idempotency key, if any.
+    pub idempotency_key: Option<String>,
+}
+
+impl NewNotification {
+    /// Parses a request. Errors name the first offending field.
+    pub fn parse(
+        req: proto::SendNotificationRequest,
+        limits: &SendLimits,
+    ) -> Result<Self, InvalidArgument> {
+        if req.recipients.is_empty() {
+            return Err(InvalidArgument::new(
+                "recipients",
+                "must name at least one user",
+            ));
+        }
+        let mut seen = HashSet::with_capacity(req.recipients.len());
+        let mut recipients = Vec::with_capacity(req.recipients.len());
+        for (i, r) in req.recipients.iter().enumerate() {
+            let user = UserId::parse(&format!("recipients[{i}]"), r)?;
+            if seen.insert(user.clone()) {
+                recipients.push(user);
+            }
+        }
+        if recipients.len() > limits.max_recipients {
+            return Err(InvalidArgument::new(
+                "recipients",
+                format!(
+                    "names {} users, more than the limit of {}",
+                    recipients.len(),
+                    limits.max_recipients
+                ),
+            ));
+        }
+        let kind = NotificationType::parse("type", &req.r#type)?;
+        if req.title.is_empty() {
+            return Err(InvalidArgument::new("title", "must not be empty"));
+        }
+        if req.title.len() > MAX_TITLE_BYTES {
+            return Err(InvalidArgument::new(
+                "title",
+                format!(
+                    "is {} bytes, longer than {MAX_TITLE_BYTES}",
+                    req.title.len()
+                ),
+            ));
+        }
+        if req.body.len() > limits.max_body_bytes {
+            return Err(InvalidArgument::new(
+                "body",
+                format!(
+                    "is {} bytes, longer than {}",
+                    req.body.len(),
+                    limits.max_body_bytes
+                ),
+            ));
+        }
+        let data = parse_data(&req.data, limits.max_data_bytes)?;
+        let idempotency_key = if req.idempotency_key.is_empty() {
+            None
+        } else {
+            Some(parse_name("idempotency_key", &req.idempotency_key)?)
+        };
+        Ok(Self {
+            recipients,
+            kind,
+            title: req.title,
+            body: req.body,
+            data,
+            idempotency_key,
+        })
+    }
+
+    /// A canonical text of everything but the idempotency key, so a retried
+    /// send can be told apart from a different request reusing the key.
+    pub fn fingerprint(&self) -> String {
+        serde_json::json!([
+            self.recipients
+                .iter()
+                .map(UserId::as_str)
+                .collect::<Vec<_>>(),
+            self.kind.as_str(),
+            self.title,
+            self.body,
+            self.data,
+        ])
+        .to_string()
+    }
+}
+
+/// Parses `data`: empty means `{}`, otherwise a JSON object (RFC 8259) of at
+/// most `max_bytes` bytes, returned as compact JSON text.
+fn parse_data(data: &str, max_bytes: usize) -> Result<String, InvalidArgument> {
+    if data.is_empty() {
+        return Ok("{}".to_owned());
+    }
+    if data.len() > max_bytes {
+        return Err(InvalidArgument::new(
+            "data",
+            format!("is {} bytes, longer than {max_bytes}", data.len()),
+        ));
+    }
+    match serde_json::from_str::<serde_json::Value>(data) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v.to_string()),
+        Ok(_) => Err(InvalidArgument::new("data", "must be a JSON object")),
+        Err(e) => Err(InvalidArgument::new(
+            "data",
+            format!("is not valid JSON: {e}"),
+        )),
+    }
+}
+
+/// A notification as stored for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Deployment-wide id.
+    pub id: i64,
+    /// Position in the recipient's stream.
+    pub seq: u64,
+    /// The recipient.
+    pub recipient: String,
+    /// Event type.
+    pub kind: String,
+    /// Headline.
+    pub title: String,
+    /// Body text.
+    pub body: String,
+    /// JSON object text.
+    pub data: String,
+    /// When it was stored.
+    pub created_at: SystemTime,
+    /// Whether it is read (current for listings; false in stream events).
+    pub read: bool,
+}
+
+/// A read-state change on a user's stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadChange {
+    /// Ids that changed from unread to read (empty for an `up_to_seq` mark).
+    pub ids: Vec<i64>,
+    /// When non-zero, every notification with seq <= this is read.
+    pub up_to_seq: u64,
+}
+
+/// What an event of a user's stream carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventBody {
+    /// A new notification.
+    Notification(Notification),
+    /// Notifications were marked read.
+    Read(ReadChange),
+}
+
+/// One event of a user's stream, at position `seq` (gap-free from 1, in
+/// commit order).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamEvent {
+    /// Position in the user's stream.
+    pub seq: u64,
+    /// The event.
+    pub body: EventBody,
+}
+
+/// What `SendNotification` stored for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Delivery {
+    /// The recipient.
+    pub recipient: String,
+    /// The stored notification's id.
+    pub notification_id: i64,
+    /// Its position in the recipient's stream.
+    pub seq: u64,
+}
+
+/// What `MarkRead` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadTarget {
+    /// These ids (1 to [`MAX_MARK_IDS`]).
+    Ids(Vec<i64>),
+    /// Every notification with seq <= this.
+    UpTo(u64),
+}
+
+/// Most ids in one `MarkRead`.
+pub const MAX_MARK_IDS: usize = 1_000;
+
+impl ReadTarget {
+    /// Parses a `MarkRead` request.
+    pub fn parse(req: proto::MarkReadRequest) -> Result<Self, InvalidArgument> {
+        use proto::mark_read_request::Target;
+        match req.target {
+            None => Err(InvalidArgument::new(
+                "target",
+                "set either ids or up_to_seq",
+            )),
+            Some(Target::UpToSeq(0)) => Err(InvalidArgument::new("up_to_seq", "must be positive")),
+            Some(Target::UpToSeq(seq)) => Ok(Self::UpTo(seq)),
+            Some(Target::Ids(ids)) => {
+                let mut ids = ids.ids;
+                if ids.is_empty() {
+                    return Err(InvalidArgument::new("ids", "must name at least one id"));
+                }
+                if ids.len() > MAX_MARK_IDS {
+                    return Err(InvalidArgument::new(
+                        "ids",
+                        format!("names {} ids, more than {MAX_MARK_IDS}", ids.len()),
+                    ));
+                }
+                if let Some(bad) = ids.iter().find(|id| **id <= 0) {
+                    return Err(InvalidArgument::new(
+                        "ids",
+                        format!("{bad} is not a valid id"),
+                    ));
+                }
+                ids.sort_unstable();
+                ids.dedup();
+                Ok(Self::Ids(ids))
+            }
+        }
+    }
+}
+
+/// Result of `MarkRead`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MarkOutcome {
+    /// How many notifications changed from unread to read.
+    pub marked: u32,
+    /// Seq of the read event emitted; 0 when nothing changed.
+    pub seq: u64,
+}
+
+/// The extent of a user's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamHead {
+    /// Newest event's seq (0 when the user has none).
+    pub last_seq: u64,
+    /// Events with seq <= this were pruned by retention.
+    pub pruned_seq: u64,
+}
+
+/// A page request for `ListNotifications`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageQuery {
+    /// Only unread notifications.
+    pub unread_only: bool,
+    /// Only notifications with seq < this (`u64::MAX` for the first page).
+    pub before_seq: u64,
+    /// Page size, 1 to [`MAX_PAGE_SIZE`].
+    pub limit: usize,
+}
+
+/// Largest `ListNotifications` page.
+pub const MAX_PAGE_SIZE: usize = 500;
+/// `ListNotifications` page size when the request gives none.
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+
+impl PageQuery {
+    /// Parses a `ListNotifications` request. The page token is the decimal
+    /// seq of the last notification of the previous page.
+    pub fn parse(req: &proto::ListNotificationsRequest) -> Result<Self, InvalidArgument> {
+        let limit = match req.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(InvalidArgument::new(
+                    "page_size",
+                    format!("{n} is more than {MAX_PAGE_SIZE}"),
+                ));
+            }
+            n => n,
+        };
+        let before_seq = if req.page_token.is_empty() {
+            u64::MAX
+        } else {
+            req.page_token
+                .parse::<u64>()
+                .ok()
+                .filter(|s| *s > 0)
+                .ok_or_else(|| {
+                    InvalidArgument::new("page_token", "is not a token this server issued")
+                })?
+        };
+        Ok(Self {
+            unread_only: req.unread_only,
+            before_seq,
+            limit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> proto::SendNotificationRequest {
+        proto::SendNotificationRequest {
+            recipients: vec!["alice".into(), "bob".into(), "alice".into()],
+            r#type: "project.created".into(),
+            title: "hi".into(),
+            body: String::new(),
+            data: r#"{ "a" : 1 }"#.into(),
+            idempotency_key: String::new(),
+        }
+    }
+
+    #[test]
+    fn parse_dedups_recipients_and_compacts_data() {
+        let n = NewNotification::parse(request(), &SendLimits::default()).unwrap();
+        let names: Vec<_> = n.recipients.iter().map(UserId::as_str).collect();
+        assert_eq!(names, ["alice", "bob"]);
+        assert_eq!(n.data, r#"{"a":1}"#);
+        assert_eq!(n.idempotency_key, None);
+    }
+
+    #[test]
+    fn parse_names_the_bad_field() {
+        type Mutation = fn(&mut proto::SendNotificationRequest);
+        let cases: Vec<(Mutation, &str)> = vec![
+            (|r| r.recipients.clear(), "recipients"),
+            (|r| r.recipients[1] = String::new(), "recipients[1]"),
+            (|r| r.r#type = String::new(), "type"),
+            (|r| r.r#type = "a b".into(), "type"),
+            (|r| r.r#type = "x".repeat(129), "type"),
+            (|r| r.title = String::new(), "title"),
+            (|r| r.body = "x".repeat(16 * 1024 + 1), "body"),
+            (|r| r.data = "[1]".into(), "data"),
+            (|r| r.data = "{".into(), "data"),
+            (|r| r.idempotency_key = "k".repeat(200), "idempotency_key"),
+        ];
+        for (mutate, field) in cases {
+            let mut req = request();
+            mutate(&mut req);
+            let err = NewNotification::parse(req, &SendLimits::default()).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    #[test]
+    fn fingerprint_ignores_only_the_key() {
+        let a = NewNotification::parse(request(), &SendLimits::default()).unwrap();
+        let mut req = request();
+        req.idempotency_key = "k1".into();
+        let b = NewNotification::parse(req, &SendLimits::default()).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mut req = request();
+        req.title = "other".into();
+        let c = NewNotification::parse(req, &SendLimits::default()).unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn read_target_and_page_query() {
+        let req = proto::MarkReadRequest {
+            target: Some(proto::mark_read_request::Target::Ids(
+                proto::NotificationIds { ids: vec![3, 1, 3] },
+            )),
+        };
+        assert_eq!(ReadTarget::parse(req).unwrap(), ReadTarget::Ids(vec![1, 3]));
+        let err = ReadTarget::parse(proto::MarkReadRequest { target: None }).unwrap_err();
+        assert_eq!(err.field, "target");
+        let bad = proto::ListNotificationsRequest {
+            unread_only: false,
+            page_size: 10,
+            page_token: "zz".into(),
+        };
+        assert_eq!(PageQuery::parse(&bad).unwrap_err().field, "page_token");
+    }
+}

@@ -1,0 +1,620 @@
+//! The PostgreSQL store: production and multi-replica. A deadpool pool of
+//! connections with cached prepared statements; each write is one short
+//! transaction that takes the user's next seq under the `user_streams` row
+//! lock, stores the event and issues `pg_notify` — delivered to every
+//! replica's listener only if the transaction commits.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::{NoTls, Row, error::SqlState};
+
+use super::{Store, StoreError, StoreResult};
+use crate::{
+    listener::{CHANNEL, Payload},
+    notification::{
+        Delivery, EventBody, MarkOutcome, NewNotification, Notification, PageQuery, ReadChange,
+        ReadTarget, StreamEvent, StreamHead,
+    },
+};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Key of the session advisory lock held while migrating, so replicas that
+/// start together apply migrations once (PostgreSQL docs, "Advisory Locks").
+pub const MIGRATION_LOCK_KEY: i64 = 0x6865_7261_6c64; // "herald"
+
+/// Applies pending migrations from `migrations/` over a dedicated
+/// connection, under [`MIGRATION_LOCK_KEY`]. Returns the names applied.
+pub async fn migrate(url: &str) -> StoreResult<Vec<String>> {
+    let (mut client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(pg_error)?;
+    let conn = tokio::spawn(connection);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(pg_error)?;
+    let report = embedded::migrations::runner()
+        .run_async(&mut client)
+        .await
+        .map_err(|e| StoreError::Internal(format!("migration failed: {e}")));
+    // The lock is released when the session ends anyway; unlock eagerly.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    drop(client);
+    let _ = conn.await;
+    Ok(report?
+        .applied_migrations()
+        .iter()
+        .map(ToString::to_string)
+        .collect())
+}
+
+/// Classifies a database error: connection-level failures are retryable
+/// (`Unavailable`), the rest `Internal`. SQLSTATE classes per the
+/// PostgreSQL docs, Appendix A.
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    let retryable = e.is_closed()
+        || match e.code() {
+            None => true, // I/O error, timeout, connection refused
+            Some(code) => {
+                let c = code.code();
+                c.starts_with("08") // connection exception
+                    || c.starts_with("57P") // operator intervention (shutdown)
+                    || *code == SqlState::TOO_MANY_CONNECTIONS
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED
+            }
+        };
+    if retryable {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Internal(e.to_string())
+    }
+}
+
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn seq(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A u64 position as a bigint parameter; positions beyond i64 do not exist.
+fn pos(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+const NOTIFICATION_COLUMNS: &str = "id, seq, user_id, type, title, body, data::text AS data, created_at, read_at IS NOT NULL AS read";
+
+fn notification(row: &Row) -> Result<Notification, tokio_postgres::Error> {
+    Ok(Notification {
+        id: row.try_get("id")?,
+        seq: seq(row.try_get("seq")?),
+        recipient: row.try_get("user_id")?,
+        kind: row.try_get("type")?,
+        title: row.try_get("title")?,
+        body: row.try_get("body")?,
+        data: row.try_get("data")?,
+        created_at: row.try_get("created_at")?,
+        read: row.try_get("read")?,
+    })
+}
+
+/// Notifications and streams in PostgreSQL.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// A store over a pool of at most `pool_size` connections to `url`. No
+    /// connection is made until first use; a checkout waits at most
+    /// `wait_timeout` before failing as `Unavailable`.
+    pub fn new(url: &str, pool_size: usize, wait_timeout: Duration) -> StoreResult<Self> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?;
+        config
+            .connect_timeout(wait_timeout)
+            .keepalives(true)
+            .application_name("herald");
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(wait_timeout))
+            .create_timeout(Some(wait_timeout))
+            .build()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    /// Runs `SELECT 1`: `Ok` when the database answers.
+    pub async fn ping(&self) -> StoreResult<()> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        client.simple_query("SELECT 1").await.map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// The pool's (size, available) connections.
+    pub fn pool_status(&self) -> (usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available)
+    }
+
+    async fn notify(tx: &deadpool_postgres::Transaction<'_>, payload: Payload) -> StoreResult<()> {
+        let stmt = tx
+            .prepare_cached("SELECT pg_notify($1, $2)")
+            .await
+            .map_err(pg_error)?;
+        for p in payload.encode() {
+            tx.execute(&stmt, &[&CHANNEL, &p]).await.map_err(pg_error)?;
+        }
+        Ok(())
+    }
+
+    /// The result stored under an idempotency key by a committed send.
+    async fn replay_idempotent(
+        &self,
+        tenant: &str,
+        sender: &str,
+        key: &str,
+        fingerprint: &str,
+    ) -> StoreResult<Vec<Delivery>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let row = client
+            .query_one(
+                "SELECT request, response::text AS response FROM idempotency_keys \
+                 WHERE tenant = $1 AND sender = $2 AND key = $3",
+                &[&tenant, &sender, &key],
+            )
+            .await
+            .map_err(pg_error)?;
+        let request: String = row.try_get("request").map_err(pg_error)?;
+        if request != fingerprint {
+            return Err(StoreError::IdempotencyKeyReused);
+        }
+        let response: Option<String> = row.try_get("response").map_err(pg_error)?;
+        let response = response
+            .ok_or_else(|| StoreError::Internal("idempotency key without result".into()))?;
+        serde_json::from_str(&response).map_err(|e| StoreError::Internal(e.to_string()))
+    }
+}
+
+impl Store for PgStore {
+    async fn send(
+        &self,
+        tenant: &str,
+        sender: &str,
+        n: &NewNotification,
+    ) -> StoreResult<Vec<Delivery>> {
+        let fingerprint = n.fingerprint();
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        if let Some(key) = &n.idempotency_key {
+            // Blocks while another transaction holds the same key; after it
+            // commits, inserts nothing and we return its result.
+            let claim = tx
+                .prepare_cached(
+                    "INSERT INTO idempotency_keys (tenant, sender, key, request) \
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                )
+                .await
+                .map_err(pg_error)?;
+            if tx
+                .execute(&claim, &[&tenant, &sender, key, &fingerprint])
+                .await
+                .map_err(pg_error)?
+                == 0
+            {
+                drop(tx);
+                drop(client);
+                return self
+                    .replay_idempotent(tenant, sender, key, &fingerprint)
+                    .await;
+            }
+        }
+        // Seqs are taken in user order so concurrent multi-recipient sends
+        // lock `user_streams` rows in the same order and cannot deadlock.
+        let insert = tx
+            .prepare_cached(
+                "WITH seqs AS ( \
+                   INSERT INTO user_streams AS s (tenant, user_id, last_seq) \
+                   SELECT $1, u, 1 FROM unnest($2::text[]) AS u ORDER BY u \
+                   ON CONFLICT (tenant, user_id) DO UPDATE SET last_seq = s.last_seq + 1 \
+                   RETURNING user_id, last_seq) \
+                 INSERT INTO notifications (tenant, user_id, seq, type, title, body, data) \
+                 SELECT $1, user_id, last_seq, $3, $4, $5, $6::text::json FROM seqs \
+                 RETURNING id, user_id, seq, created_at",
+            )
+            .await
+            .map_err(pg_error)?;
+        let recipients: Vec<&str> = n.recipients.iter().map(|r| r.as_str()).collect();
+        let rows = tx
+            .query(
+                &insert,
+                &[
+                    &tenant,
+                    &recipients,
+                    &n.kind.as_str(),
+                    &n.title,
+                    &n.body,
+                    &n.data,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut stored = std::collections::HashMap::with_capacity(rows.len());
+        let mut at = SystemTime::now();
+        for row in &rows {
+            let user: String = row.try_get("user_id").map_err(pg_error)?;
+            let id: i64 = row.try_get("id").map_err(pg_error)?;
+            let s = seq(row.try_get("seq").map_err(pg_error)?);
+            at = row.try_get("created_at").map_err(pg_error)?;
+            stored.insert(user, (id, s));
+        }
+        let deliveries: Vec<Delivery> = recipients
+            .iter()
+            .filter_map(|r| {
+                stored.get(*r).map(|(id, s)| Delivery {
+                    recipient: (*r).to_owned(),
+                    notification_id: *id,
+                    seq: *s,
+                })
+            })
+            .collect();
+        if deliveries.len() != recipients.len() {
+            return Err(StoreError::Internal(
+                "insert returned fewer rows than recipients".into(),
+            ));
+        }
+        if let Some(key) = &n.idempotency_key {
+            let response = serde_json::to_string(&deliveries)
+                .map_err(|e| StoreError::Internal(e.to_string()))?;
+            let save = tx
+                .prepare_cached(
+                    "UPDATE idempotency_keys SET response = $4::text::jsonb \
+                     WHERE tenant = $1 AND sender = $2 AND key = $3",
+                )
+                .await
+                .map_err(pg_error)?;
+            tx.execute(&save, &[&tenant, &sender, key, &response])
+                .await
+                .map_err(pg_error)?;
+        }
+        let payload = Payload::Notification {
+            t: tenant.to_owned(),
+            ty: n.kind.as_str().to_owned(),
+            ti: n.title.clone(),
+            b: n.body.clone(),
+            d: n.data.clone(),
+            at: micros(at),
+            r: deliveries
+                .iter()
+                .map(|d| (d.recipient.clone(), d.seq, d.notification_id))
+                .collect(),
+        };
+        Self::notify(&tx, payload).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(deliveries)
+    }
+
+    async fn mark_read(
+        &self,
+        tenant: &str,
+        user: &str,
+        target: &ReadTarget,
+    ) -> StoreResult<MarkOutcome> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // Take the user's stream lock first (same order as sends); rolled
+        // back, so no seq is used, when nothing changes.
+        let next = tx
+            .prepare_cached(
+                "UPDATE user_streams SET last_seq = last_seq + 1 \
+                 WHERE tenant = $1 AND user_id = $2 RETURNING last_seq",
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = tx
+            .query_opt(&next, &[&tenant, &user])
+            .await
+            .map_err(pg_error)?
+        else {
+            return Ok(MarkOutcome::default());
+        };
+        let event_seq: i64 = row.try_get(0).map_err(pg_error)?;
+        let (rows, change) = match target {
+            ReadTarget::Ids(ids) => {
+                let stmt = tx
+                    .prepare_cached(
+                        "UPDATE notifications SET read_at = now() \
+                         WHERE tenant = $1 AND user_id = $2 AND id = ANY($3) AND read_at IS NULL \
+                         RETURNING id",
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let rows = tx
+                    .query(&stmt, &[&tenant, &user, ids])
+                    .await
+                    .map_err(pg_error)?;
+                let mut ids = rows
+                    .iter()
+                    .map(|r| r.try_get::<_, i64>(0))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(pg_error)?;
+                ids.sort_unstable();
+                (rows.len(), ReadChange { ids, up_to_seq: 0 })
+            }
+            ReadTarget::UpTo(up_to) => {
+                let up_to = pos(*up_to).min(event_seq - 1);
+                let stmt = tx
+                    .prepare_cached(
+                        "UPDATE notifications SET read_at = now() \
+                         WHERE tenant = $1 AND user_id = $2 AND seq <= $3 AND read_at IS NULL",
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                let n = tx
+                    .execute(&stmt, &[&tenant, &user, &up_to])
+                    .await
+                    .map_err(pg_error)?;
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                (
+                    n,
+                    ReadChange {
+                        ids: Vec::new(),
+                        up_to_seq: seq(up_to),
+                    },
+                )
+            }
+        };
+        if rows == 0 {
+            return Ok(MarkOutcome::default()); // dropping `tx` rolls back
+        }
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO read_events (tenant, user_id, seq, notification_ids, up_to_seq) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await
+            .map_err(pg_error)?;
+        tx.execute(
+            &insert,
+            &[
+                &tenant,
+                &user,
+                &event_seq,
+                &change.ids,
+                &pos(change.up_to_seq),
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        let payload = Payload::Read {
+            t: tenant.to_owned(),
+            u: user.to_owned(),
+            s: seq(event_seq),
+            ids: change.ids,
+            up: change.up_to_seq,
+        };
+        Self::notify(&tx, payload).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(MarkOutcome {
+            marked: u32::try_from(rows).unwrap_or(u32::MAX),
+            seq: seq(event_seq),
+        })
+    }
+
+    async fn head(&self, tenant: &str, user: &str) -> StoreResult<StreamHead> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT last_seq, pruned_seq FROM user_streams WHERE tenant = $1 AND user_id = $2",
+            )
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(&stmt, &[&tenant, &user])
+            .await
+            .map_err(pg_error)?;
+        Ok(match row {
+            None => StreamHead::default(),
+            Some(row) => StreamHead {
+                last_seq: seq(row.try_get(0).map_err(pg_error)?),
+                pruned_seq: seq(row.try_get(1).map_err(pg_error)?),
+            },
+        })
+    }
+
+    async fn events_after(
+        &self,
+        tenant: &str,
+        user: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<StreamEvent>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT * FROM ( \
+                   SELECT {NOTIFICATION_COLUMNS}, NULL::bigint[] AS ids, 0::bigint AS up_to \
+                   FROM notifications WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
+                   UNION ALL \
+                   SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, \
+                          notification_ids, up_to_seq \
+                   FROM read_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
+                 ) AS e ORDER BY seq LIMIT $4"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(&stmt, &[&tenant, &user, &pos(after_seq), &limit])
+            .await
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(|row| {
+                let id: Option<i64> = row.try_get("id")?;
+                let s = seq(row.try_get("seq")?);
+                let body = match id {
+                    Some(_) => EventBody::Notification(Notification {
+                        read: false,
+                        ..notification(row)?
+                    }),
+                    None => EventBody::Read(ReadChange {
+                        ids: row.try_get("ids")?,
+                        up_to_seq: seq(row.try_get("up_to")?),
+                    }),
+                };
+                Ok(StreamEvent { seq: s, body })
+            })
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(pg_error)
+    }
+
+    async fn unread_after(
+        &self,
+        tenant: &str,
+        user: &str,
+        after_seq: u64,
+        up_to_seq: u64,
+        limit: usize,
+    ) -> StoreResult<Vec<Notification>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
+                 WHERE tenant = $1 AND user_id = $2 AND seq > $3 AND seq <= $4 \
+                   AND read_at IS NULL \
+                 ORDER BY seq LIMIT $5"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                &stmt,
+                &[&tenant, &user, &pos(after_seq), &pos(up_to_seq), &limit],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(notification)
+            .collect::<Result<_, _>>()
+            .map_err(pg_error)
+    }
+
+    async fn list(
+        &self,
+        tenant: &str,
+        user: &str,
+        query: PageQuery,
+    ) -> StoreResult<Vec<Notification>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
+                 WHERE tenant = $1 AND user_id = $2 AND seq < $3 \
+                   AND (NOT $4 OR read_at IS NULL) \
+                 ORDER BY seq DESC LIMIT $5"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let rows = client
+            .query(
+                &stmt,
+                &[
+                    &tenant,
+                    &user,
+                    &pos(query.before_seq),
+                    &query.unread_only,
+                    &limit,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        rows.iter()
+            .map(notification)
+            .collect::<Result<_, _>>()
+            .map_err(pg_error)
+    }
+
+    async fn unread_count(&self, tenant: &str, user: &str) -> StoreResult<(u64, u64)> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        // One statement, one snapshot: the count and the head agree.
+        let stmt = client
+            .prepare_cached(
+                "SELECT \
+                   (SELECT count(*) FROM notifications \
+                    WHERE tenant = $1 AND user_id = $2 AND read_at IS NULL), \
+                   COALESCE((SELECT last_seq FROM user_streams \
+                             WHERE tenant = $1 AND user_id = $2), 0)",
+            )
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_one(&stmt, &[&tenant, &user])
+            .await
+            .map_err(pg_error)?;
+        let unread: i64 = row.try_get(0).map_err(pg_error)?;
+        let head: i64 = row.try_get(1).map_err(pg_error)?;
+        Ok((seq(unread), seq(head)))
+    }
+
+    async fn prune(&self, cutoff: SystemTime) -> StoreResult<u64> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        // Data-modifying CTEs all run, referenced or not (PostgreSQL docs,
+        // "Data-Modifying Statements in WITH").
+        let row = client
+            .query_one(
+                "WITH n AS (DELETE FROM notifications WHERE created_at < $1 \
+                            RETURNING tenant, user_id, seq), \
+                      r AS (DELETE FROM read_events WHERE created_at < $1 \
+                            RETURNING tenant, user_id, seq), \
+                      i AS (DELETE FROM idempotency_keys WHERE created_at < $1), \
+                      gone AS (SELECT tenant, user_id, max(seq) AS s, count(*) AS c \
+                               FROM (SELECT * FROM n UNION ALL SELECT * FROM r) AS x \
+                               GROUP BY tenant, user_id), \
+                      u AS (UPDATE user_streams AS us \
+                            SET pruned_seq = GREATEST(us.pruned_seq, gone.s) FROM gone \
+                            WHERE us.tenant = gone.tenant AND us.user_id = gone.user_id) \
+                 SELECT COALESCE(sum(c), 0)::bigint FROM gone",
+                &[&cutoff],
+            )
+            .await
+            .map_err(pg_error)?;
+        let deleted: i64 = row.try_get(0).map_err(pg_error)?;
+        Ok(seq(deleted))
+    }
+}

@@ -1,0 +1,216 @@
+//! One `Subscribe` stream, from backlog to live, without loss, duplicates or
+//! reordering.
+//!
+//! The stream is registered in the hub *before* the backlog is read, so
+//! nothing committed in between is missed; live events at or below the last
+//! delivered seq are then skipped. The stream tracks `last`, the seq of the
+//! last event it delivered (or filtered out), and delivers only `last + 1`:
+//! a live event further ahead means one was missed (its queue overflowed, or
+//! the LISTEN connection dropped), and the stream catches up from the store
+//! from `last`. Because seqs are gap-free per user, a gap is always visible.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use tokio::{
+    sync::mpsc,
+    time::{Instant, sleep_until},
+};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::{
+    api::convert::control,
+    hub::{Next, Subscription},
+    notification::{EventBody, StreamEvent, StreamHead},
+    proto::{self, event::Kind},
+    store::{Store, StoreError},
+};
+
+/// Events read from the store per query while catching up.
+pub const BACKLOG_PAGE: usize = 500;
+
+/// Where a new stream starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// No resume position: replay unread notifications up to this head seq.
+    Fresh(u64),
+    /// Replay every event after this seq.
+    After(u64),
+    /// The resume position was pruned: send `resync`, go live from this seq.
+    Resync(u64),
+}
+
+impl Start {
+    /// Decides where a stream starts, from the client's resume position and
+    /// the stream head read *after* the stream was registered in the hub.
+    /// A position beyond the head is one this server never issued.
+    pub fn new(after_seq: Option<u64>, head: StreamHead) -> Result<Self, Status> {
+        match after_seq {
+            None => Ok(Self::Fresh(head.last_seq)),
+            Some(s) if s > head.last_seq => Err(Status::invalid_argument(format!(
+                "after_seq: {s} is beyond the stream's newest event ({})",
+                head.last_seq
+            ))),
+            Some(s) if s < head.pruned_seq => Ok(Self::Resync(head.last_seq)),
+            Some(s) => Ok(Self::After(s)),
+        }
+    }
+}
+
+/// Settings shared by all streams.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamSettings {
+    /// Idle time after which a heartbeat is sent.
+    pub heartbeat_interval: Duration,
+}
+
+/// A running stream: everything its task needs.
+pub struct Session<S> {
+    /// The store, for backlog and catch-up reads.
+    pub store: Arc<S>,
+    /// The stream's hub registration.
+    pub subscription: Subscription,
+    /// The stream's tenant.
+    pub tenant: String,
+    /// The stream's user.
+    pub user: String,
+    /// Notification types to send; empty for all.
+    pub types: HashSet<String>,
+    /// Shared settings.
+    pub settings: StreamSettings,
+    /// Cancelled when the server stops.
+    pub shutdown: CancellationToken,
+    /// Where events go (to tonic, then the client).
+    pub out: mpsc::Sender<Result<proto::Event, Status>>,
+}
+
+/// Why a stream ended early.
+enum End {
+    /// The client went away.
+    Gone,
+    /// A store read failed; the client should resume.
+    Store(StoreError),
+}
+
+impl<S: Store> Session<S> {
+    /// Runs the stream until the client leaves, the server stops (the
+    /// client gets `UNAVAILABLE` and resumes elsewhere), or a store read
+    /// fails (`UNAVAILABLE`, resume).
+    pub async fn run(mut self, start: Start) {
+        let result = self.stream(start).await;
+        let status = match result {
+            Err(End::Gone) => return,
+            Err(End::Store(e)) => {
+                tracing::warn!(error = %e, user = %self.user, "stream ended: store read failed");
+                Status::unavailable(format!("{e}; resume from the last seq received"))
+            }
+            Ok(()) => Status::unavailable("server is shutting down; resume on another replica"),
+        };
+        let _ = self.out.send(Err(status)).await;
+    }
+
+    async fn stream(&mut self, start: Start) -> Result<(), End> {
+        let mut last = match start {
+            Start::Fresh(head) => {
+                self.send_unread(head).await?;
+                head
+            }
+            Start::After(seq) => {
+                let mut last = seq;
+                self.catch_up(&mut last).await?;
+                last
+            }
+            Start::Resync(head) => {
+                self.emit(control(head, Kind::Resync(proto::Resync {})))
+                    .await?;
+                head
+            }
+        };
+        self.emit(control(last, Kind::CaughtUp(proto::CaughtUp {})))
+            .await?;
+        let mut idle_until = Instant::now() + self.settings.heartbeat_interval;
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Ok(()),
+                () = self.out.closed() => return Err(End::Gone),
+                () = sleep_until(idle_until) => {
+                    let beat = proto::Heartbeat {
+                        server_time: Some(std::time::SystemTime::now().into()),
+                    };
+                    self.emit(control(last, Kind::Heartbeat(beat))).await?;
+                }
+                next = self.subscription.next() => match next {
+                    Next::Event(event) if event.seq <= last => continue,
+                    Next::Event(event) if event.seq == last + 1 => {
+                        self.deliver(&event).await?;
+                        last = event.seq;
+                    }
+                    Next::Event(_) | Next::CatchUp => self.catch_up(&mut last).await?,
+                },
+            }
+            idle_until = Instant::now() + self.settings.heartbeat_interval;
+        }
+    }
+
+    /// Sends the unread notifications with seq <= `head`, oldest first.
+    async fn send_unread(&mut self, head: u64) -> Result<(), End> {
+        let mut after = 0;
+        loop {
+            let page = self
+                .store
+                .unread_after(&self.tenant, &self.user, after, head, BACKLOG_PAGE)
+                .await
+                .map_err(End::Store)?;
+            for n in &page {
+                after = n.seq;
+                if self.wants(&n.kind) {
+                    let event = proto::Event {
+                        seq: n.seq,
+                        kind: Some(Kind::Notification(n.into())),
+                    };
+                    self.emit(event).await?;
+                }
+            }
+            if page.len() < BACKLOG_PAGE {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Delivers every stored event after `*last`, advancing it.
+    async fn catch_up(&mut self, last: &mut u64) -> Result<(), End> {
+        loop {
+            let page = self
+                .store
+                .events_after(&self.tenant, &self.user, *last, BACKLOG_PAGE)
+                .await
+                .map_err(End::Store)?;
+            for event in &page {
+                self.deliver(event).await?;
+                *last = event.seq;
+            }
+            if page.len() < BACKLOG_PAGE {
+                // Anything queued meanwhile at or below `last` is skipped by
+                // the caller; anything above it is next.
+                return Ok(());
+            }
+        }
+    }
+
+    async fn deliver(&mut self, event: &StreamEvent) -> Result<(), End> {
+        if let EventBody::Notification(n) = &event.body
+            && !self.wants(&n.kind)
+        {
+            return Ok(());
+        }
+        self.emit(event.into()).await
+    }
+
+    fn wants(&self, kind: &str) -> bool {
+        self.types.is_empty() || self.types.contains(kind)
+    }
+
+    async fn emit(&mut self, event: proto::Event) -> Result<(), End> {
+        self.out.send(Ok(event)).await.map_err(|_| End::Gone)
+    }
+}

@@ -1,0 +1,368 @@
+//! Test helpers: real replicas on random ports, a fresh PostgreSQL database
+//! per test (dropped afterwards), typed gRPC clients, and token minting.
+//!
+//! Postgres is reached at `HERALD_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), which must allow
+//! `CREATE DATABASE`.
+#![allow(dead_code)]
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use herald::{
+    auth::{AuthConfig, SEND_SCOPE, VerificationKey},
+    config::Config,
+    proto::{self, event::Kind, notifications_client::NotificationsClient},
+    server::{self, RunningServer},
+};
+use tokio_postgres::NoTls;
+use tonic::{Request, Status, Streaming, transport::Channel};
+
+/// The HS256 secret every test replica verifies with.
+pub const SECRET: &[u8] = b"test-secret-for-herald-integration-tests-0123456789";
+
+/// Longest a single test may run.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How long to wait for one expected event.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Which store the replicas use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Postgres,
+}
+
+/// Runs `test` with a time bound, failing the test on timeout.
+pub async fn bounded<F: Future<Output = ()>>(test: F) {
+    if tokio::time::timeout(TEST_TIMEOUT, test).await.is_err() {
+        panic!("test did not finish within {TEST_TIMEOUT:?}");
+    }
+}
+
+fn admin_url() -> String {
+    std::env::var("HERALD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let (server, _) = base.rsplit_once('/').unwrap_or((base, ""));
+    match query {
+        Some(q) => format!("{server}/{db}?{q}"),
+        None => format!("{server}/{db}"),
+    }
+}
+
+/// A database created for one test and dropped when this is dropped.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "herald_test_{}_{}_{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = admin(&admin_url()).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("CREATE DATABASE (is Postgres running?)");
+        let url = with_database(&admin_url(), &name);
+        Self { name, url }
+    }
+
+    /// A plain connection to this database, for assertions and faults.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        admin(&self.url).await
+    }
+}
+
+async fn admin(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&admin_url(), NoTls).await?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await
+            })
+            .map_err(std::io::Error::other)
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("warning: could not drop test database {}", self.name);
+        }
+    }
+}
+
+/// One test's deployment: a store (a fresh database, or memory) and its
+/// replicas. Replicas stop, and the database is dropped, when it drops.
+pub struct Deployment {
+    pub backend: Backend,
+    pub db: Option<TestDb>,
+    pub replicas: Vec<RunningServer>,
+}
+
+/// A configuration for a test replica: port 0, the test secret, fast
+/// heartbeats and probes.
+pub fn test_config(database_url: Option<String>) -> Config {
+    let auth = AuthConfig {
+        key: VerificationKey::Secret(SECRET.to_vec()),
+        issuer: None,
+        audience: None,
+    };
+    let mut config = Config::new(SocketAddr::from(([127, 0, 0, 1], 0)), auth);
+    config.database_url = database_url;
+    config.heartbeat_interval = Duration::from_secs(5);
+    config.listener.ping_interval = Duration::from_millis(500);
+    config.listener.ping_timeout = Duration::from_secs(2);
+    config.pool_size = 8;
+    config
+}
+
+impl Deployment {
+    /// `replicas` replicas on `backend` (the memory store supports one).
+    pub async fn start(backend: Backend, replicas: usize) -> Self {
+        Self::start_with(backend, replicas, |_| {}).await
+    }
+
+    /// Like [`Deployment::start`], with a configuration tweak.
+    pub async fn start_with(backend: Backend, replicas: usize, tweak: impl Fn(&mut Config)) -> Self {
+        assert!(backend == Backend::Postgres || replicas == 1);
+        let db = match backend {
+            Backend::Memory => None,
+            Backend::Postgres => Some(TestDb::create().await),
+        };
+        let mut running = Vec::new();
+        for _ in 0..replicas {
+            let mut config = test_config(db.as_ref().map(|d| d.url.clone()));
+            tweak(&mut config);
+            running.push(server::start(config).await.expect("replica starts"));
+        }
+        Self {
+            backend,
+            db,
+            replicas: running,
+        }
+    }
+
+    /// A client of replica `i`.
+    pub async fn client(&self, i: usize) -> NotificationsClient<Channel> {
+        client(self.replicas[i].addr).await
+    }
+
+    /// Replica `i` for multi-replica tests, or replica 0 on the memory store.
+    pub fn replica(&self, i: usize) -> usize {
+        i.min(self.replicas.len() - 1)
+    }
+
+    /// Stops every replica, then drops the database.
+    pub async fn stop(self) {
+        for r in self.replicas {
+            r.stop(Duration::from_secs(5)).await.expect("replica stops cleanly");
+        }
+    }
+}
+
+/// A gRPC client of the replica at `addr`.
+pub async fn client(addr: SocketAddr) -> NotificationsClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to replica");
+    NotificationsClient::new(channel)
+}
+
+/// A token for `user` in `tenant` with `scope`, valid for an hour.
+pub fn token(user: &str, tenant: &str, scope: &str) -> String {
+    herald::auth::mint(SECRET, user, tenant, scope, 3600).unwrap()
+}
+
+/// A sender's token (default tenant).
+pub fn sender_token() -> String {
+    token("billing-service", "", SEND_SCOPE)
+}
+
+/// `message` with `authorization: Bearer <token>`.
+pub fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// A send request to `recipients`.
+pub fn note(recipients: &[&str], title: &str) -> proto::SendNotificationRequest {
+    proto::SendNotificationRequest {
+        recipients: recipients.iter().map(|r| (*r).to_owned()).collect(),
+        r#type: "test.event".into(),
+        title: title.into(),
+        body: "body".into(),
+        data: r#"{"k":1}"#.into(),
+        idempotency_key: String::new(),
+    }
+}
+
+/// Sends `request` as the test sender.
+pub async fn send(
+    client: &mut NotificationsClient<Channel>,
+    request: proto::SendNotificationRequest,
+) -> Result<proto::SendNotificationResponse, Status> {
+    client
+        .send_notification(authed(request, &sender_token()))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Opens a stream for `user` (default tenant).
+pub async fn subscribe(
+    client: &mut NotificationsClient<Channel>,
+    user: &str,
+    after_seq: Option<u64>,
+) -> Streaming<proto::Event> {
+    let request = proto::SubscribeRequest {
+        after_seq,
+        types: vec![],
+    };
+    client
+        .subscribe(authed(request, &token(user, "", "")))
+        .await
+        .expect("subscribe")
+        .into_inner()
+}
+
+/// The next event other than a heartbeat.
+pub async fn next_event(stream: &mut Streaming<proto::Event>) -> proto::Event {
+    loop {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, stream.message())
+            .await
+            .expect("an event within the timeout")
+            .expect("stream ok")
+            .expect("stream open");
+        if !matches!(event.kind, Some(Kind::Heartbeat(_))) {
+            return event;
+        }
+    }
+}
+
+/// Reads until `caught_up`, returning the events before it.
+pub async fn until_caught_up(stream: &mut Streaming<proto::Event>) -> (Vec<proto::Event>, u64) {
+    let mut events = Vec::new();
+    loop {
+        let event = next_event(stream).await;
+        if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+            return (events, event.seq);
+        }
+        events.push(event);
+    }
+}
+
+/// Reads events until one with seq `last` arrives; returns their seqs.
+pub async fn seqs_through(stream: &mut Streaming<proto::Event>, last: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    loop {
+        let event = next_event(stream).await;
+        if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+            continue;
+        }
+        seqs.push(event.seq);
+        if event.seq >= last {
+            return seqs;
+        }
+    }
+}
+
+/// The notification in `event`, or a panic naming what came instead.
+pub fn notification(event: &proto::Event) -> &proto::Notification {
+    match &event.kind {
+        Some(Kind::Notification(n)) => n,
+        other => panic!("expected a notification, got {other:?}"),
+    }
+}
+
+/// The user's unread count.
+pub async fn unread(client: &mut NotificationsClient<Channel>, user: &str) -> u64 {
+    client
+        .get_unread_count(authed(proto::GetUnreadCountRequest {}, &token(user, "", "")))
+        .await
+        .expect("unread count")
+        .into_inner()
+        .unread
+}
+
+/// Asserts `events` carry exactly seqs `1..=n`, in order.
+pub fn assert_exactly_once_in_order(seqs: &[u64], n: u64, who: &str) {
+    let want: Vec<u64> = (1..=n).collect();
+    if seqs != want.as_slice() {
+        let dups = seqs.len() as i64 - n as i64;
+        let first_bad = seqs
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(seqs.len().min(want.len()));
+        panic!(
+            "{who}: expected seqs 1..={n} once each in order; got {} events \
+             ({dups:+} vs expected), first divergence at index {first_bad}",
+            seqs.len()
+        );
+    }
+}
+
+/// Generates one `#[tokio::test]` per backend for each named async fn
+/// taking a [`Backend`].
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::bounded(super::$name($crate::common::Backend::Memory)).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::common::bounded(super::$name($crate::common::Backend::Postgres)).await
+                }
+            )*
+        }
+    };
+}

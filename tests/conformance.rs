@@ -1,0 +1,491 @@
+//! The behavioural suite every store must pass, run once on the in-memory
+//! store and once on PostgreSQL (a fresh database per test). Where the
+//! backend supports it (Postgres), senders and subscribers are spread over
+//! two replicas.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use herald::proto::{self, event::Kind, mark_read_request::Target};
+use tonic::Code;
+
+fn replicas(backend: Backend) -> usize {
+    match backend {
+        Backend::Memory => 1,
+        Backend::Postgres => 2,
+    }
+}
+
+async fn fresh_connect_replays_unread_then_caught_up_then_live(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut a = d.client(0).await;
+    let mut b = d.client(d.replica(1)).await;
+    for i in 0..3 {
+        send(&mut a, note(&["alice"], &format!("n{i}"))).await.unwrap();
+    }
+    // Read the first one so the fresh backlog is the unread two.
+    let first = a
+        .list_notifications(authed(
+            proto::ListNotificationsRequest {
+                unread_only: false,
+                page_size: 10,
+                page_token: String::new(),
+            },
+            &token("alice", "", ""),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .notifications;
+    assert_eq!(first.len(), 3);
+    let oldest = first.iter().min_by_key(|n| n.seq).unwrap();
+    a.mark_read(authed(
+        proto::MarkReadRequest {
+            target: Some(Target::Ids(proto::NotificationIds {
+                ids: vec![oldest.id],
+            })),
+        },
+        &token("alice", "", ""),
+    ))
+    .await
+    .unwrap();
+
+    let mut stream = subscribe(&mut b, "alice", None).await;
+    let (backlog, caught_up_at) = until_caught_up(&mut stream).await;
+    let titles: Vec<_> = backlog.iter().map(|e| notification(e).title.clone()).collect();
+    assert_eq!(titles, ["n1", "n2"]);
+    assert_eq!(caught_up_at, 4, "3 notifications + 1 read event");
+    let n = notification(&backlog[0]);
+    assert_eq!((n.r#type.as_str(), n.body.as_str()), ("test.event", "body"));
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&n.data).unwrap(), serde_json::json!({"k": 1}));
+
+    send(&mut a, note(&["alice"], "live")).await.unwrap();
+    let live = next_event(&mut stream).await;
+    assert_eq!((live.seq, notification(&live).title.as_str()), (5, "live"));
+    d.stop().await;
+}
+
+async fn resume_replays_missed_events_in_order(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut a = d.client(0).await;
+    let mut b = d.client(d.replica(1)).await;
+    send(&mut a, note(&["alice"], "before")).await.unwrap();
+    let mut stream = subscribe(&mut b, "alice", Some(0)).await;
+    let (backlog, at) = until_caught_up(&mut stream).await;
+    assert_eq!((backlog.len(), at), (1, 1));
+    drop(stream);
+
+    for i in 0..5 {
+        send(&mut a, note(&["alice"], &format!("away{i}"))).await.unwrap();
+    }
+    let mut stream = subscribe(&mut b, "alice", Some(1)).await;
+    let (missed, at) = until_caught_up(&mut stream).await;
+    let seqs: Vec<_> = missed.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [2, 3, 4, 5, 6]);
+    assert_eq!(at, 6);
+    send(&mut a, note(&["alice"], "live")).await.unwrap();
+    assert_eq!(next_event(&mut stream).await.seq, 7);
+
+    // A position the server never issued is refused, naming the field.
+    let err = b
+        .subscribe(authed(
+            proto::SubscribeRequest {
+                after_seq: Some(99),
+                types: vec![],
+            },
+            &token("alice", "", ""),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("after_seq"), "{}", err.message());
+    d.stop().await;
+}
+
+async fn pruned_resume_position_gets_resync(backend: Backend) {
+    let d = Deployment::start_with(backend, 1, |c| {
+        c.retention = Duration::from_secs(1);
+        c.prune_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut a = d.client(0).await;
+    send(&mut a, note(&["alice"], "old1")).await.unwrap();
+    send(&mut a, note(&["alice"], "old2")).await.unwrap();
+    // Wait for retention to delete both.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while unread(&mut a, "alice").await > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "retention never pruned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut stream = subscribe(&mut a, "alice", Some(1)).await;
+    let event = next_event(&mut stream).await;
+    assert!(matches!(event.kind, Some(Kind::Resync(_))), "{event:?}");
+    assert_eq!(event.seq, 2);
+    let caught_up = next_event(&mut stream).await;
+    assert!(matches!(caught_up.kind, Some(Kind::CaughtUp(_))));
+    send(&mut a, note(&["alice"], "new")).await.unwrap();
+    assert_eq!(next_event(&mut stream).await.seq, 3);
+    d.stop().await;
+}
+
+/// 8 senders × 250 sends to one user, racing; one subscriber connected
+/// throughout, another disconnecting and resuming midway. Both must see seq
+/// 1..=2000 exactly once, in order.
+async fn racing_senders_exactly_once_in_order(backend: Backend) {
+    const SENDERS: usize = 8;
+    const PER_SENDER: usize = 250;
+    const TOTAL: u64 = (SENDERS * PER_SENDER) as u64;
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut steady_client = d.client(d.replica(1)).await;
+    let mut steady = subscribe(&mut steady_client, "alice", Some(0)).await;
+    until_caught_up(&mut steady).await;
+
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let mut client = d.client(d.replica(s % 2)).await;
+        senders.push(tokio::spawn(async move {
+            for i in 0..PER_SENDER {
+                send(&mut client, note(&["alice"], &format!("{s}-{i}")))
+                    .await
+                    .expect("send ok");
+            }
+        }));
+    }
+
+    // The flaky device: reads a while, drops, resumes from its last seq.
+    let addrs: Vec<_> = d.replicas.iter().map(|r| r.addr).collect();
+    let flaky = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let mut round = 0;
+        while seen.last().copied().unwrap_or(0) < TOTAL {
+            let mut c = client(addrs[round % addrs.len()]).await;
+            let mut stream = subscribe(&mut c, "alice", Some(seen.last().copied().unwrap_or(0))).await;
+            let budget = if round < 4 { 150 } else { usize::MAX };
+            let mut taken = 0;
+            while taken < budget {
+                let event = next_event(&mut stream).await;
+                if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+                    continue;
+                }
+                seen.push(event.seq);
+                taken += 1;
+                if event.seq == TOTAL {
+                    break;
+                }
+            }
+            round += 1;
+        }
+        (seen, round)
+    });
+
+    for s in senders {
+        s.await.unwrap();
+    }
+    let steady_seen = seqs_through(&mut steady, TOTAL).await;
+    assert_exactly_once_in_order(&steady_seen, TOTAL, "steady subscriber");
+    let (flaky_seen, rounds) = flaky.await.unwrap();
+    assert!(rounds > 4, "the flaky subscriber reconnected {rounds} times");
+    assert_exactly_once_in_order(&flaky_seen, TOTAL, "resuming subscriber");
+    assert_eq!(unread(&mut steady_client, "alice").await, TOTAL);
+    d.stop().await;
+}
+
+async fn mark_read_reaches_other_devices(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut a = d.client(0).await;
+    let mut b = d.client(d.replica(1)).await;
+    let sent = send(&mut a, note(&["alice"], "one")).await.unwrap();
+    send(&mut a, note(&["alice"], "two")).await.unwrap();
+    send(&mut a, note(&["alice"], "three")).await.unwrap();
+    let mut other_device = subscribe(&mut b, "alice", Some(3)).await;
+    until_caught_up(&mut other_device).await;
+
+    let alice = token("alice", "", "");
+    let id = sent.deliveries[0].notification_id;
+    let marked = a
+        .mark_read(authed(
+            proto::MarkReadRequest {
+                target: Some(Target::Ids(proto::NotificationIds { ids: vec![id, id] })),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((marked.marked, marked.seq), (1, 4));
+    let event = next_event(&mut other_device).await;
+    match event.kind {
+        Some(Kind::Read(r)) => assert_eq!(r.notification_ids, [id]),
+        other => panic!("expected a read event, got {other:?}"),
+    }
+    assert_eq!(unread(&mut b, "alice").await, 2);
+
+    // Marking it again changes nothing and emits nothing.
+    let again = a
+        .mark_read(authed(
+            proto::MarkReadRequest {
+                target: Some(Target::Ids(proto::NotificationIds { ids: vec![id] })),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((again.marked, again.seq), (0, 0));
+
+    // Mark all read: up_to_seq beyond the head is clamped to it.
+    let all = a
+        .mark_read(authed(
+            proto::MarkReadRequest {
+                target: Some(Target::UpToSeq(1_000)),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((all.marked, all.seq), (2, 5));
+    let event = next_event(&mut other_device).await;
+    assert_eq!(event.seq, 5);
+    match event.kind {
+        Some(Kind::Read(r)) => assert_eq!(r.up_to_seq, 4),
+        other => panic!("expected a read event, got {other:?}"),
+    }
+    assert_eq!(unread(&mut b, "alice").await, 0);
+    let list = b
+        .list_notifications(authed(
+            proto::ListNotificationsRequest {
+                unread_only: false,
+                page_size: 0,
+                page_token: String::new(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(list.notifications.iter().all(|n| n.read));
+    assert_eq!(list.notifications.len(), 3);
+    d.stop().await;
+}
+
+async fn list_pages_newest_first_and_agrees_with_count(backend: Backend) {
+    let d = Deployment::start(backend, 1).await;
+    let mut a = d.client(0).await;
+    for i in 0..7 {
+        send(&mut a, note(&["alice"], &format!("n{i}"))).await.unwrap();
+    }
+    let alice = token("alice", "", "");
+    a.mark_read(authed(
+        proto::MarkReadRequest {
+            target: Some(Target::UpToSeq(2)),
+        },
+        &alice,
+    ))
+    .await
+    .unwrap();
+    let mut all = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = a
+            .list_notifications(authed(
+                proto::ListNotificationsRequest {
+                    unread_only: true,
+                    page_size: 2,
+                    page_token: page_token.clone(),
+                },
+                &alice,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.notifications.iter().map(|n| n.title.clone()));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    assert_eq!(all, ["n6", "n5", "n4", "n3", "n2"]);
+    assert_eq!(unread(&mut a, "alice").await, all.len() as u64);
+    let bad = a
+        .list_notifications(authed(
+            proto::ListNotificationsRequest {
+                unread_only: false,
+                page_size: 501,
+                page_token: String::new(),
+            },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().starts_with("page_size"));
+    d.stop().await;
+}
+
+async fn idempotent_send_stores_and_delivers_once(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut a = d.client(0).await;
+    let mut b = d.client(d.replica(1)).await;
+    let mut stream = subscribe(&mut b, "alice", Some(0)).await;
+    until_caught_up(&mut stream).await;
+
+    let mut request = note(&["alice", "bob"], "once");
+    request.idempotency_key = "order-42-shipped".into();
+    // Concurrent retries through both replicas, then a late one.
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let mut c = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let r = request.clone();
+        calls.push(tokio::spawn(async move { send(&mut c, r).await }));
+    }
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap().expect("send ok").deliveries);
+    }
+    answers.push(send(&mut a, request.clone()).await.unwrap().deliveries);
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    assert_eq!(answers[0].len(), 2);
+
+    // The same key for a different request is refused.
+    let mut other = request.clone();
+    other.title = "different".into();
+    let err = send(&mut a, other).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    // One event reached the stream; the next send is seq 2.
+    send(&mut a, note(&["alice"], "after")).await.unwrap();
+    let seqs = seqs_through(&mut stream, 2).await;
+    assert_eq!(seqs, [1, 2]);
+    assert_eq!(unread(&mut a, "alice").await, 2);
+    assert_eq!(unread(&mut a, "bob").await, 1);
+    d.stop().await;
+}
+
+async fn bad_input_is_refused_naming_the_field_and_stores_nothing(backend: Backend) {
+    let d = Deployment::start(backend, 1).await;
+    let mut a = d.client(0).await;
+    let cases: Vec<(&str, proto::SendNotificationRequest)> = vec![
+        ("recipients", proto::SendNotificationRequest { recipients: vec![], ..note(&[], "t") }),
+        ("recipients[1]", note(&["alice", ""], "t")),
+        ("type", proto::SendNotificationRequest { r#type: String::new(), ..note(&["alice"], "t") }),
+        ("type", proto::SendNotificationRequest { r#type: "t".repeat(129), ..note(&["alice"], "t") }),
+        ("title", note(&["alice"], "")),
+        ("data", proto::SendNotificationRequest { data: "[1,2]".into(), ..note(&["alice"], "t") }),
+        ("data", proto::SendNotificationRequest { data: "{nope".into(), ..note(&["alice"], "t") }),
+        ("body", proto::SendNotificationRequest { body: "b".repeat(16 * 1024 + 1), ..note(&["alice"], "t") }),
+    ];
+    for (field, request) in cases {
+        let err = send(&mut a, request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "expected the message to name {field}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(unread(&mut a, "alice").await, 0);
+
+    let alice = token("alice", "", "");
+    let err = a
+        .mark_read(authed(proto::MarkReadRequest { target: None }, &alice))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = a
+        .subscribe(authed(
+            proto::SubscribeRequest {
+                after_seq: None,
+                types: vec!["bad type".into()],
+            },
+            &alice,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("types[0]"));
+    d.stop().await;
+}
+
+async fn type_filter_and_heartbeats(backend: Backend) {
+    let d = Deployment::start_with(backend, 1, |c| {
+        c.heartbeat_interval = Duration::from_millis(200);
+    })
+    .await;
+    let mut a = d.client(0).await;
+    let mut stream = a
+        .subscribe(authed(
+            proto::SubscribeRequest {
+                after_seq: Some(0),
+                types: vec!["wanted".into()],
+            },
+            &token("alice", "", ""),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    until_caught_up(&mut stream).await;
+    send(&mut a, note(&["alice"], "skipped")).await.unwrap();
+    let mut wanted = note(&["alice"], "kept");
+    wanted.r#type = "wanted".into();
+    send(&mut a, wanted).await.unwrap();
+    let event = next_event(&mut stream).await;
+    assert_eq!((event.seq, notification(&event).title.as_str()), (2, "kept"));
+    // Idle: a heartbeat carries the position reached.
+    let beat = tokio::time::timeout(EVENT_TIMEOUT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(beat.kind, Some(Kind::Heartbeat(_))), "{beat:?}");
+    assert_eq!(beat.seq, 2);
+    d.stop().await;
+}
+
+/// A subscriber that does not read while many events are sent still gets
+/// all of them, in order, once it reads: its queue overflows to the store.
+async fn slow_subscriber_catches_up_from_the_store(backend: Backend) {
+    let d = Deployment::start_with(backend, 1, |c| c.stream_queue = 4).await;
+    let mut a = d.client(0).await;
+    let mut stream = subscribe(&mut a, "alice", Some(0)).await;
+    until_caught_up(&mut stream).await;
+    const N: u64 = 600;
+    for i in 0..N {
+        send(&mut a, note(&["alice"], &format!("n{i}"))).await.unwrap();
+    }
+    let seqs = seqs_through(&mut stream, N).await;
+    assert_exactly_once_in_order(&seqs, N, "slow subscriber");
+    d.stop().await;
+}
+
+async fn server_stop_ends_streams_with_unavailable(backend: Backend) {
+    let d = Deployment::start(backend, 1).await;
+    let mut a = d.client(0).await;
+    let mut stream = subscribe(&mut a, "alice", None).await;
+    until_caught_up(&mut stream).await;
+    d.stop().await;
+    let status = loop {
+        match tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await.unwrap() {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+conformance!(
+    fresh_connect_replays_unread_then_caught_up_then_live,
+    resume_replays_missed_events_in_order,
+    pruned_resume_position_gets_resync,
+    racing_senders_exactly_once_in_order,
+    mark_read_reaches_other_devices,
+    list_pages_newest_first_and_agrees_with_count,
+    idempotent_send_stores_and_delivers_once,
+    bad_input_is_refused_naming_the_field_and_stores_nothing,
+    type_filter_and_heartbeats,
+    slow_subscriber_catches_up_from_the_store,
+    server_stop_ends_streams_with_unavailable,
+);
