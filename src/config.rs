@@ -313,3 +313,72 @@ impl ServeArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        // Only flags, so the environment of the test run cannot leak in
+        // through defaults that the flags do not override.
+        let mut argv = vec!["herald"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().serve.into_config()
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_key() {
+        if std::env::vars().any(|(k, _)| k.starts_with("HERALD_JWT") || k == "HERALD_DEV") {
+            return; // the environment configures a key; nothing to check
+        }
+        let err = parse(&[]).unwrap_err();
+        assert!(matches!(err, ConfigError::NoKey));
+        assert!(
+            err.to_string().contains("--dev"),
+            "says how to fix it: {err}"
+        );
+    }
+
+    #[test]
+    fn dev_binds_to_loopback_only() {
+        let err = parse(&["--dev", "--listen", "0.0.0.0:50051"]).unwrap_err();
+        assert!(matches!(err, ConfigError::DevNotLoopback(_)));
+        let ok = parse(&["--dev"]).unwrap();
+        assert!(ok.dev);
+        assert!(
+            matches!(ok.auth.key, VerificationKey::Secret(ref s) if s == DEV_SECRET.as_bytes())
+        );
+    }
+
+    #[test]
+    fn refuses_weak_or_conflicting_keys() {
+        assert!(matches!(
+            parse(&["--jwt-secret", "short"]).unwrap_err(),
+            ConfigError::WeakSecret(5)
+        ));
+        let secret = "s".repeat(MIN_SECRET_BYTES);
+        assert!(matches!(
+            parse(&[
+                "--jwt-secret",
+                &secret,
+                "--jwt-public-key-file",
+                "/nonexistent"
+            ])
+            .unwrap_err(),
+            ConfigError::SeveralKeys
+        ));
+        assert!(parse(&["--jwt-secret", &secret, "--listen", "0.0.0.0:1"]).is_ok());
+        assert!(matches!(
+            parse(&["--dev", "--heartbeat-interval", "0s"]).unwrap_err(),
+            ConfigError::Invalid(_)
+        ));
+    }
+}

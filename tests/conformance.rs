@@ -23,7 +23,9 @@ async fn fresh_connect_replays_unread_then_caught_up_then_live(backend: Backend)
     let mut a = d.client(0).await;
     let mut b = d.client(d.replica(1)).await;
     for i in 0..3 {
-        send(&mut a, note(&["alice"], &format!("n{i}"))).await.unwrap();
+        send(&mut a, note(&["alice"], &format!("n{i}")))
+            .await
+            .unwrap();
     }
     // Read the first one so the fresh backlog is the unread two.
     let first = a
@@ -54,12 +56,18 @@ async fn fresh_connect_replays_unread_then_caught_up_then_live(backend: Backend)
 
     let mut stream = subscribe(&mut b, "alice", None).await;
     let (backlog, caught_up_at) = until_caught_up(&mut stream).await;
-    let titles: Vec<_> = backlog.iter().map(|e| notification(e).title.clone()).collect();
+    let titles: Vec<_> = backlog
+        .iter()
+        .map(|e| notification(e).title.clone())
+        .collect();
     assert_eq!(titles, ["n1", "n2"]);
     assert_eq!(caught_up_at, 4, "3 notifications + 1 read event");
     let n = notification(&backlog[0]);
     assert_eq!((n.r#type.as_str(), n.body.as_str()), ("test.event", "body"));
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&n.data).unwrap(), serde_json::json!({"k": 1}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&n.data).unwrap(),
+        serde_json::json!({"k": 1})
+    );
 
     send(&mut a, note(&["alice"], "live")).await.unwrap();
     let live = next_event(&mut stream).await;
@@ -78,7 +86,9 @@ async fn resume_replays_missed_events_in_order(backend: Backend) {
     drop(stream);
 
     for i in 0..5 {
-        send(&mut a, note(&["alice"], &format!("away{i}"))).await.unwrap();
+        send(&mut a, note(&["alice"], &format!("away{i}")))
+            .await
+            .unwrap();
     }
     let mut stream = subscribe(&mut b, "alice", Some(1)).await;
     let (missed, at) = until_caught_up(&mut stream).await;
@@ -116,7 +126,10 @@ async fn pruned_resume_position_gets_resync(backend: Backend) {
     // Wait for retention to delete both.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while unread(&mut a, "alice").await > 0 {
-        assert!(tokio::time::Instant::now() < deadline, "retention never pruned");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "retention never pruned"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut stream = subscribe(&mut a, "alice", Some(1)).await;
@@ -161,7 +174,8 @@ async fn racing_senders_exactly_once_in_order(backend: Backend) {
         let mut round = 0;
         while seen.last().copied().unwrap_or(0) < TOTAL {
             let mut c = client(addrs[round % addrs.len()]).await;
-            let mut stream = subscribe(&mut c, "alice", Some(seen.last().copied().unwrap_or(0))).await;
+            let mut stream =
+                subscribe(&mut c, "alice", Some(seen.last().copied().unwrap_or(0))).await;
             let budget = if round < 4 { 150 } else { usize::MAX };
             let mut taken = 0;
             while taken < budget {
@@ -186,7 +200,10 @@ async fn racing_senders_exactly_once_in_order(backend: Backend) {
     let steady_seen = seqs_through(&mut steady, TOTAL).await;
     assert_exactly_once_in_order(&steady_seen, TOTAL, "steady subscriber");
     let (flaky_seen, rounds) = flaky.await.unwrap();
-    assert!(rounds > 4, "the flaky subscriber reconnected {rounds} times");
+    assert!(
+        rounds > 4,
+        "the flaky subscriber reconnected {rounds} times"
+    );
     assert_exactly_once_in_order(&flaky_seen, TOTAL, "resuming subscriber");
     assert_eq!(unread(&mut steady_client, "alice").await, TOTAL);
     d.stop().await;
@@ -275,7 +292,9 @@ async fn list_pages_newest_first_and_agrees_with_count(backend: Backend) {
     let d = Deployment::start(backend, 1).await;
     let mut a = d.client(0).await;
     for i in 0..7 {
-        send(&mut a, note(&["alice"], &format!("n{i}"))).await.unwrap();
+        send(&mut a, note(&["alice"], &format!("n{i}")))
+            .await
+            .unwrap();
     }
     let alice = token("alice", "", "");
     a.mark_read(authed(
@@ -368,14 +387,50 @@ async fn bad_input_is_refused_naming_the_field_and_stores_nothing(backend: Backe
     let d = Deployment::start(backend, 1).await;
     let mut a = d.client(0).await;
     let cases: Vec<(&str, proto::SendNotificationRequest)> = vec![
-        ("recipients", proto::SendNotificationRequest { recipients: vec![], ..note(&[], "t") }),
+        (
+            "recipients",
+            proto::SendNotificationRequest {
+                recipients: vec![],
+                ..note(&[], "t")
+            },
+        ),
         ("recipients[1]", note(&["alice", ""], "t")),
-        ("type", proto::SendNotificationRequest { r#type: String::new(), ..note(&["alice"], "t") }),
-        ("type", proto::SendNotificationRequest { r#type: "t".repeat(129), ..note(&["alice"], "t") }),
+        (
+            "type",
+            proto::SendNotificationRequest {
+                r#type: String::new(),
+                ..note(&["alice"], "t")
+            },
+        ),
+        (
+            "type",
+            proto::SendNotificationRequest {
+                r#type: "t".repeat(129),
+                ..note(&["alice"], "t")
+            },
+        ),
         ("title", note(&["alice"], "")),
-        ("data", proto::SendNotificationRequest { data: "[1,2]".into(), ..note(&["alice"], "t") }),
-        ("data", proto::SendNotificationRequest { data: "{nope".into(), ..note(&["alice"], "t") }),
-        ("body", proto::SendNotificationRequest { body: "b".repeat(16 * 1024 + 1), ..note(&["alice"], "t") }),
+        (
+            "data",
+            proto::SendNotificationRequest {
+                data: "[1,2]".into(),
+                ..note(&["alice"], "t")
+            },
+        ),
+        (
+            "data",
+            proto::SendNotificationRequest {
+                data: "{nope".into(),
+                ..note(&["alice"], "t")
+            },
+        ),
+        (
+            "body",
+            proto::SendNotificationRequest {
+                body: "b".repeat(16 * 1024 + 1),
+                ..note(&["alice"], "t")
+            },
+        ),
     ];
     for (field, request) in cases {
         let err = send(&mut a, request).await.unwrap_err();
@@ -432,7 +487,10 @@ async fn type_filter_and_heartbeats(backend: Backend) {
     wanted.r#type = "wanted".into();
     send(&mut a, wanted).await.unwrap();
     let event = next_event(&mut stream).await;
-    assert_eq!((event.seq, notification(&event).title.as_str()), (2, "kept"));
+    assert_eq!(
+        (event.seq, notification(&event).title.as_str()),
+        (2, "kept")
+    );
     // Idle: a heartbeat carries the position reached.
     let beat = tokio::time::timeout(EVENT_TIMEOUT, stream.message())
         .await
@@ -453,7 +511,9 @@ async fn slow_subscriber_catches_up_from_the_store(backend: Backend) {
     until_caught_up(&mut stream).await;
     const N: u64 = 600;
     for i in 0..N {
-        send(&mut a, note(&["alice"], &format!("n{i}"))).await.unwrap();
+        send(&mut a, note(&["alice"], &format!("n{i}")))
+            .await
+            .unwrap();
     }
     let seqs = seqs_through(&mut stream, N).await;
     assert_exactly_once_in_order(&seqs, N, "slow subscriber");
@@ -467,7 +527,10 @@ async fn server_stop_ends_streams_with_unavailable(backend: Backend) {
     until_caught_up(&mut stream).await;
     d.stop().await;
     let status = loop {
-        match tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await.unwrap() {
+        match tokio::time::timeout(EVENT_TIMEOUT, stream.message())
+            .await
+            .unwrap()
+        {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("stream ended without a status"),
             Err(status) => break status,

@@ -160,7 +160,11 @@ impl Deployment {
     }
 
     /// Like [`Deployment::start`], with a configuration tweak.
-    pub async fn start_with(backend: Backend, replicas: usize, tweak: impl Fn(&mut Config)) -> Self {
+    pub async fn start_with(
+        backend: Backend,
+        replicas: usize,
+        tweak: impl Fn(&mut Config),
+    ) -> Self {
         assert!(backend == Backend::Postgres || replicas == 1);
         let db = match backend {
             Backend::Memory => None,
@@ -192,7 +196,9 @@ impl Deployment {
     /// Stops every replica, then drops the database.
     pub async fn stop(self) {
         for r in self.replicas {
-            r.stop(Duration::from_secs(5)).await.expect("replica stops cleanly");
+            r.stop(Duration::from_secs(5))
+                .await
+                .expect("replica stops cleanly");
         }
     }
 }
@@ -266,12 +272,13 @@ pub async fn subscribe(
         .into_inner()
 }
 
-/// The next event other than a heartbeat.
+/// The next event other than a heartbeat, within [`EVENT_TIMEOUT`].
 pub async fn next_event(stream: &mut Streaming<proto::Event>) -> proto::Event {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
     loop {
-        let event = tokio::time::timeout(EVENT_TIMEOUT, stream.message())
+        let event = tokio::time::timeout_at(deadline, stream.message())
             .await
-            .expect("an event within the timeout")
+            .expect("an event other than a heartbeat within the timeout")
             .expect("stream ok")
             .expect("stream open");
         if !matches!(event.kind, Some(Kind::Heartbeat(_))) {
@@ -318,7 +325,10 @@ pub fn notification(event: &proto::Event) -> &proto::Notification {
 /// The user's unread count.
 pub async fn unread(client: &mut NotificationsClient<Channel>, user: &str) -> u64 {
     client
-        .get_unread_count(authed(proto::GetUnreadCountRequest {}, &token(user, "", "")))
+        .get_unread_count(authed(
+            proto::GetUnreadCountRequest {},
+            &token(user, "", ""),
+        ))
         .await
         .expect("unread count")
         .into_inner()

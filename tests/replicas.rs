@@ -1,0 +1,84 @@
+//! Multi-replica behaviour on PostgreSQL: fan-out across replicas, several
+//! devices on several replicas, and a LISTEN connection killed mid-load.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_through_one_replica_reaches_streams_on_every_replica() {
+    bounded(async {
+        let d = Deployment::start(Backend::Postgres, 3).await;
+        let mut a = d.client(0).await;
+        let mut b = d.client(1).await;
+        let mut c = d.client(2).await;
+        // alice has a device on B and one on C; bob one on A.
+        let mut alice_b = subscribe(&mut b, "alice", Some(0)).await;
+        let mut alice_c = subscribe(&mut c, "alice", Some(0)).await;
+        let mut bob_a = subscribe(&mut a, "bob", Some(0)).await;
+        for s in [&mut alice_b, &mut alice_c, &mut bob_a] {
+            until_caught_up(s).await;
+        }
+        for i in 0..20 {
+            let via = [&mut a, &mut b, &mut c];
+            let client = via.into_iter().nth(i % 3).unwrap();
+            send(client, note(&["alice", "bob"], &format!("n{i}")))
+                .await
+                .unwrap();
+        }
+        for (name, stream) in [
+            ("alice@B", &mut alice_b),
+            ("alice@C", &mut alice_c),
+            ("bob@A", &mut bob_a),
+        ] {
+            let seqs = seqs_through(stream, 20).await;
+            assert_exactly_once_in_order(&seqs, 20, name);
+        }
+        d.stop().await;
+    })
+    .await;
+}
+
+/// Rounds of: kill every replica's LISTEN connection, then send a burst
+/// through another replica. The last burst commits while the listener is
+/// down and nothing follows it, so only the catch-up after reconnecting can
+/// deliver it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_listen_connection_loses_nothing() {
+    bounded(async {
+        let d = Deployment::start(Backend::Postgres, 2).await;
+        let mut a = d.client(0).await;
+        let mut b = d.client(1).await;
+        let mut stream = subscribe(&mut b, "alice", Some(0)).await;
+        until_caught_up(&mut stream).await;
+
+        let db = d.db.as_ref().unwrap().connect().await;
+        let name = d.db.as_ref().unwrap().name.clone();
+        let mut sent = 0u64;
+        for burst in [40, 40, 40, 40, 3] {
+            let killed = db
+                .query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND application_name = 'herald-listener'",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            assert!(!killed.is_empty(), "no listener connection to kill");
+            for _ in 0..burst {
+                send(&mut a, note(&["alice"], &format!("n{sent}")))
+                    .await
+                    .expect("send ok");
+                sent += 1;
+            }
+            // Let the listeners come back before the next round.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let seqs = seqs_through(&mut stream, sent).await;
+        assert_exactly_once_in_order(&seqs, sent, "subscriber during listener kills");
+        d.stop().await;
+    })
+    .await;
+}
