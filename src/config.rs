@@ -10,6 +10,7 @@ use crate::{
     auth::{AuthConfig, DEV_SECRET, VerificationKey},
     listener::ListenerSettings,
     notification::SendLimits,
+    telemetry::LogFormat,
 };
 
 /// Shortest HS256 secret accepted outside `--dev`: 256 bits, the hash size
@@ -47,6 +48,14 @@ pub struct Config {
     pub listener: ListenerSettings,
     /// Send limits.
     pub limits: SendLimits,
+    /// Browser origins allowed to call over grpc-web (CORS); empty: none.
+    pub cors_origins: Vec<String>,
+    /// Where to serve Prometheus metrics; `None`: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How long a stop waits for in-flight calls before closing them.
+    pub shutdown_grace: Duration,
+    /// Time between health checks of the database and LISTEN connection.
+    pub health_check_interval: Duration,
 }
 
 impl Config {
@@ -70,6 +79,10 @@ impl Config {
                 ping_timeout: Duration::from_secs(5),
             },
             limits: SendLimits::default(),
+            cors_origins: Vec::new(),
+            metrics_listen: None,
+            shutdown_grace: Duration::from_secs(25),
+            health_check_interval: Duration::from_secs(5),
         }
     }
 }
@@ -259,6 +272,43 @@ pub struct ServeArgs {
     /// Longest notification data JSON, bytes.
     #[arg(long, env = "HERALD_MAX_DATA_BYTES", default_value_t = 16 * 1024)]
     pub max_data_bytes: usize,
+    /// Browser origins allowed to call over grpc-web, comma-separated, e.g.
+    /// `https://app.example.com`. None by default.
+    #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+    /// Address to serve Prometheus metrics on (`/metrics`), e.g.
+    /// `0.0.0.0:9090`. Not served by default.
+    #[arg(long, env = "HERALD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM, how long to wait for in-flight calls before exiting.
+    #[arg(long, env = "HERALD_SHUTDOWN_GRACE", default_value = "25s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// Time between health checks of the database and LISTEN connection.
+    #[arg(long, env = "HERALD_HEALTH_CHECK_INTERVAL", default_value = "5s", value_parser = duration)]
+    pub health_check_interval: Duration,
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Checks an origin (RFC 6454 §6.2 serialization): `scheme://host[:port]`,
+/// no path, usable as a header value.
+fn parse_origin(origin: &str) -> Result<String, ConfigError> {
+    let bad = || {
+        ConfigError::Invalid(format!(
+            "--cors-origins: {origin:?} is not an origin like https://app.example.com"
+        ))
+    };
+    let origin = origin.trim();
+    let (scheme, rest) = origin.split_once("://").ok_or_else(bad)?;
+    if !matches!(scheme, "http" | "https")
+        || rest.is_empty()
+        || rest.contains(['/', '?', '#', ' '])
+        || http::HeaderValue::from_str(origin).is_err()
+    {
+        return Err(bad());
+    }
+    Ok(origin.to_owned())
 }
 
 impl ServeArgs {
@@ -274,6 +324,8 @@ impl ServeArgs {
             ("--listener-ping-interval", self.listener_ping_interval),
             ("--listener-ping-timeout", self.listener_ping_timeout),
             ("--pool-timeout", self.pool_timeout),
+            ("--shutdown-grace", self.shutdown_grace),
+            ("--health-check-interval", self.health_check_interval),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
@@ -310,6 +362,15 @@ impl ServeArgs {
                 max_body_bytes: self.max_body_bytes,
                 max_data_bytes: self.max_data_bytes,
             },
+            cors_origins: self
+                .cors_origins
+                .iter()
+                .filter(|o| !o.trim().is_empty())
+                .map(|o| parse_origin(o))
+                .collect::<Result<_, _>>()?,
+            metrics_listen: self.metrics_listen,
+            shutdown_grace: self.shutdown_grace,
+            health_check_interval: self.health_check_interval,
         })
     }
 }
@@ -380,5 +441,24 @@ mod tests {
             parse(&["--dev", "--heartbeat-interval", "0s"]).unwrap_err(),
             ConfigError::Invalid(_)
         ));
+        for bad in ["app.example.com", "https://app.example.com/path", "ftp://x"] {
+            assert!(
+                matches!(
+                    parse(&["--dev", "--cors-origins", bad]),
+                    Err(ConfigError::Invalid(_))
+                ),
+                "{bad}"
+            );
+        }
+        let ok = parse(&[
+            "--dev",
+            "--cors-origins",
+            "https://a.example,http://127.0.0.1:5173",
+        ])
+        .unwrap();
+        assert_eq!(
+            ok.cors_origins,
+            ["https://a.example", "http://127.0.0.1:5173"]
+        );
     }
 }

@@ -18,7 +18,7 @@ use std::{
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::notification::StreamEvent;
+use crate::{notification::StreamEvent, telemetry::names};
 
 /// The shared state between the hub and one stream.
 #[derive(Debug, Default)]
@@ -82,6 +82,7 @@ impl Hub {
             .entry(user.to_owned())
             .or_default()
             .push(slot);
+        metrics::gauge!(names::STREAMS_OPEN).increment(1.0);
         Subscription {
             hub: self.clone(),
             tenant: tenant.to_owned(),
@@ -108,6 +109,9 @@ impl Hub {
         };
         for slot in slots {
             if slot.tx.try_send(event.clone()).is_err() {
+                if !slot.signal.lagging.load(Ordering::Acquire) {
+                    metrics::counter!(names::STREAM_LAGS).increment(1);
+                }
                 slot.flag_lagging();
             }
         }
@@ -220,6 +224,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
+        metrics::gauge!(names::STREAMS_OPEN).decrement(1.0);
         self.hub.remove(&self.tenant, &self.user, self.id);
     }
 }

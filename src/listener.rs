@@ -14,7 +14,13 @@
 //! "NOTIFY"): events that do not fit are sent as a *wake-up* naming only the
 //! user and seq, and the user's streams read them from the store.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{StreamExt, stream};
@@ -26,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     hub::Hub,
     notification::{EventBody, Notification, ReadChange, StreamEvent},
+    telemetry::names,
 };
 
 /// The channel every replica LISTENs on.
@@ -270,6 +277,7 @@ pub struct Listener {
     hub: Arc<Hub>,
     settings: ListenerSettings,
     shutdown: CancellationToken,
+    listening: Arc<AtomicBool>,
 }
 
 /// A live LISTEN session: the client (for probes) and its notifications.
@@ -279,18 +287,21 @@ pub struct Listening {
 }
 
 impl Listener {
-    /// Builds the listener; nothing connects yet.
+    /// Builds the listener; nothing connects yet. `listening` is kept true
+    /// while LISTEN is established (for health checks).
     pub fn new(
         config: tokio_postgres::Config,
         hub: Arc<Hub>,
         settings: ListenerSettings,
         shutdown: CancellationToken,
+        listening: Arc<AtomicBool>,
     ) -> Self {
         Self {
             config,
             hub,
             settings,
             shutdown,
+            listening,
         }
     }
 
@@ -329,11 +340,14 @@ impl Listener {
         let mut attempt = None;
         loop {
             if let Some(listening) = session.take() {
+                self.listening.store(true, Ordering::Release);
                 // Whatever committed while we were not listening (or before
                 // streams registered) is read from the store.
                 self.hub.signal_all();
                 attempt = None;
-                match self.serve(listening).await {
+                let result = self.serve(listening).await;
+                self.listening.store(false, Ordering::Release);
+                match result {
                     Ok(()) => return,
                     Err(e) => tracing::warn!(error = %e, "LISTEN connection lost; reconnecting"),
                 }
@@ -354,7 +368,11 @@ impl Listener {
                 () = tokio::time::sleep(delay) => {}
             }
             match self.listen().await {
-                Ok(listening) => session = Some(listening),
+                Ok(listening) => {
+                    metrics::counter!(names::LISTENER_RECONNECTS).increment(1);
+                    tracing::info!("LISTEN connection re-established; streams catch up");
+                    session = Some(listening);
+                }
                 Err(e) => tracing::warn!(error = %e, ?delay, "LISTEN reconnect failed"),
             }
         }

@@ -167,7 +167,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(*args).await,
         Command::Migrate { database_url } => {
-            telemetry::init();
+            telemetry::init(telemetry::LogFormat::Text);
             let applied = store::postgres::migrate(&database_url).await?;
             tracing::info!(?applied, "migrations applied");
             Ok(())
@@ -192,8 +192,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    telemetry::init();
+    telemetry::init(args.log_format);
     let config = args.into_config()?;
+    let grace = config.shutdown_grace;
     let running = server::start(config).await?;
     let token = running.shutdown_token();
     tokio::spawn(async move {
@@ -201,7 +202,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: ending streams so clients resume elsewhere");
         token.cancel();
     });
-    running.wait(Duration::from_secs(30)).await?;
+    running.wait(grace).await?;
     Ok(())
 }
 

@@ -1,12 +1,33 @@
 //! Builds and runs a replica: the store (Postgres or in-memory), the hub,
-//! the LISTEN loop, retention, and the tonic server, all stopped by one
+//! the LISTEN loop, retention, health and metrics, and the tonic server —
+//! native gRPC and grpc-web on one port — all stopped by one
 //! [`CancellationToken`].
+//!
+//! Stopping (SIGTERM) drains: health turns NOT_SERVING, no new connections
+//! or streams are accepted, every open stream ends with `UNAVAILABLE` (the
+//! client resumes on another replica), in-flight unary calls finish, and
+//! whatever is still open after the grace period is closed.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
+use http::{HeaderName, HeaderValue, Method};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+use tonic_health::{ServingStatus, server::HealthReporter};
+use tower_http::{
+    cors::{AllowOrigin, CorsLayer},
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
 
 use crate::{
     api::NotificationsService,
@@ -14,14 +35,19 @@ use crate::{
     config::Config,
     hub::Hub,
     listener::{ListenError, Listener, listener_config},
-    proto::notifications_server::NotificationsServer,
+    proto::{self, notifications_server::NotificationsServer},
     store::{
         Store, StoreError,
         memory::MemoryStore,
         postgres::{self, PgStore},
     },
     subscription::StreamSettings,
+    telemetry::{self, names},
 };
+
+/// Request metadata carrying the caller's request id (echoed back, and
+/// generated as a UUID when absent).
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// Why a replica could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +55,7 @@ pub enum ServerError {
     /// The verification key is unusable.
     #[error(transparent)]
     Key(#[from] KeyError),
-    /// The listen address could not be bound.
+    /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
@@ -46,32 +72,37 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// gRPC reflection could not be built from the descriptor set.
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
 }
 
 /// A running replica.
 #[derive(Debug)]
 pub struct RunningServer {
-    /// The address it serves on (the real port when 0 was asked for).
+    /// The address it serves gRPC and grpc-web on (the real port when 0 was
+    /// asked for).
     pub addr: SocketAddr,
+    /// The address it serves `/metrics` on, if any.
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
 impl RunningServer {
-    /// A token that stops the replica when cancelled.
+    /// A token that starts the drain when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
 
-    /// Stops accepting, ends open streams with `UNAVAILABLE` (clients
-    /// resume elsewhere), waits for in-flight calls, at most `grace`.
+    /// Drains (see the module docs) and waits at most `grace` for it.
     pub async fn stop(self, grace: Duration) -> Result<(), ServerError> {
         self.shutdown.cancel();
         self.wait(grace).await
     }
 
-    /// Waits until the replica stops (after its token is cancelled), at
-    /// most `grace` once it has been cancelled.
+    /// Waits until the replica stops; once the drain has begun, at most
+    /// `grace` more, then closes whatever is left.
     pub async fn wait(mut self, grace: Duration) -> Result<(), ServerError> {
         tokio::select! {
             joined = &mut self.task => return flatten(joined),
@@ -98,29 +129,41 @@ fn flatten(
     }
 }
 
-/// Starts a replica: verifies the configuration's key, binds, connects and
-/// migrates the database (if any), starts listening, then serves in the
-/// background. Returns once it accepts calls.
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    Ok((listener, local))
+}
+
+/// Starts a replica: verifies the key, binds, connects and migrates the
+/// database (if any), establishes LISTEN, then serves in the background.
+/// Returns once it accepts calls.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let verifier = Arc::new(Verifier::new(&config.auth)?);
     let hub = Hub::new(config.stream_queue);
     let shutdown = CancellationToken::new();
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.listen,
-        source,
-    })?;
+    let (listener, addr) = bind(config.listen).await?;
+    let metrics_addr = match config.metrics_listen {
+        Some(metrics_listen) => Some(start_metrics(metrics_listen, shutdown.clone()).await?),
+        None => None,
+    };
     if config.dev {
         tracing::warn!(
             "DEVELOPMENT MODE: tokens are verified with the publicly known dev secret; \
              anyone who can reach {addr} can act as any user. Never use --dev in production."
         );
     }
+    let replica = Replica {
+        hub: hub.clone(),
+        verifier,
+        config: &config,
+        listener,
+        shutdown: shutdown.clone(),
+    };
     let task = match &config.database_url {
         Some(url) => {
             let applied = postgres::migrate(url).await?;
@@ -132,16 +175,18 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             let listen_url = config.listener_database_url.as_deref().unwrap_or(url);
             let listen_config = listener_config(listen_url)
                 .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?;
+            let listening = Arc::new(AtomicBool::new(false));
             let listener_task = Listener::new(
                 listen_config,
-                hub.clone(),
+                hub,
                 config.listener,
                 shutdown.clone(),
+                listening.clone(),
             );
-            let listening = listener_task.listen().await?;
-            tokio::spawn(listener_task.run(listening));
+            let first = listener_task.listen().await?;
+            tokio::spawn(listener_task.run(first));
             tracing::info!(%addr, "serving with PostgreSQL");
-            spawn(store, hub, verifier, &config, listener, shutdown.clone())
+            replica.spawn(store, Some(listening))?
         }
         None => {
             tracing::warn!(
@@ -149,55 +194,198 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 "no DATABASE_URL: using the in-memory store; notifications are lost on \
                  restart and replicas do not share them (one replica only)"
             );
-            let store = Arc::new(MemoryStore::new(hub.clone()));
-            spawn(store, hub, verifier, &config, listener, shutdown.clone())
+            replica.spawn(Arc::new(MemoryStore::new(hub)), None)?
         }
     };
     Ok(RunningServer {
         addr,
+        metrics_addr,
         shutdown,
         task,
     })
 }
 
-fn spawn<S: Store>(
-    store: Arc<S>,
+async fn start_metrics(
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<SocketAddr, ServerError> {
+    let (listener, local) = bind(addr).await?;
+    match telemetry::metrics_handle() {
+        Some(handle) => {
+            tokio::spawn(telemetry::serve_metrics(listener, handle, shutdown));
+        }
+        None => tracing::warn!("metrics recorder unavailable; /metrics will not be served"),
+    }
+    Ok(local)
+}
+
+/// CORS for grpc-web from the configured origins (Fetch standard, "CORS
+/// protocol"): the headers grpc-web clients send, and the gRPC status
+/// headers they must read, which browsers hide unless exposed.
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let header = HeaderName::from_static;
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_headers([
+            header("authorization"),
+            header("content-type"),
+            header("x-grpc-web"),
+            header("x-user-agent"),
+            header("grpc-timeout"),
+            header(REQUEST_ID),
+        ])
+        .expose_headers([
+            header("grpc-status"),
+            header("grpc-message"),
+            header("grpc-status-details-bin"),
+            header(REQUEST_ID),
+        ])
+        .max_age(Duration::from_secs(24 * 3600))
+}
+
+/// What every replica is built from, whatever its store.
+struct Replica<'a> {
     hub: Arc<Hub>,
     verifier: Arc<Verifier>,
-    config: &Config,
+    config: &'a Config,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> JoinHandle<Result<(), ServerError>> {
-    tokio::spawn(prune_loop(
-        store.clone(),
-        config.retention,
-        config.prune_interval,
-        shutdown.clone(),
-    ));
-    let service = NotificationsService::new(
-        store,
-        hub,
-        verifier,
-        config.limits,
-        StreamSettings {
-            heartbeat_interval: config.heartbeat_interval,
-        },
-        shutdown.clone(),
-    );
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .add_service(NotificationsServer::new(service));
-    tokio::spawn(async move {
-        server
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.cancelled_owned(),
+}
+
+impl Replica<'_> {
+    fn spawn<S: Store>(
+        self,
+        store: Arc<S>,
+        listening: Option<Arc<AtomicBool>>,
+    ) -> Result<JoinHandle<Result<(), ServerError>>, ServerError> {
+        let config = self.config;
+        let shutdown = self.shutdown;
+        tokio::spawn(prune_loop(
+            store.clone(),
+            config.retention,
+            config.prune_interval,
+            shutdown.clone(),
+        ));
+        let (reporter, health) = tonic_health::server::health_reporter();
+        tokio::spawn(health_loop(
+            store.clone(),
+            listening,
+            reporter,
+            config.health_check_interval,
+            shutdown.clone(),
+        ));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        let service = NotificationsService::new(
+            store,
+            self.hub,
+            self.verifier,
+            config.limits,
+            StreamSettings {
+                heartbeat_interval: config.heartbeat_interval,
+            },
+            shutdown.clone(),
+        );
+        let request_id = HeaderName::from_static(REQUEST_ID);
+        let layers = tower::ServiceBuilder::new()
+            .layer(cors(&config.cors_origins))
+            .layer(tonic_web::GrpcWebLayer::new())
+            .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+            .layer(
+                TraceLayer::new_for_grpc()
+                    .make_span_with(|req: &http::Request<_>| {
+                        let id = req
+                            .headers()
+                            .get(REQUEST_ID)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default();
+                        tracing::info_span!("grpc", method = %req.uri().path(), request_id = %id)
+                    })
+                    // Call outcomes are counted by method and code instead.
+                    .on_failure(()),
             )
-            .await?;
-        Ok(())
-    })
+            .layer(PropagateRequestIdLayer::new(request_id));
+        let server = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(layers)
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(NotificationsServer::new(service));
+        let listener = self.listener;
+        Ok(tokio::spawn(async move {
+            server
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(listener),
+                    shutdown.cancelled_owned(),
+                )
+                .await?;
+            Ok(())
+        }))
+    }
+}
+
+/// Keeps the gRPC health service (`grpc.health.v1`, both the overall ""
+/// and `herald.v1.Notifications`) true: SERVING while the store answers and
+/// LISTEN is established, NOT_SERVING otherwise and from the moment the
+/// drain starts. Also samples pool usage for metrics.
+async fn health_loop<S: Store>(
+    store: Arc<S>,
+    listening: Option<Arc<AtomicBool>>,
+    reporter: HealthReporter,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let service = <NotificationsServer<NotificationsService<S>> as NamedService>::NAME;
+    let mut last = None;
+    loop {
+        let status = if shutdown.is_cancelled() {
+            ServingStatus::NotServing
+        } else {
+            let pinged = tokio::time::timeout(interval, store.ping()).await;
+            let listening = listening.as_ref().is_none_or(|l| l.load(Ordering::Acquire));
+            match pinged {
+                Ok(Ok(())) if listening => ServingStatus::Serving,
+                Ok(Ok(())) => ServingStatus::NotServing,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "health check: store unavailable");
+                    ServingStatus::NotServing
+                }
+                Err(_) => ServingStatus::NotServing,
+            }
+        };
+        if last != Some(status) {
+            tracing::info!(?status, "health");
+            reporter.set_service_status("", status).await;
+            reporter.set_service_status(service, status).await;
+            last = Some(status);
+        }
+        if let Some((in_use, idle)) = store.pool_status() {
+            metrics::gauge!(names::POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
+            metrics::gauge!(names::POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
 }
 
 /// Deletes events older than `retention` every `interval`.

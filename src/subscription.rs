@@ -24,6 +24,7 @@ use crate::{
     notification::{EventBody, StreamEvent, StreamHead},
     proto::{self, event::Kind},
     store::{Store, StoreError},
+    telemetry::names,
 };
 
 /// Events read from the store per query while catching up.
@@ -144,6 +145,11 @@ impl<S: Store> Session<S> {
                     Next::Event(event) if event.seq == last + 1 => {
                         self.deliver(&event).await?;
                         last = event.seq;
+                        if let EventBody::Notification(n) = &event.body
+                            && let Ok(age) = n.created_at.elapsed()
+                        {
+                            metrics::histogram!(names::COMMIT_TO_PUSH).record(age.as_secs_f64());
+                        }
                     }
                     Next::Event(_) | Next::CatchUp => self.catch_up(&mut last).await?,
                 },
@@ -169,6 +175,7 @@ impl<S: Store> Session<S> {
                         kind: Some(Kind::Notification(n.into())),
                     };
                     self.emit(event).await?;
+                    metrics::counter!(names::EVENTS_PUSHED).increment(1);
                 }
             }
             if page.len() < BACKLOG_PAGE {
@@ -203,7 +210,9 @@ impl<S: Store> Session<S> {
         {
             return Ok(());
         }
-        self.emit(event.into()).await
+        self.emit(event.into()).await?;
+        metrics::counter!(names::EVENTS_PUSHED).increment(1);
+        Ok(())
     }
 
     fn wants(&self, kind: &str) -> bool {

@@ -9,7 +9,7 @@ use std::{collections::HashSet, sync::Arc};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     auth::{Identity, Verifier},
@@ -20,6 +20,7 @@ use crate::{
     proto::{self, notifications_server::Notifications},
     store::{Store, StoreError},
     subscription::{Session, Start, StreamSettings},
+    telemetry::names,
 };
 
 /// Events buffered between a stream's task and tonic's HTTP/2 writer. Small:
@@ -102,9 +103,82 @@ fn parse_types(types: &[String]) -> Result<HashSet<String>, InvalidArgument> {
         .collect()
 }
 
+/// The canonical name of a gRPC status code (gRPC status-code guide).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Counts a finished call by method and status code.
+fn observe<T>(method: &'static str, result: Result<T, Status>) -> Result<T, Status> {
+    let code = result.as_ref().map_or_else(|s| s.code(), |_| Code::Ok);
+    metrics::counter!(names::GRPC_REQUESTS, "method" => method, "code" => code_name(code))
+        .increment(1);
+    result
+}
+
 #[tonic::async_trait]
 impl<S: Store> Notifications for NotificationsService<S> {
     async fn send_notification(
+        &self,
+        request: Request<proto::SendNotificationRequest>,
+    ) -> Result<Response<proto::SendNotificationResponse>, Status> {
+        let started = std::time::Instant::now();
+        let result = observe("SendNotification", self.send(request).await);
+        metrics::histogram!(names::SEND_DURATION).record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    type SubscribeStream = ReceiverStream<Result<proto::Event, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        observe("Subscribe", self.open_stream(request).await)
+    }
+
+    async fn mark_read(
+        &self,
+        request: Request<proto::MarkReadRequest>,
+    ) -> Result<Response<proto::MarkReadResponse>, Status> {
+        observe("MarkRead", self.mark(request).await)
+    }
+
+    async fn list_notifications(
+        &self,
+        request: Request<proto::ListNotificationsRequest>,
+    ) -> Result<Response<proto::ListNotificationsResponse>, Status> {
+        observe("ListNotifications", self.list(request).await)
+    }
+
+    async fn get_unread_count(
+        &self,
+        request: Request<proto::GetUnreadCountRequest>,
+    ) -> Result<Response<proto::GetUnreadCountResponse>, Status> {
+        observe("GetUnreadCount", self.count(request).await)
+    }
+}
+
+impl<S: Store> NotificationsService<S> {
+    async fn send(
         &self,
         request: Request<proto::SendNotificationRequest>,
     ) -> Result<Response<proto::SendNotificationResponse>, Status> {
@@ -115,6 +189,7 @@ impl<S: Store> Notifications for NotificationsService<S> {
             .store
             .send(identity.tenant.as_str(), identity.user.as_str(), &new)
             .await?;
+        metrics::counter!(names::NOTIFICATIONS_STORED).increment(deliveries.len() as u64);
         tracing::debug!(
             sender = %identity.user,
             r#type = new.kind.as_str(),
@@ -126,12 +201,10 @@ impl<S: Store> Notifications for NotificationsService<S> {
         }))
     }
 
-    type SubscribeStream = ReceiverStream<Result<proto::Event, Status>>;
-
-    async fn subscribe(
+    async fn open_stream(
         &self,
         request: Request<proto::SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<proto::Event, Status>>>, Status> {
         let identity = self.identify(&request)?;
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable("server is shutting down"));
@@ -160,7 +233,7 @@ impl<S: Store> Notifications for NotificationsService<S> {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn mark_read(
+    async fn mark(
         &self,
         request: Request<proto::MarkReadRequest>,
     ) -> Result<Response<proto::MarkReadResponse>, Status> {
@@ -176,7 +249,7 @@ impl<S: Store> Notifications for NotificationsService<S> {
         }))
     }
 
-    async fn list_notifications(
+    async fn list(
         &self,
         request: Request<proto::ListNotificationsRequest>,
     ) -> Result<Response<proto::ListNotificationsResponse>, Status> {
@@ -196,7 +269,7 @@ impl<S: Store> Notifications for NotificationsService<S> {
         }))
     }
 
-    async fn get_unread_count(
+    async fn count(
         &self,
         request: Request<proto::GetUnreadCountRequest>,
     ) -> Result<Response<proto::GetUnreadCountResponse>, Status> {

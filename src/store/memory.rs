@@ -290,4 +290,8 @@ impl Store for MemoryStore {
         }
         Ok(deleted)
     }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
 }

@@ -108,4 +108,12 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes every stream event stored before `cutoff` and records, per
     /// user, the highest seq deleted. Returns how many events were deleted.
     fn prune(&self, cutoff: SystemTime) -> impl Future<Output = StoreResult<u64>> + Send;
+
+    /// `Ok` when the store can serve calls (the database answers).
+    fn ping(&self) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Connection pool (in use, idle), for stores that pool connections.
+    fn pool_status(&self) -> Option<(usize, usize)> {
+        None
+    }
 }

@@ -158,19 +158,6 @@ impl PgStore {
         Ok(Self { pool })
     }
 
-    /// Runs `SELECT 1`: `Ok` when the database answers.
-    pub async fn ping(&self) -> StoreResult<()> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        client.simple_query("SELECT 1").await.map_err(pg_error)?;
-        Ok(())
-    }
-
-    /// The pool's (size, available) connections.
-    pub fn pool_status(&self) -> (usize, usize) {
-        let s = self.pool.status();
-        (s.size, s.available)
-    }
-
     async fn notify(tx: &deadpool_postgres::Transaction<'_>, payload: Payload) -> StoreResult<()> {
         let stmt = tx
             .prepare_cached("SELECT pg_notify($1, $2)")
@@ -616,5 +603,16 @@ impl Store for PgStore {
             .map_err(pg_error)?;
         let deleted: i64 = row.try_get(0).map_err(pg_error)?;
         Ok(seq(deleted))
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        client.simple_query("SELECT 1").await.map_err(pg_error)?;
+        Ok(())
+    }
+
+    fn pool_status(&self) -> Option<(usize, usize)> {
+        let s = self.pool.status();
+        Some((s.size.saturating_sub(s.available), s.available))
     }
 }
