@@ -6,6 +6,9 @@
 //! `CREATE DATABASE`.
 #![allow(dead_code)]
 
+pub mod process;
+pub mod proxy;
+
 use std::{
     future::Future,
     net::SocketAddr,
@@ -88,6 +91,30 @@ impl TestDb {
             .expect("CREATE DATABASE (is Postgres running?)");
         let url = with_database(&admin_url(), &name);
         Self { name, url }
+    }
+
+    /// This database's URL with the server address replaced by `addr` (to
+    /// go through a [`proxy::TcpProxy`]).
+    pub fn url_via(&self, addr: std::net::SocketAddr) -> String {
+        let config: tokio_postgres::Config = self.url.parse().unwrap();
+        let user = config.get_user().unwrap_or("postgres");
+        format!("postgres://{user}@{addr}/{}", self.name)
+    }
+
+    /// The PostgreSQL server's address (TCP).
+    pub fn server_addr(&self) -> std::net::SocketAddr {
+        let config: tokio_postgres::Config = self.url.parse().unwrap();
+        let host = match config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".to_owned(),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let host = if host == "localhost" {
+            "127.0.0.1".to_owned()
+        } else {
+            host
+        };
+        format!("{host}:{port}").parse().unwrap()
     }
 
     /// A plain connection to this database, for assertions and faults.
@@ -375,4 +402,74 @@ macro_rules! conformance {
             )*
         }
     };
+}
+
+/// What a resilient subscriber saw.
+#[derive(Debug, Default)]
+pub struct Followed {
+    /// Seqs of notification and read events, in arrival order.
+    pub seqs: Vec<u64>,
+    /// Status codes its streams ended with (or failed to open with).
+    pub ends: Vec<tonic::Code>,
+}
+
+/// Follows `user`'s stream like a well-behaved client: starts on
+/// `addrs[0]`; on any error resumes from the last seq seen on the next
+/// address (round robin, 50 ms apart); stops once seq `until` arrived.
+pub async fn follow(addrs: Vec<SocketAddr>, user: String, until: u64) -> Followed {
+    let mut seen = Followed::default();
+    let mut at = 0;
+    let token = token(&user, "", "");
+    loop {
+        let last = seen.seqs.last().copied().unwrap_or(0);
+        if last >= until {
+            return seen;
+        }
+        let addr = addrs[at % addrs.len()];
+        let stream = async {
+            let channel = Channel::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            let request = proto::SubscribeRequest {
+                after_seq: Some(last),
+                types: vec![],
+            };
+            NotificationsClient::new(channel)
+                .subscribe(authed(request, &token))
+                .await
+                .map(tonic::Response::into_inner)
+        };
+        let mut stream = match stream.await {
+            Ok(s) => s,
+            Err(status) => {
+                seen.ends.push(status.code());
+                at += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) => {
+                    if matches!(event.kind, Some(Kind::Notification(_) | Kind::Read(_))) {
+                        seen.seqs.push(event.seq);
+                        if event.seq >= until {
+                            return seen;
+                        }
+                    }
+                }
+                Ok(None) => {
+                    seen.ends.push(tonic::Code::Ok);
+                    break;
+                }
+                Err(status) => {
+                    seen.ends.push(status.code());
+                    break;
+                }
+            }
+        }
+        at += 1;
+    }
 }
