@@ -10,6 +10,7 @@ use crate::{
     auth::{AuthConfig, DEV_SECRET, VerificationKey},
     listener::ListenerSettings,
     notification::SendLimits,
+    store::group_commit::GroupCommitSettings,
     telemetry::LogFormat,
 };
 
@@ -56,6 +57,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Time between health checks of the database and LISTEN connection.
     pub health_check_interval: Duration,
+    /// How concurrent sends are batched into transactions (PostgreSQL).
+    pub group_commit: GroupCommitSettings,
 }
 
 impl Config {
@@ -83,6 +86,7 @@ impl Config {
             metrics_listen: None,
             shutdown_grace: Duration::from_secs(25),
             health_check_interval: Duration::from_secs(5),
+            group_commit: GroupCommitSettings::default(),
         }
     }
 }
@@ -286,6 +290,17 @@ pub struct ServeArgs {
     /// Time between health checks of the database and LISTEN connection.
     #[arg(long, env = "HERALD_HEALTH_CHECK_INTERVAL", default_value = "5s", value_parser = duration)]
     pub health_check_interval: Duration,
+    /// Group commit: writer tasks, each committing one batch of sends at a
+    /// time.
+    #[arg(long, env = "HERALD_GROUP_COMMIT_WRITERS", default_value_t = 2)]
+    pub group_commit_writers: usize,
+    /// Group commit: most sends per transaction.
+    #[arg(long, env = "HERALD_GROUP_COMMIT_MAX_SENDS", default_value_t = 256)]
+    pub group_commit_max_sends: usize,
+    /// Group commit: how long a writer that found several sends waiting
+    /// lingers for more, e.g. `1ms`; `0s` commits at once.
+    #[arg(long, env = "HERALD_GROUP_COMMIT_WINDOW", default_value = "0s", value_parser = duration)]
+    pub group_commit_window: Duration,
     /// Log format: `text` or `json`.
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -331,10 +346,27 @@ impl ServeArgs {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
             }
         }
-        if self.max_recipients == 0 || self.pool_size == 0 || self.stream_queue == 0 {
+        if [
+            self.max_recipients,
+            self.pool_size,
+            self.stream_queue,
+            self.group_commit_writers,
+            self.group_commit_max_sends,
+        ]
+        .contains(&0)
+        {
             return Err(ConfigError::Invalid(
-                "--max-recipients, --pool-size and --stream-queue must be positive".into(),
+                "--max-recipients, --pool-size, --stream-queue, --group-commit-writers and \
+                 --group-commit-max-sends must be positive"
+                    .into(),
             ));
+        }
+        if self.group_commit_writers >= self.pool_size {
+            return Err(ConfigError::Invalid(format!(
+                "--group-commit-writers ({}) must be below --pool-size ({}): each writer holds \
+                 a pooled connection while it commits",
+                self.group_commit_writers, self.pool_size
+            )));
         }
         if self.listener_database_url.is_some() && self.database_url.is_none() {
             return Err(ConfigError::Invalid(
@@ -371,6 +403,11 @@ impl ServeArgs {
             metrics_listen: self.metrics_listen,
             shutdown_grace: self.shutdown_grace,
             health_check_interval: self.health_check_interval,
+            group_commit: GroupCommitSettings {
+                writers: self.group_commit_writers,
+                max_sends: self.group_commit_max_sends,
+                window: self.group_commit_window,
+            },
         })
     }
 }

@@ -10,7 +10,8 @@
 //! store, so events committed while it was deaf are not lost.
 //!
 //! The payload format ([`Payload`]) is shared with the Postgres store, which
-//! writes it. Payloads must stay under 8000 bytes (PostgreSQL docs,
+//! writes it. A NOTIFY carries one payload or a JSON array of them (a
+//! group-committed batch), and must stay under 8000 bytes (PostgreSQL docs,
 //! "NOTIFY"): events that do not fit are sent as a *wake-up* naming only the
 //! user and seq, and the user's streams read them from the store.
 
@@ -152,6 +153,38 @@ impl Payload {
     }
 }
 
+/// Packs payloads into as few NOTIFY texts as fit: each payload is split to
+/// fit alone (see [`Payload::encode`]), then consecutive pieces are joined
+/// into JSON arrays of at most [`MAX_PAYLOAD_BYTES`]. Order is kept.
+pub fn pack(payloads: impl IntoIterator<Item = Payload>) -> Vec<String> {
+    let mut texts = Vec::new();
+    let mut current = String::new();
+    let mut count = 0;
+    let flush = |current: &mut String, count: &mut usize, texts: &mut Vec<String>| {
+        match *count {
+            0 => {}
+            1 => texts.push(current[1..].to_owned()),
+            _ => {
+                current.push(']');
+                texts.push(std::mem::take(current));
+            }
+        }
+        current.clear();
+        *count = 0;
+    };
+    for piece in payloads.into_iter().flat_map(Payload::encode) {
+        // "[" + pieces joined by "," + "]"
+        if count > 0 && current.len() + 1 + piece.len() + 1 > MAX_PAYLOAD_BYTES {
+            flush(&mut current, &mut count, &mut texts);
+        }
+        current.push(if count == 0 { '[' } else { ',' });
+        current.push_str(&piece);
+        count += 1;
+    }
+    flush(&mut current, &mut count, &mut texts);
+    texts
+}
+
 /// Wake-up payloads for `r`, chunked to fit.
 fn wake(t: String, r: Vec<(String, u64)>) -> Vec<String> {
     // A user id is at most 128 bytes; JSON escaping can grow it up to 6×.
@@ -172,19 +205,27 @@ fn micros_to_time(at: i64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + at
 }
 
-/// Routes one payload to the hub. Events go only to users with streams on
-/// this replica, and are built once per recipient.
-pub fn route(hub: &Hub, payload: &str) {
-    let payload = match serde_json::from_str::<Payload>(payload) {
-        Ok(p) => p,
+/// Routes one NOTIFY text (a payload or an array of them) to the hub.
+/// Events go only to users with streams on this replica, and are built once
+/// per recipient.
+pub fn route(hub: &Hub, text: &str) {
+    let payloads = if text.starts_with('[') {
+        serde_json::from_str::<Vec<Payload>>(text)
+    } else {
+        serde_json::from_str::<Payload>(text).map(|p| vec![p])
+    };
+    match payloads {
+        Ok(payloads) => payloads.into_iter().for_each(|p| route_one(hub, p)),
         Err(e) => {
             // Unknown sender or format: we cannot tell whom it concerns, so
             // every stream re-checks the store.
             tracing::warn!(error = %e, "unreadable NOTIFY payload; all streams catch up");
             hub.signal_all();
-            return;
         }
-    };
+    }
+}
+
+fn route_one(hub: &Hub, payload: Payload) {
     match payload {
         Payload::Notification {
             t,
@@ -473,6 +514,25 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "recipients={recipients} body={body}");
         }
+    }
+
+    #[test]
+    fn pack_joins_small_payloads_and_keeps_order() {
+        let many: Vec<Payload> = (0..500).map(|_| notification(1, 50)).collect();
+        let texts = pack(many);
+        assert!(texts.len() > 1 && texts.len() < 50, "{} texts", texts.len());
+        assert!(texts.iter().all(|t| t.len() <= MAX_PAYLOAD_BYTES));
+        let decoded: Vec<Payload> = texts
+            .iter()
+            .flat_map(|t| match serde_json::from_str::<Vec<Payload>>(t) {
+                Ok(v) => v,
+                Err(_) => vec![serde_json::from_str::<Payload>(t).unwrap()],
+            })
+            .collect();
+        assert_eq!(decoded.len(), 500);
+        assert_eq!(pack([notification(1, 10)]).len(), 1);
+        assert!(!pack([notification(1, 10)])[0].starts_with('['));
+        assert!(pack([]).is_empty());
     }
 
     #[test]

@@ -204,6 +204,15 @@ impl NewNotification {
                 ),
             ));
         }
+        // PostgreSQL text cannot hold NUL (docs, "Character Types").
+        for (field, text) in [("title", &req.title), ("body", &req.body)] {
+            if text.contains('\0') {
+                return Err(InvalidArgument::new(
+                    field,
+                    "must not contain NUL characters",
+                ));
+            }
+        }
         if req.body.len() > limits.max_body_bytes {
             return Err(InvalidArgument::new(
                 "body",
@@ -484,6 +493,8 @@ mod tests {
             (|r| r.data = "[1]".into(), "data"),
             (|r| r.data = "{".into(), "data"),
             (|r| r.idempotency_key = "k".repeat(200), "idempotency_key"),
+            (|r| r.title = "a\0b".into(), "title"),
+            (|r| r.body = "\0".into(), "body"),
         ];
         for (mutate, field) in cases {
             let mut req = request();

@@ -170,7 +170,12 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             if !applied.is_empty() {
                 tracing::info!(?applied, "database migrated");
             }
-            let store = Arc::new(PgStore::new(url, config.pool_size, config.pool_timeout)?);
+            let store = Arc::new(PgStore::new(
+                url,
+                config.pool_size,
+                config.pool_timeout,
+                config.group_commit,
+            )?);
             store.ping().await?;
             let listen_url = config.listener_database_url.as_deref().unwrap_or(url);
             let listen_config = listener_config(listen_url)

@@ -15,11 +15,12 @@ use crate::notification::{
     StreamHead,
 };
 
+pub mod group_commit;
 pub mod memory;
 pub mod postgres;
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached or did not answer in time; the
     /// call may be retried. Maps to `UNAVAILABLE`.

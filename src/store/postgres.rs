@@ -9,9 +9,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row, error::SqlState};
 
-use super::{Store, StoreError, StoreResult};
+use super::{
+    Store, StoreError, StoreResult,
+    group_commit::{GroupCommit, GroupCommitSettings},
+};
 use crate::{
-    listener::{CHANNEL, Payload},
+    listener::{CHANNEL, Payload, pack},
     notification::{
         Delivery, EventBody, MarkOutcome, NewNotification, Notification, PageQuery, ReadChange,
         ReadTarget, StreamEvent, StreamHead,
@@ -57,7 +60,7 @@ pub async fn migrate(url: &str) -> StoreResult<Vec<String>> {
 /// Classifies a database error: connection-level failures are retryable
 /// (`Unavailable`), the rest `Internal`. SQLSTATE classes per the
 /// PostgreSQL docs, Appendix A.
-fn pg_error(e: tokio_postgres::Error) -> StoreError {
+pub(super) fn pg_error(e: tokio_postgres::Error) -> StoreError {
     let retryable = e.is_closed()
         || match e.code() {
             None => true, // I/O error, timeout, connection refused
@@ -77,14 +80,14 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
-fn pool_error(e: PoolError) -> StoreError {
+pub(super) fn pool_error(e: PoolError) -> StoreError {
     match e {
         PoolError::Backend(e) => pg_error(e),
         other => StoreError::Unavailable(other.to_string()),
     }
 }
 
-fn seq(v: i64) -> u64 {
+pub(super) fn seq(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
@@ -93,7 +96,7 @@ fn pos(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn micros(t: SystemTime) -> i64 {
+pub(super) fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
@@ -119,6 +122,7 @@ fn notification(row: &Row) -> Result<Notification, tokio_postgres::Error> {
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    sends: GroupCommit,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -130,10 +134,17 @@ impl std::fmt::Debug for PgStore {
 }
 
 impl PgStore {
-    /// A store over a pool of at most `pool_size` connections to `url`. No
-    /// connection is made until first use; a checkout waits at most
-    /// `wait_timeout` before failing as `Unavailable`.
-    pub fn new(url: &str, pool_size: usize, wait_timeout: Duration) -> StoreResult<Self> {
+    /// A store over a pool of at most `pool_size` connections to `url`,
+    /// with sends group-committed per `group_commit` (its writers start
+    /// now, so call this inside a Tokio runtime). No connection is made
+    /// until first use; a checkout waits at most `wait_timeout` before
+    /// failing as `Unavailable`.
+    pub fn new(
+        url: &str,
+        pool_size: usize,
+        wait_timeout: Duration,
+        group_commit: GroupCommitSettings,
+    ) -> StoreResult<Self> {
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?;
@@ -155,46 +166,48 @@ impl PgStore {
             .create_timeout(Some(wait_timeout))
             .build()
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        Ok(Self { pool })
+        let sends = GroupCommit::spawn(pool.clone(), group_commit);
+        Ok(Self { pool, sends })
     }
 
     async fn notify(tx: &deadpool_postgres::Transaction<'_>, payload: Payload) -> StoreResult<()> {
         let stmt = tx
-            .prepare_cached("SELECT pg_notify($1, $2)")
+            .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
             .await
             .map_err(pg_error)?;
-        for p in payload.encode() {
-            tx.execute(&stmt, &[&CHANNEL, &p]).await.map_err(pg_error)?;
-        }
+        tx.execute(&stmt, &[&CHANNEL, &pack([payload])])
+            .await
+            .map_err(pg_error)?;
         Ok(())
     }
+}
 
-    /// The result stored under an idempotency key by a committed send.
-    async fn replay_idempotent(
-        &self,
-        tenant: &str,
-        sender: &str,
-        key: &str,
-        fingerprint: &str,
-    ) -> StoreResult<Vec<Delivery>> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        let row = client
-            .query_one(
-                "SELECT request, response::text AS response FROM idempotency_keys \
-                 WHERE tenant = $1 AND sender = $2 AND key = $3",
-                &[&tenant, &sender, &key],
-            )
-            .await
-            .map_err(pg_error)?;
-        let request: String = row.try_get("request").map_err(pg_error)?;
-        if request != fingerprint {
-            return Err(StoreError::IdempotencyKeyReused);
-        }
-        let response: Option<String> = row.try_get("response").map_err(pg_error)?;
-        let response = response
-            .ok_or_else(|| StoreError::Internal("idempotency key without result".into()))?;
-        serde_json::from_str(&response).map_err(|e| StoreError::Internal(e.to_string()))
+/// The result stored under an idempotency key by a committed send:
+/// `IdempotencyKeyReused` when it was stored for a different request.
+pub(super) async fn replay_idempotent(
+    pool: &Pool,
+    tenant: &str,
+    sender: &str,
+    key: &str,
+    fingerprint: &str,
+) -> StoreResult<Vec<Delivery>> {
+    let client = pool.get().await.map_err(pool_error)?;
+    let row = client
+        .query_one(
+            "SELECT request, response::text AS response FROM idempotency_keys \
+             WHERE tenant = $1 AND sender = $2 AND key = $3",
+            &[&tenant, &sender, &key],
+        )
+        .await
+        .map_err(pg_error)?;
+    let request: String = row.try_get("request").map_err(pg_error)?;
+    if request != fingerprint {
+        return Err(StoreError::IdempotencyKeyReused);
     }
+    let response: Option<String> = row.try_get("response").map_err(pg_error)?;
+    let response =
+        response.ok_or_else(|| StoreError::Internal("idempotency key without result".into()))?;
+    serde_json::from_str(&response).map_err(|e| StoreError::Internal(e.to_string()))
 }
 
 impl Store for PgStore {
@@ -204,115 +217,7 @@ impl Store for PgStore {
         sender: &str,
         n: &NewNotification,
     ) -> StoreResult<Vec<Delivery>> {
-        let fingerprint = n.fingerprint();
-        let mut client = self.pool.get().await.map_err(pool_error)?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        if let Some(key) = &n.idempotency_key {
-            // Blocks while another transaction holds the same key; after it
-            // commits, inserts nothing and we return its result.
-            let claim = tx
-                .prepare_cached(
-                    "INSERT INTO idempotency_keys (tenant, sender, key, request) \
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                )
-                .await
-                .map_err(pg_error)?;
-            if tx
-                .execute(&claim, &[&tenant, &sender, key, &fingerprint])
-                .await
-                .map_err(pg_error)?
-                == 0
-            {
-                drop(tx);
-                drop(client);
-                return self
-                    .replay_idempotent(tenant, sender, key, &fingerprint)
-                    .await;
-            }
-        }
-        // Seqs are taken in user order so concurrent multi-recipient sends
-        // lock `user_streams` rows in the same order and cannot deadlock.
-        let insert = tx
-            .prepare_cached(
-                "WITH seqs AS ( \
-                   INSERT INTO user_streams AS s (tenant, user_id, last_seq) \
-                   SELECT $1, u, 1 FROM unnest($2::text[]) AS u ORDER BY u \
-                   ON CONFLICT (tenant, user_id) DO UPDATE SET last_seq = s.last_seq + 1 \
-                   RETURNING user_id, last_seq) \
-                 INSERT INTO notifications (tenant, user_id, seq, type, title, body, data) \
-                 SELECT $1, user_id, last_seq, $3, $4, $5, $6::text::json FROM seqs \
-                 RETURNING id, user_id, seq, created_at",
-            )
-            .await
-            .map_err(pg_error)?;
-        let recipients: Vec<&str> = n.recipients.iter().map(|r| r.as_str()).collect();
-        let rows = tx
-            .query(
-                &insert,
-                &[
-                    &tenant,
-                    &recipients,
-                    &n.kind.as_str(),
-                    &n.title,
-                    &n.body,
-                    &n.data,
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
-        let mut stored = std::collections::HashMap::with_capacity(rows.len());
-        let mut at = SystemTime::now();
-        for row in &rows {
-            let user: String = row.try_get("user_id").map_err(pg_error)?;
-            let id: i64 = row.try_get("id").map_err(pg_error)?;
-            let s = seq(row.try_get("seq").map_err(pg_error)?);
-            at = row.try_get("created_at").map_err(pg_error)?;
-            stored.insert(user, (id, s));
-        }
-        let deliveries: Vec<Delivery> = recipients
-            .iter()
-            .filter_map(|r| {
-                stored.get(*r).map(|(id, s)| Delivery {
-                    recipient: (*r).to_owned(),
-                    notification_id: *id,
-                    seq: *s,
-                })
-            })
-            .collect();
-        if deliveries.len() != recipients.len() {
-            return Err(StoreError::Internal(
-                "insert returned fewer rows than recipients".into(),
-            ));
-        }
-        if let Some(key) = &n.idempotency_key {
-            let response = serde_json::to_string(&deliveries)
-                .map_err(|e| StoreError::Internal(e.to_string()))?;
-            let save = tx
-                .prepare_cached(
-                    "UPDATE idempotency_keys SET response = $4::text::jsonb \
-                     WHERE tenant = $1 AND sender = $2 AND key = $3",
-                )
-                .await
-                .map_err(pg_error)?;
-            tx.execute(&save, &[&tenant, &sender, key, &response])
-                .await
-                .map_err(pg_error)?;
-        }
-        let payload = Payload::Notification {
-            t: tenant.to_owned(),
-            ty: n.kind.as_str().to_owned(),
-            ti: n.title.clone(),
-            b: n.body.clone(),
-            d: n.data.clone(),
-            at: micros(at),
-            r: deliveries
-                .iter()
-                .map(|d| (d.recipient.clone(), d.seq, d.notification_id))
-                .collect(),
-        };
-        Self::notify(&tx, payload).await?;
-        tx.commit().await.map_err(pg_error)?;
-        Ok(deliveries)
+        self.sends.send(tenant, sender, n).await
     }
 
     async fn mark_read(

@@ -1,0 +1,437 @@
+//! Group commit for sends: concurrent `SendNotification`s are gathered by a
+//! few writer tasks and stored in ONE transaction with ONE `pg_notify` round
+//! trip, each caller answered only after that commit.
+//!
+//! Why: a transaction that has called NOTIFY takes a database-wide lock from
+//! its commit until it finishes (PostgreSQL docs, "NOTIFY"), so notifying
+//! transactions cannot share a WAL flush; one transaction per send caps a
+//! whole database at a few thousand sends per second. Batching amortizes
+//! the lock and the flush over every send in the batch.
+//!
+//! Latency: a writer takes the first waiting send and whatever else is
+//! already queued, and commits at once: with no contention a send is
+//! committed alone, with no added wait. Batches grow by themselves while a
+//! commit is in flight. An optional window lets a writer linger for more
+//! sends, but only when it already found others waiting.
+//!
+//! Correctness: every recipient's `last_seq` is bumped by its number of
+//! notifications in the batch in one statement, rows locked in
+//! (tenant, user) order, so seqs stay gap-free and in commit order and
+//! concurrent batches cannot deadlock; idempotency keys are claimed first, in
+//! key order, for the same reason. When a batch fails as a whole, each send
+//! in it is retried in halves, so each caller gets its own outcome.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use deadpool_postgres::Pool;
+use tokio::{
+    sync::{Mutex, mpsc, oneshot},
+    time::{Instant, timeout_at},
+};
+
+use super::{
+    StoreError, StoreResult,
+    postgres::{micros, pg_error, pool_error, replay_idempotent, seq},
+};
+use crate::{
+    listener::{CHANNEL, Payload, pack},
+    notification::{Delivery, NewNotification},
+};
+
+/// Most recipient rows in one batch, whatever the number of sends.
+pub const MAX_BATCH_ROWS: usize = 10_000;
+
+/// How sends are grouped.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCommitSettings {
+    /// Writer tasks (each commits one batch at a time, on its own pooled
+    /// connection).
+    pub writers: usize,
+    /// Most sends in one batch.
+    pub max_sends: usize,
+    /// How long a writer that found several sends waiting lingers for more;
+    /// zero: never.
+    pub window: Duration,
+}
+
+impl Default for GroupCommitSettings {
+    fn default() -> Self {
+        Self {
+            writers: 2,
+            max_sends: 256,
+            window: Duration::ZERO,
+        }
+    }
+}
+
+struct Job {
+    tenant: String,
+    sender: String,
+    n: NewNotification,
+    reply: oneshot::Sender<StoreResult<Vec<Delivery>>>,
+}
+
+/// The handle sends go through; writers stop when it is dropped.
+#[derive(Debug, Clone)]
+pub struct GroupCommit {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("tenant", &self.tenant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GroupCommit {
+    /// Starts `settings.writers` writer tasks on `pool`.
+    pub fn spawn(pool: Pool, settings: GroupCommitSettings) -> Self {
+        let max_sends = settings.max_sends.max(1);
+        let (jobs, rx) = mpsc::channel(max_sends * 8);
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..settings.writers.max(1) {
+            tokio::spawn(writer(pool.clone(), rx.clone(), max_sends, settings.window));
+        }
+        Self { jobs }
+    }
+
+    /// Stores `n` for its recipients as part of the next batch; returns
+    /// once that batch committed (or this send failed on its own).
+    pub async fn send(
+        &self,
+        tenant: &str,
+        sender: &str,
+        n: &NewNotification,
+    ) -> StoreResult<Vec<Delivery>> {
+        let (reply, outcome) = oneshot::channel();
+        let job = Job {
+            tenant: tenant.to_owned(),
+            sender: sender.to_owned(),
+            n: n.clone(),
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?;
+        outcome
+            .await
+            .map_err(|_| StoreError::Internal("group commit writer stopped".into()))?
+    }
+}
+
+async fn writer(
+    pool: Pool,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    max_sends: usize,
+    window: Duration,
+) {
+    loop {
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            let mut rows = first.n.recipients.len();
+            let mut batch = vec![first];
+            let full =
+                |batch: &Vec<Job>, rows: usize| batch.len() >= max_sends || rows >= MAX_BATCH_ROWS;
+            while !full(&batch, rows) {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        rows += job.n.recipients.len();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if batch.len() > 1 && !window.is_zero() {
+                let deadline = Instant::now() + window;
+                while !full(&batch, rows) {
+                    match timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(job)) => {
+                            rows += job.n.recipients.len();
+                            batch.push(job);
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            batch
+        };
+        commit(&pool, batch).await;
+    }
+}
+
+/// Commits `batch`, replying to every job. When the batch fails as a whole
+/// with anything but `Unavailable`, it is split in halves and each retried
+/// the same way, so a send that cannot be stored fails alone while its
+/// batch-mates succeed, in O(log n) extra transactions. `Unavailable` (the
+/// database is down) is answered to every job at once: the halves would
+/// fail too, and callers retry.
+fn commit(pool: &Pool, mut batch: Vec<Job>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        match try_commit(pool, &batch).await {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = job.reply.send(outcome);
+                }
+            }
+            Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, sends = batch.len(), "batch failed; retrying its halves");
+                let second = batch.split_off(batch.len() / 2);
+                commit(pool, batch).await;
+                commit(pool, second).await;
+            }
+            Err(e) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    })
+}
+
+const CLAIM_KEYS: &str = "INSERT INTO idempotency_keys (tenant, sender, key, request) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
+     ON CONFLICT DO NOTHING RETURNING tenant, sender, key";
+
+const INSERT_NOTIFICATIONS: &str = "WITH counts AS ( \
+       SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS c(tenant, user_id, n) \
+     ), seqs AS ( \
+       INSERT INTO user_streams AS s (tenant, user_id, last_seq) \
+       SELECT tenant, user_id, n FROM counts ORDER BY tenant, user_id \
+       ON CONFLICT (tenant, user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq \
+       RETURNING s.tenant, s.user_id, s.last_seq \
+     ), jobs AS ( \
+       SELECT * FROM unnest($7::text[], $8::text[], $9::text[], $10::text[]) \
+         WITH ORDINALITY AS j(type, title, body, data, job) \
+     ), rows AS ( \
+       SELECT * FROM unnest($4::text[], $5::text[], $6::int8[], $11::int8[]) \
+         AS r(tenant, user_id, k, job) \
+     ) \
+     INSERT INTO notifications (tenant, user_id, seq, type, title, body, data) \
+     SELECT r.tenant, r.user_id, seqs.last_seq - counts.n + r.k, \
+            j.type, j.title, j.body, j.data::json \
+     FROM rows r \
+     JOIN counts USING (tenant, user_id) \
+     JOIN seqs USING (tenant, user_id) \
+     JOIN jobs j ON j.job = r.job \
+     RETURNING id, tenant, user_id, seq, created_at";
+
+const SAVE_RESPONSES: &str = "UPDATE idempotency_keys AS i SET response = x.r::jsonb \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(t, s, k, r) \
+     WHERE i.tenant = x.t AND i.sender = x.s AND i.key = x.k";
+
+const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
+
+type IdemKey<'a> = (&'a str, &'a str, &'a str);
+
+fn idem_key(job: &Job) -> Option<IdemKey<'_>> {
+    job.n
+        .idempotency_key
+        .as_deref()
+        .map(|k| (job.tenant.as_str(), job.sender.as_str(), k))
+}
+
+/// One transaction for `jobs`. `Ok` holds one outcome per job; `Err` means
+/// nothing was committed.
+async fn try_commit(pool: &Pool, jobs: &[Job]) -> StoreResult<Vec<StoreResult<Vec<Delivery>>>> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(pg_error)?;
+
+    // 1. Claim idempotency keys, in key order. A job whose key is already
+    //    stored (or claimed by an earlier job of this batch) writes nothing
+    //    and is answered from the stored result after the commit.
+    let mut writes = vec![true; jobs.len()];
+    let mut keyed: Vec<usize> = (0..jobs.len())
+        .filter(|&i| jobs[i].n.idempotency_key.is_some())
+        .collect();
+    keyed.sort_by_key(|&i| idem_key(&jobs[i]));
+    let fingerprints: HashMap<usize, String> = keyed
+        .iter()
+        .map(|&i| (i, jobs[i].n.fingerprint()))
+        .collect();
+    if !keyed.is_empty() {
+        let mut first_of_key = Vec::new();
+        for (pos, &i) in keyed.iter().enumerate() {
+            if pos > 0 && idem_key(&jobs[keyed[pos - 1]]) == idem_key(&jobs[i]) {
+                writes[i] = false;
+            } else {
+                first_of_key.push(i);
+            }
+        }
+        let column = |f: fn(&Job) -> &str| {
+            first_of_key
+                .iter()
+                .map(|&i| f(&jobs[i]))
+                .collect::<Vec<_>>()
+        };
+        let tenants = column(|j| j.tenant.as_str());
+        let senders = column(|j| j.sender.as_str());
+        let keys = column(|j| j.n.idempotency_key.as_deref().unwrap_or_default());
+        let requests: Vec<&str> = first_of_key
+            .iter()
+            .map(|i| fingerprints[i].as_str())
+            .collect();
+        let stmt = tx.prepare_cached(CLAIM_KEYS).await.map_err(pg_error)?;
+        let claimed = tx
+            .query(&stmt, &[&tenants, &senders, &keys, &requests])
+            .await
+            .map_err(pg_error)?;
+        let claimed: HashSet<(String, String, String)> = claimed
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, tokio_postgres::Error>>()
+            .map_err(pg_error)?;
+        for &i in &first_of_key {
+            let (t, s, k) = idem_key(&jobs[i]).unwrap_or_default();
+            writes[i] = claimed.contains(&(t.to_owned(), s.to_owned(), k.to_owned()));
+        }
+    }
+
+    // 2. One statement: bump every recipient's last_seq, insert every row.
+    let writing: Vec<usize> = (0..jobs.len()).filter(|&i| writes[i]).collect();
+    let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    let (mut r_tenant, mut r_user, mut r_k, mut r_job) = (vec![], vec![], vec![], vec![]);
+    for (ordinal, &i) in writing.iter().enumerate() {
+        for user in &jobs[i].n.recipients {
+            let k = counts.entry((&jobs[i].tenant, user.as_str())).or_default();
+            *k += 1;
+            r_tenant.push(jobs[i].tenant.as_str());
+            r_user.push(user.as_str());
+            r_k.push(*k);
+            r_job.push(ordinal as i64 + 1);
+        }
+    }
+    let mut deliveries: Vec<Vec<Delivery>> = jobs
+        .iter()
+        .map(|j| Vec::with_capacity(j.n.recipients.len()))
+        .collect();
+    let mut stored_at = SystemTime::now();
+    if !writing.is_empty() {
+        let c_tenant: Vec<&str> = counts.keys().map(|(t, _)| *t).collect();
+        let c_user: Vec<&str> = counts.keys().map(|(_, u)| *u).collect();
+        let c_n: Vec<i64> = counts.values().copied().collect();
+        let j_type: Vec<&str> = writing.iter().map(|&i| jobs[i].n.kind.as_str()).collect();
+        let j_title: Vec<&str> = writing.iter().map(|&i| jobs[i].n.title.as_str()).collect();
+        let j_body: Vec<&str> = writing.iter().map(|&i| jobs[i].n.body.as_str()).collect();
+        let j_data: Vec<&str> = writing.iter().map(|&i| jobs[i].n.data.as_str()).collect();
+        let stmt = tx
+            .prepare_cached(INSERT_NOTIFICATIONS)
+            .await
+            .map_err(pg_error)?;
+        let rows = tx
+            .query(
+                &stmt,
+                &[
+                    &c_tenant, &c_user, &c_n, &r_tenant, &r_user, &r_k, &j_type, &j_title, &j_body,
+                    &j_data, &r_job,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        // Within a user, seqs were handed out in k order: sort the returned
+        // rows by seq and give them to the jobs in the order they named the
+        // user.
+        let mut by_user: HashMap<(String, String), Vec<(u64, i64)>> = HashMap::new();
+        for row in &rows {
+            let key = (
+                row.try_get(1).map_err(pg_error)?,
+                row.try_get(2).map_err(pg_error)?,
+            );
+            let s = seq(row.try_get(3).map_err(pg_error)?);
+            by_user
+                .entry(key)
+                .or_default()
+                .push((s, row.try_get(0).map_err(pg_error)?));
+            stored_at = row.try_get(4).map_err(pg_error)?;
+        }
+        for v in by_user.values_mut() {
+            v.sort_unstable_by_key(|(s, _)| std::cmp::Reverse(*s)); // pop() yields lowest
+        }
+        for &i in &writing {
+            for user in &jobs[i].n.recipients {
+                let key = (jobs[i].tenant.clone(), user.as_str().to_owned());
+                let (s, id) = by_user
+                    .get_mut(&key)
+                    .and_then(Vec::pop)
+                    .ok_or_else(|| StoreError::Internal("insert returned too few rows".into()))?;
+                deliveries[i].push(Delivery {
+                    recipient: user.to_string(),
+                    notification_id: id,
+                    seq: s,
+                });
+            }
+        }
+    }
+
+    // 3. Remember the responses under their keys.
+    let saving: Vec<usize> = writing
+        .iter()
+        .copied()
+        .filter(|&i| jobs[i].n.idempotency_key.is_some())
+        .collect();
+    if !saving.is_empty() {
+        let tenants: Vec<&str> = saving.iter().map(|&i| jobs[i].tenant.as_str()).collect();
+        let senders: Vec<&str> = saving.iter().map(|&i| jobs[i].sender.as_str()).collect();
+        let keys: Vec<&str> = saving
+            .iter()
+            .map(|&i| jobs[i].n.idempotency_key.as_deref().unwrap_or_default())
+            .collect();
+        let responses = saving
+            .iter()
+            .map(|&i| serde_json::to_string(&deliveries[i]))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let stmt = tx.prepare_cached(SAVE_RESPONSES).await.map_err(pg_error)?;
+        tx.execute(&stmt, &[&tenants, &senders, &keys, &responses])
+            .await
+            .map_err(pg_error)?;
+    }
+
+    // 4. NOTIFY everything, in one round trip, and commit.
+    if !writing.is_empty() {
+        let at = micros(stored_at);
+        let payloads = writing.iter().map(|&i| Payload::Notification {
+            t: jobs[i].tenant.clone(),
+            ty: jobs[i].n.kind.as_str().to_owned(),
+            ti: jobs[i].n.title.clone(),
+            b: jobs[i].n.body.clone(),
+            d: jobs[i].n.data.clone(),
+            at,
+            r: deliveries[i]
+                .iter()
+                .map(|d| (d.recipient.clone(), d.seq, d.notification_id))
+                .collect(),
+        });
+        let texts = pack(payloads);
+        let stmt = tx.prepare_cached(NOTIFY).await.map_err(pg_error)?;
+        tx.execute(&stmt, &[&CHANNEL, &texts])
+            .await
+            .map_err(pg_error)?;
+    }
+    tx.commit().await.map_err(pg_error)?;
+    drop(client);
+
+    // 5. Answer the jobs that wrote nothing from their key's stored result.
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter().enumerate() {
+        if writes[i] {
+            outcomes.push(Ok(std::mem::take(&mut deliveries[i])));
+        } else {
+            let (t, s, k) = idem_key(job).unwrap_or_default();
+            let fingerprint = fingerprints.get(&i).map_or("", String::as_str);
+            outcomes.push(replay_idempotent(pool, t, s, k, fingerprint).await);
+        }
+    }
+    Ok(outcomes)
+}
