@@ -166,7 +166,10 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     };
     let task = match &config.database_url {
         Some(url) => {
-            let applied = postgres::migrate(url).await?;
+            // Migrate over the direct URL when there is one: the advisory
+            // lock does not hold through a transaction-pooling PgBouncer.
+            let applied =
+                postgres::migrate(config.listener_database_url.as_deref().unwrap_or(url)).await?;
             if !applied.is_empty() {
                 tracing::info!(?applied, "database migrated");
             }
@@ -344,10 +347,16 @@ impl Replica<'_> {
     }
 }
 
+/// Health service name for liveness probes: SERVING for as long as the
+/// process serves, whatever the database does, so an outage takes replicas
+/// out of load balancing (readiness) without restarting them.
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// Keeps the gRPC health service (`grpc.health.v1`, both the overall ""
 /// and `herald.v1.Notifications`) true: SERVING while the store answers and
 /// LISTEN is established, NOT_SERVING otherwise and from the moment the
-/// drain starts. Also samples pool usage for metrics.
+/// drain starts. [`LIVENESS_SERVICE`] is SERVING throughout. Also samples
+/// pool usage for metrics.
 async fn health_loop<S: Store>(
     store: Arc<S>,
     listening: Option<Arc<AtomicBool>>,
@@ -356,6 +365,9 @@ async fn health_loop<S: Store>(
     shutdown: CancellationToken,
 ) {
     let service = <NotificationsServer<NotificationsService<S>> as NamedService>::NAME;
+    reporter
+        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+        .await;
     let mut last = None;
     loop {
         let status = if shutdown.is_cancelled() {

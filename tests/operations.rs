@@ -94,6 +94,13 @@ async fn sigterm_drains_streams_to_the_other_replica() {
 }
 
 async fn health(addr: std::net::SocketAddr) -> Result<ServingStatus, tonic::Status> {
+    health_of(addr, "").await
+}
+
+async fn health_of(
+    addr: std::net::SocketAddr,
+    service: &str,
+) -> Result<ServingStatus, tonic::Status> {
     let mut c = HealthClient::new(
         tonic::transport::Channel::from_shared(format!("http://{addr}"))
             .unwrap()
@@ -103,7 +110,7 @@ async fn health(addr: std::net::SocketAddr) -> Result<ServingStatus, tonic::Stat
     );
     let r = c
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.to_owned(),
         })
         .await?;
     Ok(r.into_inner().status())

@@ -1,0 +1,826 @@
+//! `herald-bench`: Herald's load generator. It creates a fresh database,
+//! starts real `herald serve` replicas (or targets given ones), drives them
+//! with the real tonic client, and checks every subscriber's stream for
+//! loss, duplicates and order — failing (exit 1) if any. See BENCHMARKS.md.
+//!
+//! Latency is measured from just before a `SendNotification` call starts to
+//! the moment the event arrives on a subscriber's stream: the send's start
+//! time (nanoseconds since the bench started) travels in the title.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::Stdio,
+    sync::{
+        Arc, LazyLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use herald::{
+    auth::{self, SEND_SCOPE},
+    proto::{self, event::Kind, notifications_client::NotificationsClient},
+};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+    sync::Barrier,
+};
+use tokio_postgres::NoTls;
+use tonic::{Request, transport::Channel};
+
+static BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ns() -> u64 {
+    u64::try_from(BASE.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Herald's load generator.
+#[derive(Debug, Parser)]
+#[command(name = "herald-bench")]
+struct Cli {
+    #[command(flatten)]
+    setup: Setup,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Args)]
+struct Setup {
+    /// PostgreSQL URL allowed to CREATE DATABASE; a fresh one is made per run.
+    #[arg(
+        long,
+        env = "HERALD_BENCH_ADMIN_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    admin_url: String,
+    /// Replicas to start.
+    #[arg(long, default_value_t = 2)]
+    replicas: usize,
+    /// Target running replicas instead (comma-separated URLs); they must
+    /// share one database and verify tokens with --secret.
+    #[arg(long, value_delimiter = ',')]
+    targets: Vec<String>,
+    /// HS256 secret to mint tokens with (and start replicas with).
+    #[arg(
+        long,
+        env = "HERALD_JWT_SECRET",
+        default_value = "herald-bench-secret-0123456789abcdef-0123456789"
+    )]
+    secret: String,
+    /// The `herald` binary; default: next to this one.
+    #[arg(long)]
+    herald: Option<std::path::PathBuf>,
+    /// Extra `herald serve` flag for started replicas (repeatable), e.g.
+    /// `--replica-arg=--group-commit-window=1ms`.
+    #[arg(long = "replica-arg", allow_hyphen_values = true)]
+    replica_args: Vec<String>,
+    /// Write results as JSON (an array of rows) to this file.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// HTTP/2 connections per replica for subscribers (latency, throughput,
+    /// fanout).
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// Single-recipient sends at a fixed rate to random subscribers spread
+    /// over the replicas; all sends go through replica A.
+    Latency(Load),
+    /// Raise the rate step by step until p99 exceeds the limit or anything
+    /// is lost; report the highest rate held.
+    Throughput {
+        #[command(flatten)]
+        load: Load,
+        /// Rate increment per step, sends/s.
+        #[arg(long, default_value_t = 2_000)]
+        step: u64,
+        /// Highest rate tried, sends/s.
+        #[arg(long, default_value_t = 40_000)]
+        max_rate: u64,
+        /// p99 above this ends the search, milliseconds.
+        #[arg(long, default_value_t = 50.0)]
+        p99_limit_ms: f64,
+    },
+    /// Sends with K recipients each; every recipient has a stream.
+    Fanout(Load),
+    /// Open S idle streams on replica A over N HTTP/2 connections; report
+    /// RSS per stream and time to open them.
+    Streams {
+        /// Streams to open.
+        #[arg(long, default_value_t = 10_000)]
+        streams: usize,
+        /// HTTP/2 connections to spread them over.
+        #[arg(long, default_value_t = 100)]
+        stream_connections: usize,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+struct Load {
+    /// Subscribers (one stream each, users u0..uS-1). For fanout: also the
+    /// recipients of every send.
+    #[arg(long, default_value_t = 2_000)]
+    subscribers: usize,
+    /// Offered send rate, sends/s (throughput: the first step).
+    #[arg(long, default_value_t = 2_000)]
+    rate: u64,
+    /// How long to send, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Concurrent sending callers.
+    #[arg(long, default_value_t = 32)]
+    callers: usize,
+    /// Connections from the callers to replica A.
+    #[arg(long, default_value_t = 4)]
+    send_connections: usize,
+}
+
+/// One result row; keys are stable (BENCHMARKS.md).
+#[derive(Debug, Clone, Serialize)]
+struct Row {
+    scenario: String,
+    replicas: usize,
+    streams: usize,
+    offered_rate: u64,
+    sent: u64,
+    delivered: u64,
+    lost: u64,
+    duplicates: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+    deliveries_per_s: f64,
+    rss_kib_per_replica: Vec<u64>,
+    cpu_s_per_replica: Vec<f64>,
+}
+
+impl Row {
+    fn print_header() {
+        println!(
+            "{:<12} {:>8} {:>8} {:>9} {:>9} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>18} {:>14}",
+            "scenario",
+            "streams",
+            "rate",
+            "sent",
+            "delivered",
+            "lost",
+            "dups",
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+            "max ms",
+            "deliv/s",
+            "rss KiB/replica",
+            "cpu s/replica"
+        );
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<12} {:>8} {:>8} {:>9} {:>9} {:>5} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>11.0} {:>18} {:>14}",
+            self.scenario,
+            self.streams,
+            self.offered_rate,
+            self.sent,
+            self.delivered,
+            self.lost,
+            self.duplicates,
+            self.p50_ms,
+            self.p99_ms,
+            self.p999_ms,
+            self.max_ms,
+            self.deliveries_per_s,
+            format!("{:?}", self.rss_kib_per_replica),
+            format!("{:.1?}", self.cpu_s_per_replica),
+        );
+    }
+}
+
+/// A replica under test.
+struct Replica {
+    url: String,
+    pid: Option<u32>,
+    _child: Option<Child>,
+}
+
+/// The system under test; its database is dropped and its replicas killed
+/// on drop.
+struct Bench {
+    replicas: Vec<Replica>,
+    secret: String,
+    admin_url: String,
+    database: Option<String>,
+    connections: usize,
+}
+
+impl Bench {
+    async fn start(setup: &Setup) -> anyhow::Result<Self> {
+        if !setup.targets.is_empty() {
+            return Ok(Self {
+                replicas: setup
+                    .targets
+                    .iter()
+                    .map(|url| Replica {
+                        url: url.clone(),
+                        pid: None,
+                        _child: None,
+                    })
+                    .collect(),
+                secret: setup.secret.clone(),
+                admin_url: setup.admin_url.clone(),
+                database: None,
+                connections: setup.connections,
+            });
+        }
+        let herald = match &setup.herald {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("no parent directory")?
+                .join("herald"),
+        };
+        let name = format!("herald_bench_{}_{}", std::process::id(), now_ns());
+        let admin = connect(&setup.admin_url).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await?;
+        let url = with_database(&setup.admin_url, &name);
+        let mut bench = Self {
+            replicas: Vec::new(),
+            secret: setup.secret.clone(),
+            admin_url: setup.admin_url.clone(),
+            database: Some(name),
+            connections: setup.connections,
+        };
+        for _ in 0..setup.replicas.max(1) {
+            bench
+                .replicas
+                .push(spawn_replica(&herald, &url, &setup.secret, &setup.replica_args).await?);
+        }
+        Ok(bench)
+    }
+
+    async fn channels(&self, replica: usize, n: usize) -> anyhow::Result<Vec<Channel>> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n.max(1) {
+            out.push(
+                Channel::from_shared(self.replicas[replica].url.clone())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .with_context(|| format!("connect to {}", self.replicas[replica].url))?,
+            );
+        }
+        Ok(out)
+    }
+
+    fn token(&self, user: &str, scope: &str) -> anyhow::Result<String> {
+        Ok(auth::mint(
+            self.secret.as_bytes(),
+            user,
+            "",
+            scope,
+            24 * 3600,
+        )?)
+    }
+
+    fn usage(&self) -> Vec<Usage> {
+        self.replicas
+            .iter()
+            .map(|r| r.pid.map(usage).unwrap_or_default())
+            .collect()
+    }
+
+    async fn cleanup(self) {
+        drop(self.replicas); // kill_on_drop
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(name) = &self.database
+            && let Ok(admin) = connect(&self.admin_url).await
+        {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = base.rsplit_once('/').map_or(base, |(s, _)| s);
+    match query {
+        Some(q) => format!("{server}/{db}?{q}"),
+        None => format!("{server}/{db}"),
+    }
+}
+
+async fn spawn_replica(
+    herald: &std::path::Path,
+    database_url: &str,
+    secret: &str,
+    extra: &[String],
+) -> anyhow::Result<Replica> {
+    let mut child = Command::new(herald)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        .args(extra)
+        .env("DATABASE_URL", database_url)
+        .env("HERALD_JWT_SECRET", secret)
+        .env("RUST_LOG", "warn,herald::server=info")
+        .env_remove("HERALD_DEV")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("start {}", herald.display()))?;
+    let stderr = child.stderr.take().context("no stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let addr: SocketAddr = loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("replica did not start within 30 s")??
+            .context("replica exited before serving")?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if v["fields"]["message"] == "serving with PostgreSQL" {
+            break v["fields"]["addr"].as_str().context("no addr")?.parse()?;
+        }
+        if v["level"] == "ERROR" {
+            bail!("replica failed: {line}");
+        }
+    };
+    // Keep draining its logs so it never blocks on a full pipe.
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("\"ERROR\"") {
+                eprintln!("replica: {line}");
+            }
+        }
+    });
+    Ok(Replica {
+        url: format!("http://{addr}"),
+        pid: child.id(),
+        _child: Some(child),
+    })
+}
+
+/// A process's resident memory and CPU time so far, from /proc (proc(5)).
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    rss_kib: u64,
+    cpu_s: f64,
+}
+
+fn usage(pid: u32) -> Usage {
+    let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0);
+    // Fields 14 and 15 (utime, stime) in clock ticks, after the ")" of comm.
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Usage {
+        rss_kib,
+        cpu_s: ticks as f64 / hz,
+    }
+}
+
+fn authed<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
+/// What one subscriber saw.
+#[derive(Debug, Default)]
+struct Seen {
+    delivered: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    latencies_us: Vec<u32>,
+}
+
+/// Per-user count of acknowledged sends, shared by senders and the final
+/// check.
+struct Expected(Vec<AtomicU64>);
+
+/// Opens one stream per user in `users`, spread over every replica's
+/// channels; returns once all are caught up. Each task ends when its user's
+/// stream has delivered `expected` events, or at `stop`.
+async fn open_subscribers(
+    bench: &Bench,
+    users: std::ops::Range<usize>,
+    expected: Arc<Expected>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>> {
+    let mut channels = Vec::new();
+    for r in 0..bench.replicas.len() {
+        channels.push(bench.channels(r, bench.connections).await?);
+    }
+    let ready = Arc::new(Barrier::new(users.len() + 1));
+    let mut tasks = Vec::with_capacity(users.len());
+    for u in users {
+        let replica = u % channels.len();
+        let channel = channels[replica][(u / channels.len()) % channels[replica].len()].clone();
+        let token = bench.token(&format!("u{u}"), "")?;
+        let ready = ready.clone();
+        let expected = expected.clone();
+        let mut stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let request = proto::SubscribeRequest {
+                after_seq: Some(0),
+                types: vec![],
+            };
+            let mut stream = NotificationsClient::new(channel)
+                .subscribe(authed(request, &token)?)
+                .await?
+                .into_inner();
+            // The order check starts where the backlog ends (earlier runs of
+            // a throughput search leave one).
+            let mut last = loop {
+                let event = stream.message().await?.context("stream ended early")?;
+                if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+                    break event.seq;
+                }
+            };
+            ready.wait().await;
+            let mut seen = Seen::default();
+            loop {
+                let event = tokio::select! {
+                    event = stream.message() => event?.context("stream ended early")?,
+                    _ = stop.changed() => break,
+                };
+                let Some(Kind::Notification(n)) = &event.kind else {
+                    continue;
+                };
+                let at = now_ns();
+                if event.seq <= last {
+                    seen.duplicates += 1;
+                    continue;
+                }
+                if event.seq != last + 1 {
+                    seen.out_of_order += 1;
+                }
+                last = event.seq;
+                seen.delivered += 1;
+                if let Some(t) = n
+                    .title
+                    .strip_prefix("t:")
+                    .and_then(|t| t.parse::<u64>().ok())
+                {
+                    let us = at.saturating_sub(t) / 1_000;
+                    seen.latencies_us
+                        .push(u32::try_from(us).unwrap_or(u32::MAX));
+                }
+                if seen.delivered >= expected.0[u].load(Ordering::Acquire) && *stop.borrow() {
+                    break;
+                }
+            }
+            Ok(seen)
+        }));
+    }
+    ready.wait().await;
+    Ok(tasks)
+}
+
+/// Sends at `rate`/s for `duration` from `callers` callers through replica
+/// A, each send to `recipients` users chosen by `pick`. Returns sends
+/// acknowledged.
+async fn drive(
+    bench: &Bench,
+    load: &Load,
+    rate: u64,
+    expected: Arc<Expected>,
+    pick: impl Fn(&mut fastrand::Rng) -> Vec<usize> + Send + Sync + Clone + 'static,
+) -> anyhow::Result<u64> {
+    let channels = bench.channels(0, load.send_connections).await?;
+    let token = bench.token("bench-sender", SEND_SCOPE)?;
+    let callers = load.callers.max(1);
+    let period = Duration::from_secs_f64(callers as f64 / rate.max(1) as f64);
+    let end = tokio::time::Instant::now() + load.duration;
+    let mut tasks = Vec::new();
+    for c in 0..callers {
+        let mut client = NotificationsClient::new(channels[c % channels.len()].clone());
+        let token = token.clone();
+        let expected = expected.clone();
+        let pick = pick.clone();
+        let start = tokio::time::Instant::now() + period.mul_f64(c as f64 / callers as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(c as u64);
+            let mut ticks = tokio::time::interval_at(start, period);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut acked = 0u64;
+            loop {
+                // Stop on the wall clock, not the schedule: a caller that
+                // fell behind must not keep sending past the end.
+                ticks.tick().await;
+                if tokio::time::Instant::now() >= end {
+                    return Ok::<_, anyhow::Error>(acked);
+                }
+                let users = pick(&mut rng);
+                let request = proto::SendNotificationRequest {
+                    recipients: users.iter().map(|u| format!("u{u}")).collect(),
+                    r#type: "bench".into(),
+                    title: format!("t:{}", now_ns()),
+                    body: String::new(),
+                    data: String::new(),
+                    idempotency_key: String::new(),
+                };
+                client.send_notification(authed(request, &token)?).await?;
+                for u in users {
+                    expected.0[u].fetch_add(1, Ordering::AcqRel);
+                }
+                acked += 1;
+            }
+        }));
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await??;
+    }
+    Ok(sent)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    f64::from(sorted[i]) / 1_000.0
+}
+
+/// One load run: subscribers, sends, drain, check.
+async fn run_load(
+    bench: &Bench,
+    scenario: &str,
+    load: &Load,
+    rate: u64,
+    fanout: bool,
+) -> anyhow::Result<Row> {
+    let users = load.subscribers.max(1);
+    let expected = Arc::new(Expected((0..users).map(|_| AtomicU64::new(0)).collect()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let subscribers = open_subscribers(bench, 0..users, expected.clone(), stop_rx).await?;
+    let before = bench.usage();
+    let started = Instant::now();
+    let sent = if fanout {
+        drive(bench, load, rate, expected.clone(), move |_| {
+            (0..users).collect()
+        })
+        .await?
+    } else {
+        drive(bench, load, rate, expected.clone(), move |rng| {
+            vec![rng.usize(0..users)]
+        })
+        .await?
+    };
+    // Drain: wait for everything acknowledged to arrive (at most 30 s).
+    let want: u64 = expected.0.iter().map(|e| e.load(Ordering::Acquire)).sum();
+    let _ = stop_tx.send(true);
+    let mut seen = Vec::with_capacity(subscribers.len());
+    let drain = tokio::time::Instant::now() + Duration::from_secs(30);
+    for (u, task) in subscribers.into_iter().enumerate() {
+        let abort = task.abort_handle();
+        match tokio::time::timeout_at(drain, task).await {
+            Ok(joined) => seen.push(joined??),
+            Err(_) => {
+                abort.abort();
+                eprintln!("u{u}: did not receive everything within the drain time");
+                seen.push(Seen::default());
+            }
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let after = bench.usage();
+    let delivered: u64 = seen.iter().map(|s| s.delivered).sum();
+    let duplicates: u64 = seen.iter().map(|s| s.duplicates).sum();
+    let out_of_order: u64 = seen.iter().map(|s| s.out_of_order).sum();
+    let mut latencies: Vec<u32> = seen.into_iter().flat_map(|s| s.latencies_us).collect();
+    latencies.sort_unstable();
+    if out_of_order > 0 {
+        eprintln!("ORDER VIOLATION: {out_of_order} events arrived after a gap");
+    }
+    Ok(Row {
+        scenario: scenario.to_owned(),
+        replicas: bench.replicas.len(),
+        streams: users,
+        offered_rate: rate,
+        sent,
+        delivered,
+        lost: want.saturating_sub(delivered) + out_of_order,
+        duplicates,
+        p50_ms: percentile(&latencies, 0.50),
+        p99_ms: percentile(&latencies, 0.99),
+        p999_ms: percentile(&latencies, 0.999),
+        max_ms: latencies.last().map_or(0.0, |v| f64::from(*v) / 1_000.0),
+        deliveries_per_s: delivered as f64 / elapsed,
+        rss_kib_per_replica: after.iter().map(|u| u.rss_kib).collect(),
+        cpu_s_per_replica: after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.cpu_s - b.cpu_s)
+            .collect(),
+    })
+}
+
+/// Opens idle streams on replica A and measures its RSS growth.
+async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyhow::Result<Row> {
+    let channels = bench.channels(0, connections.max(1)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = bench.usage();
+    let started = Instant::now();
+    let ready = Arc::new(Barrier::new(streams + 1));
+    let mut held = Vec::with_capacity(streams);
+    let opening = Arc::new(tokio::sync::Semaphore::new(512));
+    for s in 0..streams {
+        let channel = channels[s % channels.len()].clone();
+        let token = bench.token(&format!("idle{s}"), "")?;
+        let ready = ready.clone();
+        let opening = opening.clone();
+        held.push(tokio::spawn(async move {
+            let permit = opening.acquire_owned().await?;
+            let request = proto::SubscribeRequest {
+                after_seq: None,
+                types: vec![],
+            };
+            let mut stream = NotificationsClient::new(channel)
+                .subscribe(authed(request, &token)?)
+                .await?
+                .into_inner();
+            loop {
+                let event = stream.message().await?.context("stream ended early")?;
+                if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+                    break;
+                }
+            }
+            drop(permit);
+            ready.wait().await;
+            // Hold the stream open until the task is aborted.
+            while stream.message().await?.is_some() {}
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    ready.wait().await;
+    let open_s = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = bench.usage();
+    for h in &held {
+        h.abort();
+    }
+    let per_stream: Vec<f64> = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| (a.rss_kib.saturating_sub(b.rss_kib)) as f64 / streams as f64)
+        .collect();
+    println!(
+        "opened {streams} streams over {connections} connections in {open_s:.2} s; \
+         replica A RSS {} → {} KiB = {:.2} KiB per stream",
+        before[0].rss_kib, after[0].rss_kib, per_stream[0]
+    );
+    Ok(Row {
+        scenario: "streams".into(),
+        replicas: bench.replicas.len(),
+        streams,
+        offered_rate: 0,
+        sent: 0,
+        delivered: 0,
+        lost: 0,
+        duplicates: 0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        p999_ms: 0.0,
+        max_ms: open_s * 1_000.0,
+        deliveries_per_s: 0.0,
+        rss_kib_per_replica: after.iter().map(|u| u.rss_kib).collect(),
+        cpu_s_per_replica: after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a.cpu_s - b.cpu_s)
+            .collect(),
+    })
+}
+
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    raise_fd_limit();
+    LazyLock::force(&BASE);
+    let bench = Bench::start(&cli.setup).await?;
+    let result = run(&bench, &cli.scenario).await;
+    bench.cleanup().await;
+    let rows = result?;
+    if let Some(path) = &cli.setup.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    let bad: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.lost > 0 || r.duplicates > 0)
+        .collect();
+    if !bad.is_empty() {
+        bail!("LOSS OR DUPLICATES DETECTED in {} run(s)", bad.len());
+    }
+    Ok(())
+}
+
+async fn run(bench: &Bench, scenario: &Scenario) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    Row::print_header();
+    match scenario {
+        Scenario::Latency(load) => {
+            let row = run_load(bench, "latency", load, load.rate, false).await?;
+            row.print();
+            rows.push(row);
+        }
+        Scenario::Fanout(load) => {
+            let row = run_load(bench, "fanout", load, load.rate, true).await?;
+            row.print();
+            rows.push(row);
+        }
+        Scenario::Throughput {
+            load,
+            step,
+            max_rate,
+            p99_limit_ms,
+        } => {
+            let mut held = None;
+            let mut rate = load.rate;
+            while rate <= *max_rate {
+                let row = run_load(bench, "throughput", load, rate, false).await?;
+                row.print();
+                let achieved = row.sent as f64 / load.duration.as_secs_f64();
+                let ok = row.p99_ms <= *p99_limit_ms
+                    && row.lost == 0
+                    && row.duplicates == 0
+                    && achieved >= 0.95 * rate as f64;
+                rows.push(row);
+                if !ok {
+                    break;
+                }
+                held = Some((rate, achieved));
+                rate += step;
+            }
+            match held {
+                Some((rate, achieved)) => println!(
+                    "highest rate held: {rate} sends/s offered ({achieved:.0}/s acknowledged, p99 <= {p99_limit_ms} ms, nothing lost)"
+                ),
+                None => println!("no rate held"),
+            }
+        }
+        Scenario::Streams {
+            streams,
+            stream_connections,
+        } => {
+            let row = run_streams(bench, *streams, *stream_connections).await?;
+            row.print();
+            rows.push(row);
+        }
+    }
+    let _: HashMap<(), ()> = HashMap::new();
+    Ok(rows)
+}
