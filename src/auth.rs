@@ -3,9 +3,11 @@
 //! from a request field.
 //!
 //! Tokens are JWTs (RFC 7519) signed with HS256, RS256 or ES256 (RFC 7518
-//! §3). Exactly one algorithm is accepted, the one the key is for, so a token
-//! cannot choose its own (`alg: none` and HS/RS confusion fail). `exp` and
-//! `sub` are required; `iss` and `aud` are checked when configured.
+//! §3). Several keys may be configured at once (key rotation); each accepts
+//! only the algorithm it is for, so a token cannot choose its own (`alg:
+//! none` and HS/RS confusion fail), and header fields such as `kid` or `jku`
+//! never select a key. `exp` and `sub` are required; `nbf` is enforced when
+//! present; `iss` and `aud` are checked when configured.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -57,6 +59,8 @@ pub struct Identity {
     pub tenant: Tenant,
     /// The token's user (`sub`).
     pub user: UserId,
+    /// When the token expires (`exp`); streams opened with it end then.
+    pub expires_at: SystemTime,
     scopes: Vec<String>,
 }
 
@@ -100,11 +104,12 @@ impl std::fmt::Debug for VerificationKey {
     }
 }
 
-/// How tokens are verified: the key plus optional issuer/audience checks.
+/// How tokens are verified: the keys plus optional issuer/audience checks.
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
-    /// The verification key.
-    pub key: VerificationKey,
+    /// The verification keys (at least one); a token is accepted when any
+    /// key of its algorithm verifies it.
+    pub keys: Vec<VerificationKey>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required `aud`, if set.
@@ -118,22 +123,38 @@ pub struct KeyError(String);
 
 /// Verifies tokens. Build once at start-up; verification is pure CPU.
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: Vec<(Algorithm, DecodingKey, Validation)>,
 }
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let algorithms: Vec<_> = self.keys.iter().map(|(a, _, _)| a).collect();
         f.debug_struct("Verifier")
-            .field("algorithms", &self.validation.algorithms)
+            .field("algorithms", &algorithms)
             .finish_non_exhaustive()
     }
 }
 
 impl Verifier {
-    /// Builds a verifier; fails if a PEM key does not parse.
+    /// Builds a verifier; fails if there is no key or a PEM key does not
+    /// parse.
     pub fn new(config: &AuthConfig) -> Result<Self, KeyError> {
-        let (key, alg) = match &config.key {
+        if config.keys.is_empty() {
+            return Err(KeyError("no verification key".into()));
+        }
+        let keys = config
+            .keys
+            .iter()
+            .map(|k| Self::key(k, config))
+            .collect::<Result<_, _>>()?;
+        Ok(Self { keys })
+    }
+
+    fn key(
+        key: &VerificationKey,
+        config: &AuthConfig,
+    ) -> Result<(Algorithm, DecodingKey, Validation), KeyError> {
+        let (key, alg) = match key {
             VerificationKey::Secret(s) => (DecodingKey::from_secret(s), Algorithm::HS256),
             VerificationKey::RsaPem(pem) => (
                 DecodingKey::from_rsa_pem(pem).map_err(|e| KeyError(e.to_string()))?,
@@ -155,7 +176,7 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        Ok(Self { key, validation })
+        Ok((alg, key, validation))
     }
 
     /// Verifies the bearer token in `metadata`. Every failure is
@@ -176,9 +197,21 @@ impl Verifier {
                     .or_else(|| v.strip_prefix("bearer "))
             })
             .ok_or_else(|| Status::unauthenticated("authorization is not `Bearer <token>`"))?;
-        let data = jsonwebtoken::decode::<Claims>(token.trim(), &self.key, &self.validation)
+        let token = token.trim();
+        let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
-        let claims = data.claims;
+        let mut result = Err(Status::unauthenticated(format!(
+            "invalid token: algorithm {:?} is not accepted",
+            header.alg
+        )));
+        for (_, key, validation) in self.keys.iter().filter(|(a, _, _)| *a == header.alg) {
+            result = jsonwebtoken::decode::<Claims>(token, key, validation)
+                .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")));
+            if result.is_ok() {
+                break;
+            }
+        }
+        let claims = result?.claims;
         let user = UserId::parse("sub", &claims.sub)
             .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
         let tenant = Tenant::parse(&claims.tenant)
@@ -186,6 +219,7 @@ impl Verifier {
         Ok(Identity {
             tenant,
             user,
+            expires_at: UNIX_EPOCH + std::time::Duration::from_secs(claims.exp),
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
         })
     }

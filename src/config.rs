@@ -8,6 +8,8 @@ use clap::Args;
 
 use crate::{
     auth::{AuthConfig, DEV_SECRET, VerificationKey},
+    hub::StreamLimits,
+    limits::RateSettings,
     listener::ListenerSettings,
     notification::SendLimits,
     store::group_commit::GroupCommitSettings,
@@ -38,8 +40,6 @@ pub struct Config {
     pub dev: bool,
     /// Idle time after which a stream gets a heartbeat.
     pub heartbeat_interval: Duration,
-    /// Events queued per stream before it falls back to the store.
-    pub stream_queue: usize,
     /// Events older than this are pruned; resuming before them gets
     /// `resync`.
     pub retention: Duration,
@@ -59,6 +59,12 @@ pub struct Config {
     pub health_check_interval: Duration,
     /// How concurrent sends are batched into transactions (PostgreSQL).
     pub group_commit: GroupCommitSettings,
+    /// Per-stream queue and open-stream limits.
+    pub streams: StreamLimits,
+    /// Send rate limits.
+    pub rates: RateSettings,
+    /// Largest request message accepted, bytes.
+    pub max_request_bytes: usize,
 }
 
 impl Config {
@@ -74,7 +80,6 @@ impl Config {
             auth,
             dev: false,
             heartbeat_interval: Duration::from_secs(15),
-            stream_queue: 256,
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
             listener: ListenerSettings {
@@ -87,6 +92,9 @@ impl Config {
             shutdown_grace: Duration::from_secs(25),
             health_check_interval: Duration::from_secs(5),
             group_commit: GroupCommitSettings::default(),
+            streams: StreamLimits::default(),
+            rates: RateSettings::default(),
+            max_request_bytes: 256 * 1024,
         }
     }
 }
@@ -101,7 +109,10 @@ pub enum ConfigError {
     )]
     NoKey,
     /// More than one key source.
-    #[error("give only one of --jwt-secret, --jwt-secret-file, --jwt-public-key-file")]
+    #[error(
+        "give one of --jwt-secret or --jwt-secret-file (optionally with --jwt-previous-secret), \
+         or --jwt-public-key-file"
+    )]
     SeveralKeys,
     /// A secret too short to be safe.
     #[error("the JWT secret is {0} bytes; use at least {MIN_SECRET_BYTES} random bytes")]
@@ -166,9 +177,14 @@ pub struct AuthArgs {
     /// The HS256 secret, or `--dev`.
     #[command(flatten)]
     pub secret: SecretArgs,
-    /// PEM public key (RSA for RS256, P-256 EC for ES256).
-    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE")]
-    pub jwt_public_key_file: Option<PathBuf>,
+    /// A second HS256 secret also accepted, for rotation: deploy the new
+    /// secret as --jwt-secret and the old one here until its tokens expire.
+    #[arg(long, env = "HERALD_JWT_PREVIOUS_SECRET", hide_env_values = true)]
+    pub jwt_previous_secret: Option<String>,
+    /// PEM public key files (RSA for RS256, P-256 EC for ES256),
+    /// comma-separated; several are accepted at once, for rotation.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE", value_delimiter = ',')]
+    pub jwt_public_key_file: Vec<PathBuf>,
     /// Required `iss` claim.
     #[arg(long, env = "HERALD_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
@@ -178,30 +194,45 @@ pub struct AuthArgs {
 }
 
 impl AuthArgs {
-    /// The verification configuration for `serve`.
+    /// The verification configuration for `serve`: HS256 secret(s) or
+    /// public key(s), not both.
     pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
         let given_secret =
             self.secret.jwt_secret.is_some() || self.secret.jwt_secret_file.is_some();
         if self.secret.jwt_secret.is_some() && self.secret.jwt_secret_file.is_some()
-            || given_secret && self.jwt_public_key_file.is_some()
+            || given_secret && !self.jwt_public_key_file.is_empty()
         {
             return Err(ConfigError::SeveralKeys);
         }
-        let key = if let Some(path) = &self.jwt_public_key_file {
-            let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            public_key(pem)?
+        let keys = if !self.jwt_public_key_file.is_empty() {
+            if self.jwt_previous_secret.is_some() {
+                return Err(ConfigError::SeveralKeys);
+            }
+            self.jwt_public_key_file
+                .iter()
+                .map(|path| {
+                    let pem = std::fs::read(path).map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    public_key(pem)
+                })
+                .collect::<Result<Vec<_>, _>>()?
         } else {
             let secret = self.secret.secret()?.ok_or(ConfigError::NoKey)?;
-            if given_secret && secret.len() < MIN_SECRET_BYTES {
-                return Err(ConfigError::WeakSecret(secret.len()));
+            let mut secrets = vec![secret];
+            if let Some(previous) = &self.jwt_previous_secret {
+                secrets.push(previous.as_bytes().to_vec());
             }
-            VerificationKey::Secret(secret)
+            if (given_secret || self.jwt_previous_secret.is_some())
+                && let Some(weak) = secrets.iter().find(|s| s.len() < MIN_SECRET_BYTES)
+            {
+                return Err(ConfigError::WeakSecret(weak.len()));
+            }
+            secrets.into_iter().map(VerificationKey::Secret).collect()
         };
         Ok(AuthConfig {
-            key,
+            keys,
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
         })
@@ -276,6 +307,30 @@ pub struct ServeArgs {
     /// Longest notification data JSON, bytes.
     #[arg(long, env = "HERALD_MAX_DATA_BYTES", default_value_t = 16 * 1024)]
     pub max_data_bytes: usize,
+    /// Deepest nesting of objects/arrays in notification data.
+    #[arg(long, env = "HERALD_MAX_DATA_DEPTH", default_value_t = 16)]
+    pub max_data_depth: usize,
+    /// Largest request message, bytes (larger: RESOURCE_EXHAUSTED).
+    #[arg(long, env = "HERALD_MAX_REQUEST_BYTES", default_value_t = 256 * 1024)]
+    pub max_request_bytes: usize,
+    /// Open streams per user on one replica.
+    #[arg(long, env = "HERALD_MAX_STREAMS_PER_USER", default_value_t = 32)]
+    pub max_streams_per_user: usize,
+    /// Open streams on one replica.
+    #[arg(long, env = "HERALD_MAX_STREAMS", default_value_t = 100_000)]
+    pub max_streams: usize,
+    /// Sends per second per sender (per replica); 0: unlimited.
+    #[arg(long, env = "HERALD_RATE_PER_SENDER", default_value_t = 1_000)]
+    pub rate_per_sender: u32,
+    /// Burst above --rate-per-sender.
+    #[arg(long, env = "HERALD_RATE_SENDER_BURST", default_value_t = 2_000)]
+    pub rate_sender_burst: u32,
+    /// Notifications per second per recipient (per replica); 0: unlimited.
+    #[arg(long, env = "HERALD_RATE_PER_RECIPIENT", default_value_t = 20)]
+    pub rate_per_recipient: u32,
+    /// Burst above --rate-per-recipient.
+    #[arg(long, env = "HERALD_RATE_RECIPIENT_BURST", default_value_t = 100)]
+    pub rate_recipient_burst: u32,
     /// Browser origins allowed to call over grpc-web, comma-separated, e.g.
     /// `https://app.example.com`. None by default.
     #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
@@ -350,14 +405,19 @@ impl ServeArgs {
             self.max_recipients,
             self.pool_size,
             self.stream_queue,
+            self.max_data_depth,
+            self.max_request_bytes,
+            self.max_streams_per_user,
+            self.max_streams,
             self.group_commit_writers,
             self.group_commit_max_sends,
         ]
         .contains(&0)
         {
             return Err(ConfigError::Invalid(
-                "--max-recipients, --pool-size, --stream-queue, --group-commit-writers and \
-                 --group-commit-max-sends must be positive"
+                "--max-recipients, --pool-size, --stream-queue, --max-data-depth, \
+                 --max-request-bytes, --max-streams-per-user, --max-streams, \
+                 --group-commit-writers and --group-commit-max-sends must be positive"
                     .into(),
             ));
         }
@@ -382,7 +442,6 @@ impl ServeArgs {
             auth,
             dev: self.auth.secret.dev,
             heartbeat_interval: self.heartbeat_interval,
-            stream_queue: self.stream_queue,
             retention: self.retention,
             prune_interval: self.prune_interval,
             listener: ListenerSettings {
@@ -393,7 +452,20 @@ impl ServeArgs {
                 max_recipients: self.max_recipients,
                 max_body_bytes: self.max_body_bytes,
                 max_data_bytes: self.max_data_bytes,
+                max_data_depth: self.max_data_depth,
             },
+            streams: StreamLimits {
+                queue_len: self.stream_queue,
+                per_user: self.max_streams_per_user,
+                total: self.max_streams,
+            },
+            rates: RateSettings {
+                per_sender: self.rate_per_sender,
+                sender_burst: self.rate_sender_burst,
+                per_recipient: self.rate_per_recipient,
+                recipient_burst: self.rate_recipient_burst,
+            },
+            max_request_bytes: self.max_request_bytes,
             cors_origins: self
                 .cors_origins
                 .iter()
@@ -452,7 +524,7 @@ mod tests {
         let ok = parse(&["--dev"]).unwrap();
         assert!(ok.dev);
         assert!(
-            matches!(ok.auth.key, VerificationKey::Secret(ref s) if s == DEV_SECRET.as_bytes())
+            matches!(&ok.auth.keys[..], [VerificationKey::Secret(s)] if s == DEV_SECRET.as_bytes())
         );
     }
 

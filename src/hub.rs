@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -46,29 +46,71 @@ impl Slot {
 
 type Users = HashMap<String, Vec<Slot>>;
 
+/// Limits on open streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Events queued per stream before it is flagged lagging (min 1).
+    pub queue_len: usize,
+    /// Open streams per user on this replica.
+    pub per_user: usize,
+    /// Open streams on this replica.
+    pub total: usize,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        Self {
+            queue_len: 256,
+            per_user: 32,
+            total: 100_000,
+        }
+    }
+}
+
+/// A stream refused by [`StreamLimits`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamLimitError {
+    /// The user already has this many streams here.
+    #[error("this user already has {0} open streams on this replica")]
+    PerUser(usize),
+    /// The replica already has this many streams.
+    #[error("this replica already serves {0} streams; reconnect to another")]
+    Total(usize),
+}
+
 /// This replica's open streams. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Hub {
     tenants: RwLock<HashMap<String, Users>>,
     next_id: AtomicU64,
-    queue_len: usize,
+    open: AtomicUsize,
+    limits: StreamLimits,
 }
 
 impl Hub {
-    /// A hub whose streams each queue at most `queue_len` events (min 1).
-    pub fn new(queue_len: usize) -> Arc<Self> {
+    /// A hub enforcing `limits`.
+    pub fn new(limits: StreamLimits) -> Arc<Self> {
         Arc::new(Self {
             tenants: RwLock::default(),
             next_id: AtomicU64::new(1),
-            queue_len: queue_len.max(1),
+            open: AtomicUsize::new(0),
+            limits: StreamLimits {
+                queue_len: limits.queue_len.max(1),
+                ..limits
+            },
         })
     }
 
     /// Registers a stream for `tenant`/`user`. Events published from now on
     /// reach it (or flag it lagging); the stream is removed when the
-    /// returned [`Subscription`] is dropped.
-    pub fn subscribe(self: &Arc<Self>, tenant: &str, user: &str) -> Subscription {
-        let (tx, rx) = mpsc::channel(self.queue_len);
+    /// returned [`Subscription`] is dropped. Refused when the user or the
+    /// replica is at its stream limit.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        tenant: &str,
+        user: &str,
+    ) -> Result<Subscription, StreamLimitError> {
+        let (tx, rx) = mpsc::channel(self.limits.queue_len);
         let signal = Arc::new(Signal::default());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let slot = Slot {
@@ -76,21 +118,32 @@ impl Hub {
             tx,
             signal: signal.clone(),
         };
-        self.write()
-            .entry(tenant.to_owned())
-            .or_default()
-            .entry(user.to_owned())
-            .or_default()
-            .push(slot);
+        {
+            let mut tenants = self.write();
+            let open = self.open.load(Ordering::Relaxed);
+            if open >= self.limits.total {
+                return Err(StreamLimitError::Total(open));
+            }
+            let slots = tenants
+                .entry(tenant.to_owned())
+                .or_default()
+                .entry(user.to_owned())
+                .or_default();
+            if slots.len() >= self.limits.per_user {
+                return Err(StreamLimitError::PerUser(slots.len()));
+            }
+            slots.push(slot);
+            self.open.fetch_add(1, Ordering::Relaxed);
+        }
         metrics::gauge!(names::STREAMS_OPEN).increment(1.0);
-        Subscription {
+        Ok(Subscription {
             hub: self.clone(),
             tenant: tenant.to_owned(),
             user: user.to_owned(),
             id,
             rx,
             signal,
-        }
+        })
     }
 
     /// Whether `tenant`/`user` has any stream on this replica.
@@ -151,7 +204,9 @@ impl Hub {
             return;
         };
         if let Some(slots) = users.get_mut(user) {
+            let before = slots.len();
             slots.retain(|s| s.id != id);
+            self.open.fetch_sub(before - slots.len(), Ordering::Relaxed);
             if slots.is_empty() {
                 users.remove(user);
             }
@@ -244,11 +299,18 @@ mod tests {
         })
     }
 
+    fn hub(queue_len: usize) -> Arc<Hub> {
+        Hub::new(StreamLimits {
+            queue_len,
+            ..StreamLimits::default()
+        })
+    }
+
     #[tokio::test]
     async fn routes_by_tenant_and_user_and_unregisters_on_drop() {
-        let hub = Hub::new(4);
-        let mut a = hub.subscribe("t", "alice");
-        let mut other_tenant = hub.subscribe("u", "alice");
+        let hub = hub(4);
+        let mut a = hub.subscribe("t", "alice").unwrap();
+        let mut other_tenant = hub.subscribe("u", "alice").unwrap();
         hub.publish("t", "alice", &event(1));
         assert!(matches!(a.next().await, Next::Event(e) if e.seq == 1));
         assert!(other_tenant.try_next().is_none());
@@ -258,10 +320,33 @@ mod tests {
         assert!(!hub.has_streams("t", "alice"));
     }
 
+    #[test]
+    fn stream_limits_per_user_and_per_replica() {
+        let hub = Hub::new(StreamLimits {
+            queue_len: 1,
+            per_user: 2,
+            total: 3,
+        });
+        let a1 = hub.subscribe("t", "alice").unwrap();
+        let _a2 = hub.subscribe("t", "alice").unwrap();
+        assert_eq!(
+            hub.subscribe("t", "alice").unwrap_err(),
+            StreamLimitError::PerUser(2)
+        );
+        let _b = hub.subscribe("t", "bob").unwrap();
+        assert_eq!(
+            hub.subscribe("t", "carol").unwrap_err(),
+            StreamLimitError::Total(3)
+        );
+        drop(a1);
+        assert_eq!(hub.stream_count(), 2);
+        hub.subscribe("t", "alice").unwrap();
+    }
+
     #[tokio::test]
     async fn full_queue_flags_lagging_without_blocking() {
-        let hub = Hub::new(2);
-        let mut s = hub.subscribe("t", "alice");
+        let hub = hub(2);
+        let mut s = hub.subscribe("t", "alice").unwrap();
         for seq in 1..=5 {
             hub.publish("t", "alice", &event(seq));
         }

@@ -5,6 +5,7 @@
 //! in-process.
 
 pub mod hub;
+pub mod limits;
 pub mod notification;
 pub mod store;
 

@@ -537,8 +537,8 @@ mod tests {
 
     #[test]
     fn unreadable_payload_makes_every_stream_catch_up() {
-        let hub = Hub::new(4);
-        let mut sub = hub.subscribe("acme", "alice");
+        let hub = Hub::new(crate::hub::StreamLimits::default());
+        let mut sub = hub.subscribe("acme", "alice").unwrap();
         route(&hub, "not json");
         assert!(matches!(
             futures_util::FutureExt::now_or_never(sub.next()),

@@ -41,6 +41,9 @@ pub struct SendLimits {
     pub max_body_bytes: usize,
     /// Longest `data` JSON text, in bytes.
     pub max_data_bytes: usize,
+    /// Deepest nesting of objects and arrays in `data` (the top-level
+    /// object is depth 1).
+    pub max_data_depth: usize,
 }
 
 impl Default for SendLimits {
@@ -49,6 +52,7 @@ impl Default for SendLimits {
             max_recipients: 1_000,
             max_body_bytes: 16 * 1024,
             max_data_bytes: 16 * 1024,
+            max_data_depth: 16,
         }
     }
 }
@@ -223,7 +227,7 @@ impl NewNotification {
                 ),
             ));
         }
-        let data = parse_data(&req.data, limits.max_data_bytes)?;
+        let data = parse_data(&req.data, limits.max_data_bytes, limits.max_data_depth)?;
         let idempotency_key = if req.idempotency_key.is_empty() {
             None
         } else {
@@ -257,8 +261,9 @@ impl NewNotification {
 }
 
 /// Parses `data`: empty means `{}`, otherwise a JSON object (RFC 8259) of at
-/// most `max_bytes` bytes, returned as compact JSON text.
-fn parse_data(data: &str, max_bytes: usize) -> Result<String, InvalidArgument> {
+/// most `max_bytes` bytes nested at most `max_depth` deep, returned as
+/// compact JSON text.
+fn parse_data(data: &str, max_bytes: usize, max_depth: usize) -> Result<String, InvalidArgument> {
     if data.is_empty() {
         return Ok("{}".to_owned());
     }
@@ -269,13 +274,39 @@ fn parse_data(data: &str, max_bytes: usize) -> Result<String, InvalidArgument> {
         ));
     }
     match serde_json::from_str::<serde_json::Value>(data) {
-        Ok(v @ serde_json::Value::Object(_)) => Ok(v.to_string()),
+        Ok(v @ serde_json::Value::Object(_)) => {
+            let depth = json_depth(&v);
+            if depth > max_depth {
+                return Err(InvalidArgument::new(
+                    "data",
+                    format!("is nested {depth} levels deep, more than {max_depth}"),
+                ));
+            }
+            Ok(v.to_string())
+        }
         Ok(_) => Err(InvalidArgument::new("data", "must be a JSON object")),
         Err(e) => Err(InvalidArgument::new(
             "data",
             format!("is not valid JSON: {e}"),
         )),
     }
+}
+
+/// Nesting depth of objects and arrays in `v` (a scalar is 0), computed
+/// without recursion.
+fn json_depth(v: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(v, 1)];
+    while let Some((v, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+            serde_json::Value::Object(m) => Box::new(m.values()),
+            serde_json::Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        deepest = deepest.max(depth);
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    deepest
 }
 
 /// A notification as stored for one recipient.
@@ -494,6 +525,14 @@ mod tests {
             (|r| r.data = "{".into(), "data"),
             (|r| r.idempotency_key = "k".repeat(200), "idempotency_key"),
             (|r| r.title = "a\0b".into(), "title"),
+            (
+                |r| r.data = format!("{}1{}", "[".repeat(16), "]".repeat(16)),
+                "data",
+            ),
+            (
+                |r| r.data = format!("{{\"a\":{}1{}}}", "[".repeat(16), "]".repeat(16)),
+                "data",
+            ),
             (|r| r.body = "\0".into(), "body"),
         ];
         for (mutate, field) in cases {

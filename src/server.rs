@@ -23,6 +23,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::util::MapResponseLayer;
 use tower_http::{
     cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
@@ -34,6 +35,7 @@ use crate::{
     auth::{KeyError, Verifier},
     config::Config,
     hub::Hub,
+    limits::RateLimits,
     listener::{ListenError, Listener, listener_config},
     proto::{self, notifications_server::NotificationsServer},
     store::{
@@ -144,7 +146,7 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError
 /// Returns once it accepts calls.
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let verifier = Arc::new(Verifier::new(&config.auth)?);
-    let hub = Hub::new(config.stream_queue);
+    let hub = Hub::new(config.streams);
     let shutdown = CancellationToken::new();
     let (listener, addr) = bind(config.listen).await?;
     let metrics_addr = match config.metrics_listen {
@@ -295,11 +297,14 @@ impl Replica<'_> {
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
+        let rates = Arc::new(RateLimits::new(config.rates));
+        tokio::spawn(forget_idle_rate_keys(rates.clone(), shutdown.clone()));
         let service = NotificationsService::new(
             store,
             self.hub,
             self.verifier,
             config.limits,
+            rates,
             StreamSettings {
                 heartbeat_interval: config.heartbeat_interval,
             },
@@ -323,7 +328,8 @@ impl Replica<'_> {
                     // Call outcomes are counted by method and code instead.
                     .on_failure(()),
             )
-            .layer(PropagateRequestIdLayer::new(request_id));
+            .layer(PropagateRequestIdLayer::new(request_id))
+            .layer(MapResponseLayer::new(oversized_is_resource_exhausted));
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .tcp_nodelay(true)
@@ -333,7 +339,10 @@ impl Replica<'_> {
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(NotificationsServer::new(service));
+            .add_service(
+                NotificationsServer::new(service)
+                    .max_decoding_message_size(config.max_request_bytes),
+            );
         let listener = self.listener;
         Ok(tokio::spawn(async move {
             server
@@ -344,6 +353,37 @@ impl Replica<'_> {
                 .await?;
             Ok(())
         }))
+    }
+}
+
+/// tonic refuses a request message over the size limit with OUT_OF_RANGE;
+/// the gRPC implementations and the status-code guide use
+/// RESOURCE_EXHAUSTED for that, which is what clients expect. Rewrites it
+/// (only that error: it is answered trailers-only, status in the headers).
+fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if oversized {
+        headers.insert("grpc-status", HeaderValue::from_static("8"));
+    }
+    response
+}
+
+/// Drops rate-limit buckets of senders and recipients that went quiet,
+/// once a minute, so their memory stays bounded.
+async fn forget_idle_rate_keys(rates: Arc<RateLimits>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(60)) => rates.retain_recent(),
+        }
     }
 }
 

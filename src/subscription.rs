@@ -9,7 +9,11 @@
 //! the LISTEN connection dropped), and the stream catches up from the store
 //! from `last`. Because seqs are gap-free per user, a gap is always visible.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::{
     sync::mpsc,
@@ -81,6 +85,9 @@ pub struct Session<S> {
     pub settings: StreamSettings,
     /// Cancelled when the server stops.
     pub shutdown: CancellationToken,
+    /// When the stream's token expires: the stream then ends with
+    /// UNAUTHENTICATED, and the client resumes with a fresh token.
+    pub token_expires_at: SystemTime,
     /// Where events go (to tonic, then the client).
     pub out: mpsc::Sender<Result<proto::Event, Status>>,
 }
@@ -89,6 +96,8 @@ pub struct Session<S> {
 enum End {
     /// The client went away.
     Gone,
+    /// The token expired.
+    Expired(u64),
     /// A store read failed; the client should resume.
     Store(StoreError),
 }
@@ -101,6 +110,9 @@ impl<S: Store> Session<S> {
         let result = self.stream(start).await;
         let status = match result {
             Err(End::Gone) => return,
+            Err(End::Expired(seq)) => Status::unauthenticated(format!(
+                "token expired; reconnect with a fresh token and after_seq {seq}"
+            )),
             Err(End::Store(e)) => {
                 tracing::warn!(error = %e, user = %self.user, "stream ended: store read failed");
                 Status::unavailable(format!("{e}; resume from the last seq received"))
@@ -130,9 +142,15 @@ impl<S: Store> Session<S> {
         self.emit(control(last, Kind::CaughtUp(proto::CaughtUp {})))
             .await?;
         let mut idle_until = Instant::now() + self.settings.heartbeat_interval;
+        let expires = Instant::now()
+            + self
+                .token_expires_at
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
         loop {
             tokio::select! {
                 () = self.shutdown.cancelled() => return Ok(()),
+                () = sleep_until(expires) => return Err(End::Expired(last)),
                 () = self.out.closed() => return Err(End::Gone),
                 () = sleep_until(idle_until) => {
                     let beat = proto::Heartbeat {

@@ -59,7 +59,7 @@ fn unsigned(claims: &Claims) -> String {
 async fn replica_with(key: VerificationKey, audience: Option<&str>) -> server::RunningServer {
     let mut config = test_config(None);
     config.auth = AuthConfig {
-        key,
+        keys: vec![key],
         issuer: Some("https://id.example".into()).filter(|_| audience.is_some()),
         audience: audience.map(str::to_owned),
     };

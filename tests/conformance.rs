@@ -505,7 +505,7 @@ async fn type_filter_and_heartbeats(backend: Backend) {
 /// A subscriber that does not read while many events are sent still gets
 /// all of them, in order, once it reads: its queue overflows to the store.
 async fn slow_subscriber_catches_up_from_the_store(backend: Backend) {
-    let d = Deployment::start_with(backend, 1, |c| c.stream_queue = 4).await;
+    let d = Deployment::start_with(backend, 1, |c| c.streams.queue_len = 4).await;
     let mut a = d.client(0).await;
     let mut stream = subscribe(&mut a, "alice", Some(0)).await;
     until_caught_up(&mut stream).await;

@@ -14,6 +14,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::{
     auth::{Identity, Verifier},
     hub::Hub,
+    limits::{RateLimits, exhausted},
     notification::{
         InvalidArgument, NewNotification, NotificationType, PageQuery, ReadTarget, SendLimits,
     },
@@ -26,6 +27,9 @@ use crate::{
 /// Events buffered between a stream's task and tonic's HTTP/2 writer. Small:
 /// the hub's per-stream queue is the real buffer.
 const OUT_BUFFER: usize = 16;
+
+/// When a client refused for its stream limit should retry.
+const STREAM_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most entries in `SubscribeRequest.types`.
 pub const MAX_TYPE_FILTERS: usize = 64;
@@ -58,6 +62,7 @@ pub struct NotificationsService<S> {
     hub: Arc<Hub>,
     verifier: Arc<Verifier>,
     limits: SendLimits,
+    rates: Arc<RateLimits>,
     streams: StreamSettings,
     shutdown: CancellationToken,
 }
@@ -69,6 +74,7 @@ impl<S: Store> NotificationsService<S> {
         hub: Arc<Hub>,
         verifier: Arc<Verifier>,
         limits: SendLimits,
+        rates: Arc<RateLimits>,
         streams: StreamSettings,
         shutdown: CancellationToken,
     ) -> Self {
@@ -77,6 +83,7 @@ impl<S: Store> NotificationsService<S> {
             hub,
             verifier,
             limits,
+            rates,
             streams,
             shutdown,
         }
@@ -185,6 +192,11 @@ impl<S: Store> NotificationsService<S> {
         let identity = self.identify(&request)?;
         identity.require_send()?;
         let new = NewNotification::parse(request.into_inner(), &self.limits)?;
+        self.rates.check_send(
+            identity.tenant.as_str(),
+            identity.user.as_str(),
+            &new.recipients,
+        )?;
         let deliveries = self
             .store
             .send(identity.tenant.as_str(), identity.user.as_str(), &new)
@@ -215,7 +227,10 @@ impl<S: Store> NotificationsService<S> {
         let user = identity.user.as_str();
         // Register first, then read the head: whatever commits after the
         // head was read is already being queued for this stream.
-        let subscription = self.hub.subscribe(tenant, user);
+        let subscription = self
+            .hub
+            .subscribe(tenant, user)
+            .map_err(|e| exhausted(e.to_string(), STREAM_RETRY_AFTER))?;
         let head = self.store.head(tenant, user).await?;
         let start = Start::new(req.after_seq, head)?;
         let (out, rx) = mpsc::channel(OUT_BUFFER);
@@ -227,6 +242,7 @@ impl<S: Store> NotificationsService<S> {
             types,
             settings: self.streams,
             shutdown: self.shutdown.clone(),
+            token_expires_at: identity.expires_at,
             out,
         };
         tokio::spawn(session.run(start));

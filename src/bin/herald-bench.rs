@@ -337,6 +337,8 @@ async fn spawn_replica(
 ) -> anyhow::Result<Replica> {
     let mut child = Command::new(herald)
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json"])
+        // The bench is one sender flooding a few users on purpose.
+        .args(["--rate-per-sender", "0", "--rate-per-recipient", "0"])
         .args(extra)
         .env("DATABASE_URL", database_url)
         .env("HERALD_JWT_SECRET", secret)

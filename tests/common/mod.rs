@@ -6,6 +6,7 @@
 //! `CREATE DATABASE`.
 #![allow(dead_code)]
 
+pub mod pg_cluster;
 pub mod process;
 pub mod proxy;
 
@@ -167,7 +168,7 @@ pub struct Deployment {
 /// heartbeats and probes.
 pub fn test_config(database_url: Option<String>) -> Config {
     let auth = AuthConfig {
-        key: VerificationKey::Secret(SECRET.to_vec()),
+        keys: vec![VerificationKey::Secret(SECRET.to_vec())],
         issuer: None,
         audience: None,
     };
@@ -177,6 +178,14 @@ pub fn test_config(database_url: Option<String>) -> Config {
     config.listener.ping_interval = Duration::from_millis(500);
     config.listener.ping_timeout = Duration::from_secs(2);
     config.pool_size = 8;
+    // Rate limits have their own tests (tests/limits.rs); here they would
+    // only throttle the load the other tests generate.
+    config.rates = herald::limits::RateSettings {
+        per_sender: 0,
+        sender_burst: 0,
+        per_recipient: 0,
+        recipient_burst: 0,
+    };
     config
 }
 
@@ -409,26 +418,66 @@ macro_rules! conformance {
 pub struct Followed {
     /// Seqs of notification and read events, in arrival order.
     pub seqs: Vec<u64>,
+    /// Notification id of each event in `seqs` (0 for a read event).
+    pub ids: Vec<i64>,
+    /// When each event in `seqs` arrived.
+    pub received_at: Vec<std::time::Instant>,
+    /// When each stream was opened (the first, then every resume).
+    pub opened_at: Vec<std::time::Instant>,
     /// Status codes its streams ended with (or failed to open with).
     pub ends: Vec<tonic::Code>,
+}
+
+/// When a [`follow_goal`] subscriber stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Goal {
+    /// Keep following: the last seq is not known yet.
+    Open,
+    /// Stop once this seq arrived (at once if it already has).
+    Until(u64),
+    /// Stop now, with whatever arrived.
+    Stop,
+}
+
+impl Goal {
+    fn reached(self, last: u64) -> bool {
+        match self {
+            Goal::Open => false,
+            Goal::Until(n) => last >= n,
+            Goal::Stop => true,
+        }
+    }
 }
 
 /// Follows `user`'s stream like a well-behaved client: starts on
 /// `addrs[0]`; on any error resumes from the last seq seen on the next
 /// address (round robin, 50 ms apart); stops once seq `until` arrived.
 pub async fn follow(addrs: Vec<SocketAddr>, user: String, until: u64) -> Followed {
+    let (_keep, goal) = tokio::sync::watch::channel(Goal::Until(until));
+    follow_goal(addrs, user, goal).await
+}
+
+/// [`follow`], with the stopping point decided while it runs (e.g. once
+/// racing senders are done and the database says what the last seq is).
+pub async fn follow_goal(
+    addrs: Vec<SocketAddr>,
+    user: String,
+    mut goal: tokio::sync::watch::Receiver<Goal>,
+) -> Followed {
     let mut seen = Followed::default();
     let mut at = 0;
+    let mut goal_alive = true;
     let token = token(&user, "", "");
     loop {
         let last = seen.seqs.last().copied().unwrap_or(0);
-        if last >= until {
+        if goal.borrow().reached(last) {
             return seen;
         }
         let addr = addrs[at % addrs.len()];
         let stream = async {
             let channel = Channel::from_shared(format!("http://{addr}"))
                 .unwrap()
+                .connect_timeout(Duration::from_secs(2))
                 .connect()
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -441,7 +490,11 @@ pub async fn follow(addrs: Vec<SocketAddr>, user: String, until: u64) -> Followe
                 .await
                 .map(tonic::Response::into_inner)
         };
-        let mut stream = match stream.await {
+        let opened = tokio::select! {
+            opened = stream => opened,
+            () = goal_changed(&mut goal, &mut goal_alive) => continue, // re-checked above
+        };
+        let mut stream = match opened {
             Ok(s) => s,
             Err(status) => {
                 seen.ends.push(status.code());
@@ -450,26 +503,51 @@ pub async fn follow(addrs: Vec<SocketAddr>, user: String, until: u64) -> Followe
                 continue;
             }
         };
+        seen.opened_at.push(std::time::Instant::now());
         loop {
-            match stream.message().await {
-                Ok(Some(event)) => {
-                    if matches!(event.kind, Some(Kind::Notification(_) | Kind::Read(_))) {
-                        seen.seqs.push(event.seq);
-                        if event.seq >= until {
-                            return seen;
+            tokio::select! {
+                message = stream.message() => match message {
+                    Ok(Some(event)) => {
+                        let id = match &event.kind {
+                            Some(Kind::Notification(n)) => Some(n.id),
+                            Some(Kind::Read(_)) => Some(0),
+                            _ => None,
+                        };
+                        if let Some(id) = id {
+                            seen.seqs.push(event.seq);
+                            seen.ids.push(id);
+                            seen.received_at.push(std::time::Instant::now());
+                            if goal.borrow().reached(event.seq) {
+                                return seen;
+                            }
                         }
                     }
-                }
-                Ok(None) => {
-                    seen.ends.push(tonic::Code::Ok);
-                    break;
-                }
-                Err(status) => {
-                    seen.ends.push(status.code());
-                    break;
+                    Ok(None) => {
+                        seen.ends.push(tonic::Code::Ok);
+                        break;
+                    }
+                    Err(status) => {
+                        seen.ends.push(status.code());
+                        break;
+                    }
+                },
+                () = goal_changed(&mut goal, &mut goal_alive) => {
+                    if goal.borrow().reached(seen.seqs.last().copied().unwrap_or(0)) {
+                        return seen;
+                    }
                 }
             }
         }
         at += 1;
     }
+}
+
+/// Resolves when `goal` changes; never, once its sender is gone (the goal
+/// can no longer change).
+async fn goal_changed(goal: &mut tokio::sync::watch::Receiver<Goal>, alive: &mut bool) {
+    if *alive && goal.changed().await.is_ok() {
+        return;
+    }
+    *alive = false;
+    std::future::pending::<()>().await;
 }

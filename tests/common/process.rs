@@ -81,6 +81,35 @@ impl ProcessReplica {
         assert!(status.success());
     }
 
+    /// The process id (while it runs).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// SIGKILL (`kill -9`): no drain, no goodbye; returns once it is dead.
+    pub async fn kill9(&mut self) {
+        self.child.start_kill().expect("SIGKILL the replica");
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .expect("the replica dies within 10 s of SIGKILL")
+            .expect("wait for the replica");
+    }
+
+    /// Resident memory now and at its peak (`VmRSS`, `VmHWM` of
+    /// /proc/<pid>/status), in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/<pid>/status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
     /// Log lines parsed as JSON.
     pub fn json_logs(&self) -> Vec<serde_json::Value> {
         self.logs

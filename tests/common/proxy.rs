@@ -1,12 +1,16 @@
-//! A TCP proxy the test controls, between a replica and PostgreSQL: it can
-//! forward, refuse (close every connection and every new one), or go silent
-//! (keep connections open but forward nothing, like a half-open socket).
+//! A TCP proxy the test controls, between a client and a server (a replica
+//! and PostgreSQL, or a gRPC client and a replica): it can forward, refuse
+//! (close every connection and every new one), or go silent (keep
+//! connections open but forward nothing, like a half-open socket) — for all
+//! connections, only for those open now (new ones forward: a reconnect gets
+//! through), or only in the server-to-client direction (requests arrive,
+//! replies are lost).
 
 use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering},
     },
 };
 
@@ -20,10 +24,23 @@ const FORWARD: u8 = 0;
 const REFUSE: u8 = 1;
 const SILENT: u8 = 2;
 
+/// One proxied connection: its two pumps and its own silence switches.
+struct Conn {
+    pumps: [AbortHandle; 2],
+    /// Client-to-server bytes are swallowed.
+    up_silent: Arc<AtomicBool>,
+    /// Server-to-client bytes are swallowed.
+    down_silent: Arc<AtomicBool>,
+}
+
 #[derive(Default)]
 struct State {
     mode: AtomicU8,
-    connections: Mutex<Vec<AbortHandle>>,
+    /// Server-to-client bytes of every connection, new ones too, are
+    /// swallowed.
+    replies_silent: Arc<AtomicBool>,
+    accepted: AtomicUsize,
+    connections: Mutex<Vec<Conn>>,
 }
 
 /// A running proxy on 127.0.0.1; stops when dropped.
@@ -48,13 +65,30 @@ impl TcpProxy {
                 let Ok(server) = TcpStream::connect(upstream).await else {
                     continue;
                 };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                st.accepted.fetch_add(1, Ordering::AcqRel);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                let up = tokio::spawn(pump(cr, sw, st.clone()));
-                let down = tokio::spawn(pump(sr, cw, st.clone()));
-                let mut conns = st.connections.lock().unwrap();
-                conns.push(up.abort_handle());
-                conns.push(down.abort_handle());
+                let up_silent = Arc::new(AtomicBool::new(false));
+                let down_silent = Arc::new(AtomicBool::new(false));
+                let up = tokio::spawn(pump(
+                    cr,
+                    sw,
+                    st.clone(),
+                    [up_silent.clone(), up_silent.clone()],
+                ));
+                let down = tokio::spawn(pump(
+                    sr,
+                    cw,
+                    st.clone(),
+                    [down_silent.clone(), st.replies_silent.clone()],
+                ));
+                st.connections.lock().unwrap().push(Conn {
+                    pumps: [up.abort_handle(), down.abort_handle()],
+                    up_silent,
+                    down_silent,
+                });
             }
         })
         .abort_handle();
@@ -65,8 +99,11 @@ impl TcpProxy {
         }
     }
 
-    /// Forwards bytes again (new connections are accepted).
+    /// Forwards bytes again (new connections are accepted); undoes
+    /// [`TcpProxy::silence`] and [`TcpProxy::silence_replies`], not
+    /// [`TcpProxy::silence_existing`].
     pub fn forward(&self) {
+        self.state.replies_silent.store(false, Ordering::Release);
         self.state.mode.store(FORWARD, Ordering::Release);
     }
 
@@ -74,13 +111,37 @@ impl TcpProxy {
     pub fn refuse(&self) {
         self.state.mode.store(REFUSE, Ordering::Release);
         for c in self.state.connections.lock().unwrap().drain(..) {
-            c.abort();
+            c.pumps.iter().for_each(AbortHandle::abort);
         }
     }
 
-    /// Keeps connections open but forwards nothing either way.
+    /// Keeps connections open but forwards nothing either way, on every
+    /// connection, new ones included.
     pub fn silence(&self) {
         self.state.mode.store(SILENT, Ordering::Release);
+    }
+
+    /// Makes every connection open now half-open: it stays open and
+    /// forwards nothing either way, for good. Connections made afterwards
+    /// forward normally (a client that gives up on a dead connection and
+    /// reconnects gets through).
+    pub fn silence_existing(&self) {
+        for c in self.state.connections.lock().unwrap().iter() {
+            c.up_silent.store(true, Ordering::Release);
+            c.down_silent.store(true, Ordering::Release);
+        }
+    }
+
+    /// Swallows everything the server sends to clients, on every
+    /// connection (new ones too), while requests still reach it: the
+    /// server acts on a call, its reply is lost.
+    pub fn silence_replies(&self) {
+        self.state.replies_silent.store(true, Ordering::Release);
+    }
+
+    /// Connections accepted (and forwarded to the server) so far.
+    pub fn accepted(&self) -> usize {
+        self.state.accepted.load(Ordering::Acquire)
     }
 }
 
@@ -95,6 +156,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: Arc<State>,
+    silent: [Arc<AtomicBool>; 2],
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -102,6 +164,9 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if silent.iter().any(|s| s.load(Ordering::Acquire)) {
+            continue; // swallowed
+        }
         match state.mode.load(Ordering::Acquire) {
             SILENT => continue, // swallowed
             REFUSE => return,

@@ -1,0 +1,133 @@
+/**
+ * The live inbox demo: `useNotifications()` rendered as a small inbox.
+ *
+ * URL query: `server` (Herald's URL, default http://127.0.0.1:50051),
+ * `token` (the user's JWT), optional `types` (comma-separated),
+ * `heartbeat` (the server's heartbeat interval in ms, default 15000),
+ * `history` (recent notifications to load, default 20).
+ *
+ * Stable `data-testid`s for tests: `status` (with `data-status` and
+ * `data-error-code`), `badge` (`data-count`), `error`, `notifications`,
+ * `notification` (`data-id`, `data-seq`, `data-read`, `data-shown-at`: epoch
+ * ms when first rendered), `notification-title`, `mark-read`,
+ * `mark-all-read`.
+ */
+import { useState } from "react";
+import { createRoot } from "react-dom/client";
+import { createHeraldClient, type ConnectionState, type InboxItem } from "../../src/index.js";
+import { HeraldProvider, useNotifications } from "../../src/react.js";
+
+const params = new URLSearchParams(window.location.search);
+const server = params.get("server") ?? "http://127.0.0.1:50051";
+const token = params.get("token") ?? "";
+const types = (params.get("types") ?? "").split(",").filter((t) => t !== "");
+const heartbeatIntervalMs = positive(params.get("heartbeat")) ?? 15_000;
+const historySize = positive(params.get("history")) ?? 20;
+
+function positive(value: string | null): number | undefined {
+  const n = value === null ? NaN : Number(value);
+  return Number.isFinite(n) && n >= 0 ? n : undefined;
+}
+
+// A real app would return a cached token here and fetch a new one when
+// `forceRefresh` is set; the demo only has the one from the URL.
+const client = createHeraldClient({ baseUrl: server, getToken: () => token });
+
+function statusText(status: ConnectionState): string {
+  switch (status.kind) {
+    case "connecting":
+      return status.attempt > 1 ? `connecting (attempt ${status.attempt})…` : "connecting…";
+    case "live":
+      return "live";
+    case "reconnecting":
+      return `reconnecting in ${(status.delayMs / 1000).toFixed(1)} s (retry ${status.attempt})`;
+    case "stopped":
+      return status.error ? `stopped: ${status.error.codeName}` : "stopped";
+  }
+}
+
+function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) => void }) {
+  // When this notification first appeared on the page (epoch ms).
+  const [shownAt] = useState(() => Date.now());
+  return (
+    <li
+      className="item"
+      data-testid="notification"
+      data-id={item.id.toString()}
+      data-seq={item.seq.toString()}
+      data-read={String(item.read)}
+      data-shown-at={shownAt}
+    >
+      <div className="content">
+        <div className="title" data-testid="notification-title">
+          {item.title}
+        </div>
+        {item.body !== "" && <p className="body">{item.body}</p>}
+        <div className="meta">
+          {item.type} · #{item.seq.toString()}
+          {item.createdAt && <> · {item.createdAt.toLocaleTimeString()}</>}
+        </div>
+      </div>
+      <button data-testid="mark-read" disabled={item.read} onClick={() => onMarkRead(item.id)}>
+        {item.read ? "Read" : "Mark read"}
+      </button>
+    </li>
+  );
+}
+
+function Inbox() {
+  const { notifications, unreadCount, status, error, markRead, markAllRead } = useNotifications({
+    types,
+    heartbeatIntervalMs,
+    historySize,
+    backoff: { baseMs: 250, maxMs: 5000 },
+  });
+  return (
+    <main className="inbox">
+      <header>
+        <h1>Inbox</h1>
+        <span className="badge" data-testid="badge" data-count={unreadCount} title="unread">
+          {unreadCount}
+        </span>
+        <span
+          className="status"
+          data-testid="status"
+          data-status={status.kind}
+          data-error-code={error?.codeName ?? ""}
+        >
+          {statusText(status)}
+        </span>
+      </header>
+      {token === "" && (
+        <p className="hint">
+          No <code>token</code> in the URL: run <code>herald token --dev --user alice</code> and add{" "}
+          <code>&amp;token=…</code>.
+        </p>
+      )}
+      {error && (
+        <div className="error" data-testid="error" data-code={error.codeName}>
+          {error.codeName}: {error.rawMessage}
+        </div>
+      )}
+      <div className="toolbar">
+        <button data-testid="mark-all-read" disabled={unreadCount === 0} onClick={() => void markAllRead()}>
+          Mark all read
+        </button>
+      </div>
+      <ul data-testid="notifications">
+        {notifications.map((n) => (
+          <Item key={n.id.toString()} item={n} onMarkRead={(id) => void markRead(id)} />
+        ))}
+      </ul>
+      {notifications.length === 0 && <div className="empty">No notifications yet.</div>}
+    </main>
+  );
+}
+
+const root = document.getElementById("root");
+if (!root) throw new Error("#root missing from index.html");
+createRoot(root).render(
+  <HeraldProvider client={client}>
+    <Inbox />
+  </HeraldProvider>,
+);

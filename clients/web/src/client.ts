@@ -1,0 +1,172 @@
+/**
+ * The Herald client: a grpc-web transport, the token, and small helpers for
+ * the unary calls a frontend makes (mark read, list, unread count).
+ */
+import { create } from "@bufbuild/protobuf";
+import {
+  Code,
+  createClient,
+  type CallOptions,
+  type Client,
+  type Transport,
+} from "@connectrpc/connect";
+import { createGrpcWebTransport } from "@connectrpc/connect-web";
+import { authHeaders, type TokenProvider } from "./auth.js";
+import { HeraldError, toHeraldError } from "./errors.js";
+import {
+  GetUnreadCountRequestSchema,
+  ListNotificationsRequestSchema,
+  MarkReadRequestSchema,
+  NotificationIdsSchema,
+  Notifications,
+  type GetUnreadCountResponse,
+  type ListNotificationsResponse,
+  type MarkReadResponse,
+} from "./gen/herald/v1/herald_pb.js";
+import { subscribe, type SubscribeOptions, type Subscription } from "./subscribe.js";
+
+/**
+ * A grpc-web transport (binary format, over `fetch`) to a Herald server,
+ * e.g. `createHeraldTransport("https://herald.example.com")`. The server
+ * must list the page's origin in `--cors-origins` (`HERALD_CORS_ORIGINS`).
+ *
+ * @param baseUrl the server URL, without the `/herald.v1.Notifications/…` path.
+ * @param options `fetch`: a custom fetch (e.g. to set `credentials`).
+ */
+export function createHeraldTransport(
+  baseUrl: string,
+  options: { fetch?: typeof globalThis.fetch } = {},
+): Transport {
+  return createGrpcWebTransport({
+    baseUrl,
+    useBinaryFormat: true,
+    ...(options.fetch ? { fetch: options.fetch } : {}),
+  });
+}
+
+/** Options of `createHeraldClient()`: `getToken` and one of `baseUrl` / `transport`. */
+export interface HeraldClientOptions {
+  /** Server URL for grpc-web, e.g. `https://herald.example.com`. */
+  baseUrl?: string;
+  /** A ready transport (takes precedence over `baseUrl`); any Connect transport works. */
+  transport?: Transport;
+  /** Supplies the user's bearer token; called before every call and (re)connect. */
+  getToken: TokenProvider;
+  /** Timeout of the unary helper calls, in ms. Default 10 000; <= 0 for none. */
+  timeoutMs?: number;
+}
+
+/** Options of `HeraldClient.list()`. */
+export interface ListOptions {
+  /** Only unread notifications. Default false. */
+  unreadOnly?: boolean;
+  /** Page size, 1 to 500; 0 or absent means the server's default (50). */
+  pageSize?: number;
+  /** The `nextPageToken` of the previous page; absent for the first. */
+  pageToken?: string;
+}
+
+/** Options of `HeraldClient.subscribe()`: `subscribe()`'s, minus what the client supplies. */
+export type ClientSubscribeOptions = Omit<SubscribeOptions, "transport" | "getToken">;
+
+/**
+ * A Herald client bound to a transport and a token provider. Every helper
+ * attaches `authorization: Bearer <token>`; on UNAUTHENTICATED it asks the
+ * provider for a fresh token (`forceRefresh: true`) and retries once.
+ * Helpers reject with a `HeraldError` (gRPC code and message).
+ */
+export interface HeraldClient {
+  /** The transport calls go through. */
+  readonly transport: Transport;
+  /** The token provider. */
+  readonly getToken: TokenProvider;
+  /** The generated Connect client, for calls the helpers do not cover (attach the token yourself). */
+  readonly rpc: Client<typeof Notifications>;
+  /**
+   * Marks notifications read by id (1 to 1,000 ids; ids that are not the
+   * user's, or already read, are ignored). Resolves with how many changed
+   * (`marked`) and the seq of the `read` event emitted (`seq`, 0 when
+   * nothing changed).
+   */
+  markRead(ids: readonly bigint[]): Promise<MarkReadResponse>;
+  /** Marks every notification with seq <= `upToSeq` read ("mark all read"). Same result as `markRead`. */
+  markAllRead(upToSeq: bigint): Promise<MarkReadResponse>;
+  /** One page of the user's notifications, newest first, with `nextPageToken` ("" on the last page). */
+  list(options?: ListOptions): Promise<ListNotificationsResponse>;
+  /** The user's unread count (`unread`) and their stream position when counted (`seq`). */
+  unreadCount(): Promise<GetUnreadCountResponse>;
+  /** `subscribe()` with this client's transport and token provider. */
+  subscribe(options: ClientSubscribeOptions): Subscription;
+}
+
+/** Default timeout of the unary helpers, in ms. */
+export const DEFAULT_CALL_TIMEOUT_MS = 10_000;
+
+/**
+ * Creates a `HeraldClient`. Throws `TypeError` when neither `baseUrl` nor
+ * `transport` is given.
+ */
+export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
+  const transport =
+    options.transport ??
+    (options.baseUrl !== undefined ? createHeraldTransport(options.baseUrl) : undefined);
+  if (!transport) throw new TypeError("createHeraldClient: give baseUrl or transport");
+  const getToken = options.getToken;
+  const timeoutMs = options.timeoutMs ?? DEFAULT_CALL_TIMEOUT_MS;
+  const rpc = createClient(Notifications, transport);
+
+  /** Runs `call` with the token; on UNAUTHENTICATED once more with a fresh one. */
+  const authorized = async <T>(call: (options: CallOptions) => Promise<T>): Promise<T> => {
+    let forceRefresh = false;
+    for (;;) {
+      let token: string | null | undefined;
+      try {
+        token = await getToken({ forceRefresh });
+      } catch (e) {
+        throw new HeraldError(Code.Unknown, `token provider failed: ${e instanceof Error ? e.message : String(e)}`, {
+          cause: e,
+        });
+      }
+      try {
+        return await call({ headers: authHeaders(token), timeoutMs });
+      } catch (e) {
+        const error = toHeraldError(e);
+        if (error.code === Code.Unauthenticated && !forceRefresh) {
+          forceRefresh = true;
+          continue;
+        }
+        throw error;
+      }
+    }
+  };
+
+  return {
+    transport,
+    getToken,
+    rpc,
+    markRead(ids) {
+      const request = create(MarkReadRequestSchema, {
+        target: { case: "ids", value: create(NotificationIdsSchema, { ids: [...ids] }) },
+      });
+      return authorized((o) => rpc.markRead(request, o));
+    },
+    markAllRead(upToSeq) {
+      const request = create(MarkReadRequestSchema, { target: { case: "upToSeq", value: upToSeq } });
+      return authorized((o) => rpc.markRead(request, o));
+    },
+    list(listOptions = {}) {
+      const request = create(ListNotificationsRequestSchema, {
+        unreadOnly: listOptions.unreadOnly ?? false,
+        pageSize: listOptions.pageSize ?? 0,
+        pageToken: listOptions.pageToken ?? "",
+      });
+      return authorized((o) => rpc.listNotifications(request, o));
+    },
+    unreadCount() {
+      return authorized((o) => rpc.getUnreadCount(create(GetUnreadCountRequestSchema), o));
+    },
+    subscribe(subscribeOptions) {
+      return subscribe({ ...subscribeOptions, transport, getToken });
+    },
+  };
+}

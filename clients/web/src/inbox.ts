@@ -1,0 +1,391 @@
+/**
+ * `createInbox()`: a framework-free, live inbox model on top of
+ * `subscribe()` — the notification list, the unread count, the connection
+ * state — with mark-read actions. `useNotifications()` (React) is a thin
+ * wrapper around it; other frameworks can bind to `onChange`/`getSnapshot`.
+ */
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import type { HeraldClient } from "./client.js";
+import { HeraldError, toHeraldError } from "./errors.js";
+import type { Notification } from "./gen/herald/v1/herald_pb.js";
+import {
+  resolveStreamTiming,
+  type ConnectionState,
+  type DeliveredEvent,
+  type SubscribeOptions,
+  type Subscription,
+} from "./subscribe.js";
+
+/** A notification as the inbox shows it. */
+export interface InboxItem {
+  /** Server-assigned id, unique across the deployment. */
+  readonly id: bigint;
+  /** Position in the user's stream; newer notifications have larger seqs. */
+  readonly seq: bigint;
+  /** Dotted type chosen by the sender, e.g. `project.created`. */
+  readonly type: string;
+  /** Headline, plain text. */
+  readonly title: string;
+  /** Body, plain text; may be empty. */
+  readonly body: string;
+  /** Application data: the JSON text of an object (`{}` when none). */
+  readonly data: string;
+  /** When the server stored it; undefined if the server sent no time. */
+  readonly createdAt: Date | undefined;
+  /** Whether the user has marked it read (on any device). */
+  readonly read: boolean;
+}
+
+/**
+ * An immutable view of the inbox. A new object after every change, the same
+ * object while nothing changed (as `useSyncExternalStore` requires).
+ */
+export interface InboxSnapshot {
+  /** Newest first (by seq). */
+  readonly notifications: readonly InboxItem[];
+  /** How many of `notifications` are unread. */
+  readonly unreadCount: number;
+  /** True while the stream is live (past its backlog). */
+  readonly connected: boolean;
+  /** The stream's connection state. */
+  readonly status: ConnectionState;
+  /**
+   * The latest problem: the stream's error while reconnecting or stopped,
+   * or a failed action (mark read, refetch). Cleared when the stream goes
+   * live again or the next action succeeds.
+   */
+  readonly error: HeraldError | undefined;
+}
+
+/** Options of `createInbox()`. */
+export interface InboxOptions
+  extends Pick<SubscribeOptions, "backoff" | "heartbeatIntervalMs" | "watchdogMultiplier" | "random"> {
+  /** The client to subscribe and call through. */
+  client: HeraldClient;
+  /** Only notifications of these types. Empty or absent: all. */
+  types?: readonly string[];
+  /**
+   * How many recent notifications (read or not) to load before subscribing,
+   * 0 to 500. Default 20. With 0 the list starts with the unread
+   * notifications only.
+   */
+  historySize?: number;
+}
+
+/** A live inbox, as returned by `createInbox()`. */
+export interface Inbox {
+  /** The current snapshot. */
+  getSnapshot(): InboxSnapshot;
+  /**
+   * Calls `listener` after changes (coalesced per microtask). Returns the
+   * function that removes it.
+   */
+  onChange(listener: () => void): () => void;
+  /**
+   * Marks these notifications read. Resolves once the server has stored it
+   * (the list and count are updated then, and on the user's other devices
+   * through their streams). Rejects with a `HeraldError` (also shown in
+   * `error`).
+   */
+  markRead(ids: readonly bigint[]): Promise<void>;
+  /**
+   * Marks every notification in the list read: by position (`up_to_seq` =
+   * the newest seq shown) without a `types` filter, by ids with one (so
+   * notifications of other types stay unread). Resolves/rejects like
+   * `markRead`.
+   */
+  markAllRead(): Promise<void>;
+  /** Closes the stream; the snapshot stays as it was, with status `stopped`. */
+  close(): void;
+}
+
+/** Default number of recent notifications loaded at start. */
+export const DEFAULT_HISTORY_SIZE = 20;
+/** Page size used to refetch unread notifications after a `resync`. */
+const RESYNC_PAGE_SIZE = 500;
+/** At most this many pages are refetched after a `resync` (10,000 notifications). */
+const RESYNC_MAX_PAGES = 20;
+/** Attempts of a `resync` refetch, 1 s apart. */
+const RESYNC_ATTEMPTS = 3;
+/** Largest `MarkRead` id list the server accepts. */
+const MAX_IDS_PER_CALL = 1000;
+
+/**
+ * Starts a live inbox: loads the `historySize` most recent notifications,
+ * then subscribes (fresh, so the backlog is exactly the unread ones) and
+ * keeps the list and the unread count in step with the stream: new
+ * notifications, read changes from any device, reconnects (resumed without
+ * loss or duplicates) and `resync` (the unread notifications are refetched).
+ *
+ * The unread count is exact: the list always holds every unread
+ * notification (of the `types`, when filtered). Read ones stay in the list.
+ *
+ * Throws `RangeError` on an invalid `historySize` or stream option.
+ */
+export function createInbox(options: InboxOptions): Inbox {
+  const { client } = options;
+  const historySize = options.historySize ?? DEFAULT_HISTORY_SIZE;
+  if (!Number.isInteger(historySize) || historySize < 0 || historySize > 500) {
+    throw new RangeError(`historySize must be an integer from 0 to 500, got ${historySize}`);
+  }
+  const types = [...(options.types ?? [])];
+  const wanted = (type: string): boolean => types.length === 0 || types.includes(type);
+
+  const items = new Map<bigint, InboxItem>();
+  /** Everything with seq <= this is read (the largest `up_to_seq` seen). */
+  let readUpTo = 0n;
+  let status: ConnectionState = { kind: "connecting", attempt: 1 };
+  let error: HeraldError | undefined;
+  let closed = false;
+  let subscription: Subscription | undefined;
+
+  /** History ids awaiting the first `caught_up`; see `reconcileHistory`. */
+  let history: Set<bigint> | undefined;
+  /** Ids delivered before the first `caught_up`. */
+  const seenBeforeLive = new Set<bigint>();
+
+  /** While a resync refetch runs: stream events held back, applied after it. */
+  let held: DeliveredEvent[] | undefined;
+  let resyncGeneration = 0;
+
+  let snapshot: InboxSnapshot | undefined;
+  const listeners = new Set<() => void>();
+  let emitScheduled = false;
+  const changed = (): void => {
+    snapshot = undefined;
+    if (emitScheduled) return;
+    emitScheduled = true;
+    queueMicrotask(() => {
+      emitScheduled = false;
+      for (const listener of [...listeners]) listener();
+    });
+  };
+
+  const put = (n: Notification, read: boolean): void => {
+    if (!wanted(n.type)) return;
+    const known = items.get(n.id);
+    items.set(n.id, {
+      id: n.id,
+      seq: n.seq,
+      type: n.type,
+      title: n.title,
+      body: n.body,
+      data: n.data,
+      createdAt: n.createdAt ? timestampDate(n.createdAt) : undefined,
+      // Read state only ever goes from unread to read.
+      read: read || (known?.read ?? false) || n.seq <= readUpTo,
+    });
+  };
+
+  const markLocally = (ids: Iterable<bigint>, upToSeq: bigint): void => {
+    if (upToSeq > readUpTo) readUpTo = upToSeq;
+    for (const id of ids) {
+      const item = items.get(id);
+      if (item && !item.read) items.set(id, { ...item, read: true });
+    }
+    if (upToSeq > 0n) {
+      for (const [id, item] of items) {
+        if (!item.read && item.seq <= upToSeq) items.set(id, { ...item, read: true });
+      }
+    }
+  };
+
+  const apply = (event: DeliveredEvent): void => {
+    if (event.kind.case === "notification") {
+      const n = event.kind.value;
+      if (history) seenBeforeLive.add(n.id);
+      put(n, false);
+    } else {
+      markLocally(event.kind.value.notificationIds, event.kind.value.upToSeq);
+    }
+  };
+
+  /**
+   * At the first `caught_up` of the fresh stream: the history was read
+   * before the stream started, and the fresh backlog is every notification
+   * unread at that later moment; so a history item the backlog did not
+   * bring has been read since.
+   */
+  const reconcileHistory = (): void => {
+    if (!history) return;
+    for (const id of history) {
+      if (!seenBeforeLive.has(id)) markLocally([id], 0n);
+    }
+    history = undefined;
+    seenBeforeLive.clear();
+  };
+
+  const onEvent = (event: DeliveredEvent): void => {
+    if (held) {
+      held.push(event);
+      return;
+    }
+    apply(event);
+    changed();
+  };
+
+  const onState = (state: ConnectionState): void => {
+    status = state;
+    if (state.kind === "live") {
+      reconcileHistory();
+      error = undefined;
+    } else if (state.kind === "reconnecting" || state.kind === "stopped") {
+      if (state.error) error = state.error;
+    }
+    changed();
+  };
+
+  /** Unread notifications, all pages (bounded), filtered by type. */
+  const fetchUnread = async (): Promise<Notification[]> => {
+    const out: Notification[] = [];
+    let pageToken = "";
+    for (let page = 0; page < RESYNC_MAX_PAGES; page++) {
+      const response = await client.list({ unreadOnly: true, pageSize: RESYNC_PAGE_SIZE, pageToken });
+      out.push(...response.notifications);
+      pageToken = response.nextPageToken;
+      if (!pageToken) break;
+    }
+    return out;
+  };
+
+  const onResync = (): void => {
+    const generation = ++resyncGeneration;
+    held ??= [];
+    void (async () => {
+      let lastError: HeraldError | undefined;
+      for (let attempt = 1; attempt <= RESYNC_ATTEMPTS; attempt++) {
+        try {
+          const unread = await fetchUnread();
+          if (generation !== resyncGeneration || closed) return;
+          // Everything in the list arrived before the resync position; what
+          // is not unread now has been read meanwhile.
+          const unreadIds = new Set(unread.map((n) => n.id));
+          for (const [id, item] of items) {
+            if (!item.read && !unreadIds.has(id)) items.set(id, { ...item, read: true });
+          }
+          for (const n of unread) put(n, false);
+          lastError = undefined;
+          break;
+        } catch (e) {
+          lastError = toHeraldError(e);
+          if (attempt < RESYNC_ATTEMPTS) await new Promise((r) => setTimeout(r, 1000));
+          if (generation !== resyncGeneration || closed) return;
+        }
+      }
+      if (lastError) error = lastError;
+      // Events that arrived during the refetch are newer than (or already
+      // part of) what it returned; applying them again is harmless.
+      const pending = held ?? [];
+      held = undefined;
+      for (const event of pending) apply(event);
+      changed();
+    })();
+  };
+
+  const start = async (): Promise<void> => {
+    if (historySize > 0) {
+      try {
+        const page = await client.list({ pageSize: historySize });
+        history = new Set();
+        for (const n of page.notifications) {
+          if (!wanted(n.type)) continue;
+          put(n, n.read);
+          history.add(n.id);
+        }
+        changed();
+      } catch (e) {
+        // The stream below reports the same problem (or works anyway).
+        error = toHeraldError(e);
+        changed();
+      }
+    }
+    if (closed) return;
+    const streamOptions: Parameters<HeraldClient["subscribe"]>[0] = {
+      types,
+      onEvent,
+      onState,
+      onResync,
+    };
+    if (options.backoff) streamOptions.backoff = options.backoff;
+    if (options.heartbeatIntervalMs !== undefined) streamOptions.heartbeatIntervalMs = options.heartbeatIntervalMs;
+    if (options.watchdogMultiplier !== undefined) streamOptions.watchdogMultiplier = options.watchdogMultiplier;
+    if (options.random) streamOptions.random = options.random;
+    subscription = client.subscribe(streamOptions);
+  };
+
+  const act = async (call: () => Promise<void>): Promise<void> => {
+    try {
+      await call();
+      error = undefined;
+      changed();
+    } catch (e) {
+      error = toHeraldError(e);
+      changed();
+      throw error;
+    }
+  };
+
+  // Validate the stream options now, as documented, not inside start().
+  resolveStreamTiming(options);
+  void start();
+
+  return {
+    getSnapshot() {
+      if (!snapshot) {
+        const notifications = [...items.values()].sort((a, b) =>
+          a.seq === b.seq ? 0 : a.seq > b.seq ? -1 : 1,
+        );
+        snapshot = {
+          notifications,
+          unreadCount: notifications.reduce((count, n) => count + (n.read ? 0 : 1), 0),
+          connected: status.kind === "live",
+          status,
+          error,
+        };
+      }
+      return snapshot;
+    },
+    onChange(listener) {
+      listeners.add(listener);
+      return () => {
+        listeners.delete(listener);
+      };
+    },
+    markRead(ids) {
+      return act(async () => {
+        for (let i = 0; i < ids.length; i += MAX_IDS_PER_CALL) {
+          const chunk = ids.slice(i, i + MAX_IDS_PER_CALL);
+          await client.markRead(chunk);
+          markLocally(chunk, 0n);
+        }
+      });
+    },
+    markAllRead() {
+      return act(async () => {
+        if (types.length > 0) {
+          const unread = [...items.values()].filter((n) => !n.read).map((n) => n.id);
+          for (let i = 0; i < unread.length; i += MAX_IDS_PER_CALL) {
+            const chunk = unread.slice(i, i + MAX_IDS_PER_CALL);
+            await client.markRead(chunk);
+            markLocally(chunk, 0n);
+          }
+          return;
+        }
+        let newest = 0n;
+        for (const item of items.values()) if (item.seq > newest) newest = item.seq;
+        if (newest === 0n) return;
+        await client.markAllRead(newest);
+        markLocally([], newest);
+      });
+    },
+    close() {
+      if (closed) return;
+      closed = true;
+      subscription?.close();
+      if (!subscription) {
+        status = { kind: "stopped" };
+        changed();
+      }
+    },
+  };
+}

@@ -1,0 +1,143 @@
+/**
+ * React binding: `useNotifications()` and `HeraldProvider`
+ * (import from `@herald/web/react`; React >= 18 is a peer dependency).
+ */
+import {
+  createContext,
+  createElement,
+  useCallback,
+  useContext,
+  useEffect,
+  useRef,
+  useState,
+  useSyncExternalStore,
+  type ReactNode,
+} from "react";
+import type { HeraldClient } from "./client.js";
+import type { HeraldError } from "./errors.js";
+import { createInbox, type Inbox, type InboxItem, type InboxOptions, type InboxSnapshot } from "./inbox.js";
+import type { ConnectionState } from "./subscribe.js";
+
+/** The client `useNotifications()` uses when it is not given one. */
+export const HeraldContext = createContext<HeraldClient | null>(null);
+
+/** Props of `HeraldProvider`. */
+export interface HeraldProviderProps {
+  /** The client the hooks below it use. */
+  client: HeraldClient;
+  /** The subtree. */
+  children?: ReactNode;
+}
+
+/** Makes `client` the default of every `useNotifications()` below it. */
+export function HeraldProvider(props: HeraldProviderProps): ReactNode {
+  return createElement(HeraldContext.Provider, { value: props.client }, props.children);
+}
+
+/**
+ * Options of `useNotifications()`: those of `createInbox()`, with the client
+ * optional (default: the `HeraldProvider`'s). Changing `client`, `types`,
+ * `historySize` or the stream timing reopens the stream; other changes do not.
+ */
+export interface UseNotificationsOptions extends Omit<InboxOptions, "client"> {
+  /** The client; default the one from `HeraldProvider`. */
+  client?: HeraldClient;
+}
+
+/** What `useNotifications()` returns; re-rendered on every change. */
+export interface UseNotificationsResult {
+  /** The user's notifications, newest first; read ones included (`read: true`). */
+  notifications: readonly InboxItem[];
+  /** Number of unread notifications (of the `types`, when filtered). */
+  unreadCount: number;
+  /** True while the stream is live. */
+  connected: boolean;
+  /** The stream's connection state (`connecting`, `live`, `reconnecting`, `stopped`). */
+  status: ConnectionState;
+  /** The latest error (stream or action), or undefined. */
+  error: HeraldError | undefined;
+  /**
+   * Marks one or several notifications read. Never rejects: a failure shows
+   * up in `error`. Resolves when the server has stored it.
+   */
+  markRead: (ids: bigint | readonly bigint[]) => Promise<void>;
+  /** Marks every listed notification read; never rejects (see `error`). */
+  markAllRead: () => Promise<void>;
+}
+
+const STARTING: InboxSnapshot = {
+  notifications: [],
+  unreadCount: 0,
+  connected: false,
+  status: { kind: "connecting", attempt: 1 },
+  error: undefined,
+};
+const noSubscription = (): (() => void) => () => {};
+const startingSnapshot = (): InboxSnapshot => STARTING;
+
+/**
+ * The signed-in user's live notifications, unread count and connection
+ * state, with mark-read actions. Opens one stream per mounted hook and
+ * closes it on unmount.
+ *
+ * Throws `Error` when no client is given and there is no `HeraldProvider`.
+ *
+ * @example
+ * const { notifications, unreadCount, connected, markRead, markAllRead } =
+ *   useNotifications({ types: ["project.created"] });
+ */
+export function useNotifications(options: UseNotificationsOptions = {}): UseNotificationsResult {
+  const contextClient = useContext(HeraldContext);
+  const client = options.client ?? contextClient;
+  if (!client) {
+    throw new Error("useNotifications: pass a client, or render inside <HeraldProvider client={…}>");
+  }
+  const latest = useRef(options);
+  latest.current = options;
+  const key = JSON.stringify([
+    options.types ?? [],
+    options.historySize ?? null,
+    options.heartbeatIntervalMs ?? null,
+    options.watchdogMultiplier ?? null,
+    options.backoff?.baseMs ?? null,
+    options.backoff?.maxMs ?? null,
+  ]);
+
+  const [inbox, setInbox] = useState<Inbox | null>(null);
+  useEffect(() => {
+    const { client: _ignored, ...rest } = latest.current;
+    const created = createInbox({ ...rest, client });
+    setInbox(created);
+    return () => {
+      created.close();
+    };
+  }, [client, key]);
+
+  const snapshot = useSyncExternalStore(
+    inbox ? inbox.onChange : noSubscription,
+    inbox ? inbox.getSnapshot : startingSnapshot,
+    inbox ? inbox.getSnapshot : startingSnapshot,
+  );
+
+  const markRead = useCallback(
+    async (ids: bigint | readonly bigint[]): Promise<void> => {
+      if (!inbox) return;
+      await inbox.markRead(typeof ids === "bigint" ? [ids] : ids).catch(() => undefined);
+    },
+    [inbox],
+  );
+  const markAllRead = useCallback(async (): Promise<void> => {
+    if (!inbox) return;
+    await inbox.markAllRead().catch(() => undefined);
+  }, [inbox]);
+
+  return {
+    notifications: snapshot.notifications,
+    unreadCount: snapshot.unreadCount,
+    connected: snapshot.connected,
+    status: snapshot.status,
+    error: snapshot.error,
+    markRead,
+    markAllRead,
+  };
+}

@@ -1,0 +1,524 @@
+// End-to-end browser test of the inbox demo over grpc-web, in a real
+// headless Chromium, against two real Herald replicas on one PostgreSQL.
+//
+// Driven by tests/browser.rs (`cargo test --test browser`); can be run by
+// hand from clients/web:
+//   HERALD_BIN=../../target/debug/herald \
+//   DATABASE_URL=postgres://postgres@127.0.0.1:5432/<an empty database> \
+//   HERALD_JWT_SECRET=<at least 32 bytes> node test/browser.mjs
+//
+// Optional: CHROMIUM (default /usr/bin/chromium), HERALD_SCREENSHOT (write
+// the inbox screenshot there), BROWSER_TEST_TIMEOUT_MS (default 170000).
+// Everything listens on 127.0.0.1 only. Every child process is killed and
+// every temporary directory removed on exit, whatever happens.
+import { spawn, execFileSync } from "node:child_process";
+import { existsSync, mkdtempSync, rmSync, createWriteStream, readFileSync, mkdirSync } from "node:fs";
+import { request as httpRequest } from "node:http";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { build } from "esbuild";
+import { chromium } from "playwright-core";
+import { buildDemo } from "../scripts/build-demo.mjs";
+import { startStaticServer } from "../scripts/serve.mjs";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const HOST = "127.0.0.1";
+const BUDGET_MS = Number(process.env.BROWSER_TEST_TIMEOUT_MS ?? 170_000);
+const LATENCY_LIMIT_MS = 1000;
+const HEARTBEAT_MS = 2000;
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) fail(`${name} is not set (see the header of test/browser.mjs)`);
+  return value;
+};
+
+// ---------------------------------------------------------------------------
+// Clean-up: children, browser, servers, temp dirs — on every exit path.
+
+const children = new Set();
+const replicas = [];
+const tempDirs = [];
+const closers = [];
+let cleaned = false;
+
+async function cleanup() {
+  if (cleaned) return;
+  cleaned = true;
+  for (const close of closers.reverse()) {
+    try {
+      await Promise.race([close(), sleep(5000)]);
+    } catch {
+      // already gone
+    }
+  }
+  killChildrenNow();
+  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true });
+}
+
+function killChildrenNow() {
+  for (const child of children) {
+    if (child.exitCode === null && child.signalCode === null) {
+      try {
+        child.kill("SIGKILL");
+      } catch {
+        // already gone
+      }
+    }
+  }
+}
+
+process.on("exit", () => {
+  // Last resort (synchronous): nothing may outlive the test.
+  killChildrenNow();
+  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true });
+});
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) {
+  process.on(signal, () => {
+    console.error(`browser test: got ${signal}, cleaning up`);
+    void cleanup().finally(() => process.exit(1));
+  });
+}
+
+function fail(message) {
+  throw new Error(message);
+}
+
+function check(condition, message) {
+  if (!condition) fail(message);
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function log(message) {
+  console.log(`[browser] ${message}`);
+}
+
+// ---------------------------------------------------------------------------
+// Helpers.
+
+function freePort() {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, HOST, () => {
+      const { port } = server.address();
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+/** A Herald replica as a child process, restartable on the same port. */
+class Replica {
+  constructor(name, { bin, port, databaseUrl, secret, corsOrigin, logDir }) {
+    Object.assign(this, { name, bin, port, databaseUrl, secret, corsOrigin, logDir });
+    this.url = `http://${HOST}:${port}`;
+    this.starts = 0;
+  }
+
+  start() {
+    this.starts += 1;
+    const logFile = join(this.logDir, `${this.name}-${this.starts}.log`);
+    const out = createWriteStream(logFile);
+    const child = spawn(
+      this.bin,
+      [
+        "serve",
+        "--listen",
+        `${HOST}:${this.port}`,
+        "--cors-origins",
+        this.corsOrigin,
+        "--heartbeat-interval",
+        `${HEARTBEAT_MS}ms`,
+      ],
+      {
+        env: {
+          PATH: process.env.PATH ?? "",
+          DATABASE_URL: this.databaseUrl,
+          HERALD_JWT_SECRET: this.secret,
+          RUST_LOG: process.env.RUST_LOG ?? "info",
+        },
+        stdio: ["ignore", "pipe", "pipe"],
+      },
+    );
+    child.stdout.pipe(out);
+    child.stderr.pipe(out);
+    children.add(child);
+    child.once("exit", () => children.delete(child));
+    this.child = child;
+    this.logFile = logFile;
+    return this;
+  }
+
+  /** SIGTERM, and wait for the exit (SIGKILL after `graceMs`). Resolves with how it ended. */
+  async stop(graceMs = 20_000) {
+    const child = this.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return "not running";
+    const exited = new Promise((r) => child.once("exit", (code, signal) => r(signal ?? `exit ${code}`)));
+    child.kill("SIGTERM");
+    const result = await Promise.race([exited, sleep(graceMs).then(() => null)]);
+    if (result !== null) return result;
+    child.kill("SIGKILL");
+    await exited;
+    return `SIGKILL after ${graceMs} ms`;
+  }
+
+  logTail(lines = 30) {
+    try {
+      return readFileSync(this.logFile, "utf8").trim().split("\n").slice(-lines).join("\n");
+    } catch {
+      return "(no log)";
+    }
+  }
+}
+
+/** Waits until `replica` answers a gRPC call (with `token`). */
+async function waitReady(replica, native, token, timeoutMs = 30_000) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  while (Date.now() < deadline) {
+    if (replica.child.exitCode !== null) {
+      fail(`replica ${replica.name} exited (${replica.child.exitCode}):\n${replica.logTail()}`);
+    }
+    try {
+      await native.getUnreadCount({}, { headers: { authorization: `Bearer ${token}` }, timeoutMs: 2000 });
+      return;
+    } catch (e) {
+      last = e;
+      await sleep(100);
+    }
+  }
+  fail(`replica ${replica.name} not ready after ${timeoutMs} ms: ${last}\n${replica.logTail()}`);
+}
+
+/** A raw HTTP request to a replica (for CORS checks). Resolves with `{ status, headers }`. */
+function rawRequest(url, { method, headers, body }) {
+  return new Promise((resolveReq, reject) => {
+    const req = httpRequest(url, { method, headers }, (res) => {
+      res.resume();
+      res.on("end", () => resolveReq({ status: res.statusCode, headers: res.headers }));
+    });
+    req.on("error", reject);
+    req.setTimeout(5000, () => req.destroy(new Error("timeout")));
+    req.end(body);
+  });
+}
+
+// Page helpers ---------------------------------------------------------------
+
+const q = {
+  status: '[data-testid="status"]',
+  badge: '[data-testid="badge"]',
+  error: '[data-testid="error"]',
+  item: '[data-testid="notification"]',
+};
+
+async function pageState(page) {
+  return page.evaluate((sel) => {
+    const status = document.querySelector(sel.status);
+    const badge = document.querySelector(sel.badge);
+    const error = document.querySelector(sel.error);
+    return {
+      status: status?.getAttribute("data-status") ?? null,
+      statusText: status?.textContent ?? null,
+      errorCode: status?.getAttribute("data-error-code") ?? "",
+      error: error?.textContent ?? null,
+      badge: badge ? Number(badge.getAttribute("data-count")) : null,
+      items: [...document.querySelectorAll(sel.item)].map((li) => ({
+        id: li.getAttribute("data-id"),
+        seq: Number(li.getAttribute("data-seq")),
+        read: li.getAttribute("data-read") === "true",
+        shownAt: Number(li.getAttribute("data-shown-at")),
+        title: li.querySelector('[data-testid="notification-title"]')?.textContent ?? "",
+      })),
+    };
+  }, q);
+}
+
+/** Polls the page until `predicate(state)` holds; fails with the last state after `timeoutMs`. */
+async function waitFor(page, predicate, what, timeoutMs = 10_000) {
+  const deadline = Date.now() + timeoutMs;
+  let state;
+  for (;;) {
+    state = await pageState(page);
+    if (predicate(state)) return state;
+    if (Date.now() > deadline) {
+      fail(`timed out after ${timeoutMs} ms waiting for ${what}; page state: ${JSON.stringify(state)}`);
+    }
+    await sleep(10);
+  }
+}
+
+function assertOrderedOnce(state, label) {
+  const seqs = state.items.map((i) => i.seq);
+  const ids = state.items.map((i) => i.id);
+  check(new Set(ids).size === ids.length, `${label}: duplicate notifications shown: ${seqs}`);
+  for (let i = 1; i < seqs.length; i++) {
+    check(seqs[i - 1] > seqs[i], `${label}: not newest first: ${seqs}`);
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+async function main() {
+  const bin = resolve(env("HERALD_BIN"));
+  const databaseUrl = env("DATABASE_URL");
+  const secret = env("HERALD_JWT_SECRET");
+  check(Buffer.byteLength(secret) >= 32, "HERALD_JWT_SECRET must be at least 32 bytes");
+  const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
+  check(existsSync(chromiumPath), `${chromiumPath} not found: run .ci/run (installs Debian's chromium)`);
+  check(existsSync(bin), `herald binary ${bin} not found`);
+
+  const tmp = mkdtempSync(join(tmpdir(), "herald-browser-"));
+  tempDirs.push(tmp);
+  const logDir = join(tmp, "logs");
+  mkdirSync(logDir);
+
+  // Build what the test needs: the demo bundle, and a native gRPC client.
+  await buildDemo();
+  const nativeModule = join(tmp, "native-client.mjs");
+  await build({
+    entryPoints: [join(root, "test/native-client.ts")],
+    outfile: nativeModule,
+    bundle: true,
+    platform: "node",
+    target: "node20",
+    format: "esm",
+    logLevel: "warning",
+  });
+  const { nativeClient, mintToken } = await import(pathToFileURL(nativeModule).href);
+
+  // The page, served from an allowed origin and from a refused one.
+  const page = await startStaticServer({ port: 0 });
+  const other = await startStaticServer({ port: 0 });
+  for (const s of [page, other]) {
+    closers.push(
+      () =>
+        new Promise((r) => {
+          s.server.close(r);
+          s.server.closeAllConnections();
+        }),
+    );
+  }
+  log(`page origin ${page.url} (allowed), ${other.url} (not allowed)`);
+
+  const [portA, portB] = [await freePort(), await freePort()];
+  const common = { bin, databaseUrl, secret, corsOrigin: page.url, logDir };
+  const A = new Replica("A", { ...common, port: portA }).start();
+  const B = new Replica("B", { ...common, port: portB }).start();
+  replicas.push(A, B);
+  const nativeA = nativeClient(A.url);
+  const nativeB = nativeClient(B.url);
+
+  // Alice's token as `herald token` prints it; the sender's minted here.
+  const alice = execFileSync(bin, ["token", "--user", "alice"], {
+    env: { PATH: process.env.PATH ?? "", HERALD_JWT_SECRET: secret },
+    encoding: "utf8",
+  }).trim();
+  const sender = mintToken(secret, "browser-test", "notifications:send");
+  const auth = (token) => ({ headers: { authorization: `Bearer ${token}` }, timeoutMs: 5000 });
+  await waitReady(A, nativeA, alice);
+  await waitReady(B, nativeB, alice);
+  log(`replicas A ${A.url} and B ${B.url} ready`);
+
+  /** Sends one notification to alice through `client`; resolves with its seq. */
+  const send = async (client, title, body = "", type = "demo") => {
+    const response = await client.sendNotification(
+      { recipients: ["alice"], type, title, body, data: "{}" },
+      auth(sender),
+    );
+    return Number(response.deliveries[0].seq);
+  };
+
+  const userDataDir = mkdtempSync(join(tmpdir(), "herald-chromium-"));
+  tempDirs.push(userDataDir);
+  const browser = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: chromiumPath,
+    headless: true,
+    viewport: { width: 720, height: 640 },
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+  });
+  closers.push(() => browser.close());
+  const consoleErrors = [];
+  const open = async (origin, params) => {
+    const p = await browser.newPage();
+    p.on("pageerror", (e) => consoleErrors.push(`${origin}: ${e.message}`));
+    const query = new URLSearchParams({ heartbeat: String(HEARTBEAT_MS), ...params });
+    await p.goto(`${origin}/?${query}`);
+    return p;
+  };
+
+  // 1. The page (alice, replica A) goes live; a notification sent through
+  //    replica B over native gRPC shows up within 1 s.
+  const page1 = await open(page.url, { server: A.url, token: alice });
+  await waitFor(page1, (s) => s.status === "live", "page 1 live");
+  log("page 1 (alice, replica A) is live");
+
+  const latencies = [];
+  const messages = [
+    ["build.passed", "Build #41 passed", "main · 212 tests · 3 min 12 s"],
+    ["chat.mention", "You were mentioned in #release", "bob: @alice can you sign off the 1.4 notes?"],
+    ["deploy.finished", "Deploy to staging finished", "herald 1.4.0-rc.2 is live on staging"],
+    ["review.comment", "New comment on PR #1024", "carol: looks good, one nit on the retry loop"],
+    ["report.ready", "Weekly report is ready", "Open rate up 12 % week over week"],
+  ];
+  const titles = messages.map(([, title]) => title);
+  for (const [type, title, body] of messages) {
+    const sentAt = Date.now();
+    const seq = await send(nativeB, title, body, type);
+    const state = await waitFor(page1, (s) => s.items.some((i) => i.seq === seq), `seq ${seq} on page 1`, 5000);
+    const item = state.items.find((i) => i.seq === seq);
+    check(item.title === title, `seq ${seq} shows "${item.title}", expected "${title}"`);
+    latencies.push(item.shownAt - sentAt);
+  }
+  const sorted = [...latencies].sort((a, b) => a - b);
+  log(
+    `send (native gRPC, replica B) -> display (grpc-web, replica A) latency, ms: ` +
+      `${latencies.join(", ")} (min ${sorted[0]}, median ${sorted[Math.floor(sorted.length / 2)]}, max ${sorted.at(-1)})`,
+  );
+  for (const ms of latencies) check(ms < LATENCY_LIMIT_MS, `a notification took ${ms} ms to show (limit ${LATENCY_LIMIT_MS} ms)`);
+  let s1 = await waitFor(page1, (s) => s.badge === titles.length, `badge ${titles.length}`);
+  assertOrderedOnce(s1, "page 1");
+
+  // 2. A second page for alice on replica B; marking read on page 1 updates
+  //    both badges, page 2's live through its own stream.
+  const page2 = await open(page.url, { server: B.url, token: alice });
+  await waitFor(page2, (s) => s.status === "live" && s.badge === titles.length, "page 2 live with the same unread count");
+  log("page 2 (alice, replica B) is live");
+  const target = s1.items[2];
+  await page1.click(`${q.item}[data-seq="${target.seq}"] [data-testid="mark-read"]`);
+  const clickedAt = Date.now();
+  s1 = await waitFor(page1, (s) => s.badge === titles.length - 1, "page 1 badge after mark read", 5000);
+  check(s1.items.find((i) => i.seq === target.seq).read, "page 1: the item is not shown read");
+  const s2 = await waitFor(
+    page2,
+    (s) => s.badge === titles.length - 1 && s.items.find((i) => i.seq === target.seq)?.read,
+    "page 2 to show the read state live",
+    5000,
+  );
+  log(`mark read on page 1 reached page 2 (replica B) in ${Date.now() - clickedAt} ms`);
+  assertOrderedOnce(s2, "page 2");
+
+  // Screenshot: a few notifications, one read.
+  const screenshot = process.env.HERALD_SCREENSHOT ?? join(tmp, "inbox.png");
+  mkdirSync(dirname(resolve(screenshot)), { recursive: true });
+  await page1.locator("main.inbox").screenshot({ path: screenshot });
+  log(`screenshot: ${process.env.HERALD_SCREENSHOT ? screenshot : "(temporary)"}`);
+
+  // 3. Replica A stops (SIGTERM) and starts again on the same port; what is
+  //    sent through B meanwhile shows up on page 1 after it reconnects,
+  //    once each, in order.
+  const before = s1.items.length;
+  const stopped = await A.stop();
+  log(`replica A stopped (${stopped})`);
+  await waitFor(page1, (s) => s.status !== "live", "page 1 to notice replica A is gone", 10_000);
+  const missed = [];
+  for (const title of ["While A was down: 1", "While A was down: 2", "While A was down: 3"]) {
+    missed.push(await send(nativeB, title));
+  }
+  await waitFor(page2, (s) => missed.every((seq) => s.items.some((i) => i.seq === seq)), "page 2 (on B) to get them live");
+  await sleep(500);
+  s1 = await pageState(page1);
+  check(!missed.some((seq) => s1.items.some((i) => i.seq === seq)), "page 1 showed events while its replica was down?");
+  A.start();
+  await waitReady(A, nativeA, alice);
+  log("replica A restarted on the same port");
+  s1 = await waitFor(
+    page1,
+    (s) => s.status === "live" && missed.every((seq) => s.items.some((i) => i.seq === seq)),
+    "page 1 to reconnect and show what it missed",
+    30_000,
+  );
+  assertOrderedOnce(s1, "page 1 after reconnect");
+  check(s1.items.length === before + missed.length, `page 1 shows ${s1.items.length} items, expected ${before + missed.length}`);
+  check(s1.badge === titles.length - 1 + missed.length, `page 1 badge ${s1.badge}`);
+  // Nothing is re-delivered later either.
+  await sleep(HEARTBEAT_MS + 500);
+  s1 = await pageState(page1);
+  assertOrderedOnce(s1, "page 1 after a heartbeat");
+  check(s1.items.length === before + missed.length, "page 1 item count changed after reconnect");
+  log(`page 1 reconnected and showed seqs ${missed.join(", ")} once each, in order`);
+
+  // 4. Origins not on the allow-list are refused.
+  const preflight = (origin) =>
+    rawRequest(`${A.url}/herald.v1.Notifications/Subscribe`, {
+      method: "OPTIONS",
+      headers: {
+        origin,
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type,x-grpc-web,x-user-agent",
+      },
+    });
+  const allowed = await preflight(page.url);
+  check(allowed.headers["access-control-allow-origin"] === page.url, `preflight from the allowed origin: ${JSON.stringify(allowed.headers)}`);
+  const allowHeaders = String(allowed.headers["access-control-allow-headers"] ?? "").toLowerCase();
+  for (const h of ["authorization", "content-type", "x-grpc-web", "x-user-agent"]) {
+    check(allowHeaders.includes(h), `preflight does not allow request header ${h}: ${allowHeaders}`);
+  }
+  const refused = await preflight(other.url);
+  check(
+    refused.headers["access-control-allow-origin"] === undefined,
+    `preflight from ${other.url} got access-control-allow-origin: ${refused.headers["access-control-allow-origin"]}`,
+  );
+  const page3 = await open(other.url, { server: A.url, token: alice });
+  const s3 = await waitFor(page3, (s) => s.status === "reconnecting" && s.error !== null, "the refused origin's page to fail", 10_000);
+  await sleep(1500);
+  const s3b = await pageState(page3);
+  check(s3b.status !== "live" && s3b.items.length === 0, `the page from ${other.url} got through: ${JSON.stringify(s3b)}`);
+  log(`page from ${other.url} refused by CORS: preflight has no allow-origin; page shows "${s3.error}"`);
+  // And a browser fetch from the allowed page sees the exposed gRPC trailers-as-headers.
+  const exposed = await page1.evaluate(async (server) => {
+    const r = await fetch(`${server}/herald.v1.Notifications/GetUnreadCount`, {
+      method: "POST",
+      headers: { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
+      body: new Uint8Array([0, 0, 0, 0, 0]),
+    });
+    await r.arrayBuffer();
+    return { status: r.status, grpcStatus: r.headers.get("grpc-status"), grpcMessage: r.headers.get("grpc-message") };
+  }, A.url);
+  check(exposed.grpcStatus === "16", `an unauthenticated grpc-web call from the page: ${JSON.stringify(exposed)}`);
+  log(`unauthenticated grpc-web fetch from the allowed page: grpc-status ${exposed.grpcStatus} (${exposed.grpcMessage}) readable`);
+
+  // 5. No token, or a garbage one: UNAUTHENTICATED in the page's state.
+  for (const [label, params] of [
+    ["no token", { server: A.url }],
+    ["garbage token", { server: A.url, token: "not.a.jwt" }],
+  ]) {
+    const p = await open(page.url, params);
+    const s = await waitFor(p, (st) => st.status === "stopped", `the ${label} page to stop`, 10_000);
+    check(s.errorCode === "UNAUTHENTICATED", `${label}: state ${JSON.stringify(s)}`);
+    check((s.error ?? "").startsWith("UNAUTHENTICATED"), `${label}: error text ${s.error}`);
+    log(`${label}: page shows "${s.statusText}" / "${s.error}"`);
+  }
+
+  check(consoleErrors.length === 0, `uncaught errors in pages: ${consoleErrors.join("; ")}`);
+  log("all browser checks passed");
+}
+
+const timer = setTimeout(() => {
+  console.error(`browser test: FAILED: no result within ${BUDGET_MS} ms; killing everything`);
+  void cleanup().finally(() => process.exit(1));
+}, BUDGET_MS);
+
+let exitCode = 0;
+try {
+  await main();
+} catch (e) {
+  exitCode = 1;
+  console.error(`browser test: FAILED: ${e instanceof Error ? e.stack ?? e.message : e}`);
+  for (const r of replicas) console.error(`--- replica ${r.name} log (tail) ---\n${r.logTail()}`);
+}
+clearTimeout(timer);
+await cleanup();
+process.exit(exitCode);

@@ -1,0 +1,172 @@
+/**
+ * A scripted, in-process Herald for unit tests: a Connect router transport
+ * (no network) whose Subscribe calls are answered by per-call scripts, and
+ * whose unary calls are recorded and answered by test-provided functions.
+ */
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, createRouterTransport, type HandlerContext, type Transport } from "@connectrpc/connect";
+import {
+  EventSchema,
+  GetUnreadCountResponseSchema,
+  ListNotificationsResponseSchema,
+  MarkReadResponseSchema,
+  NotificationSchema,
+  Notifications,
+  type Event,
+  type GetUnreadCountResponse,
+  type ListNotificationsRequest,
+  type ListNotificationsResponse,
+  type MarkReadRequest,
+  type MarkReadResponse,
+  type Notification,
+  type SubscribeRequest,
+} from "../../src/gen/herald/v1/herald_pb.js";
+
+/** One Subscribe call as the fake server saw it. */
+export interface SubscribeCall {
+  /** `after_seq`, undefined when absent. */
+  afterSeq: bigint | undefined;
+  /** `types`. */
+  types: string[];
+  /** The `authorization` header, or null. */
+  authorization: string | null;
+  /** Aborted when the client goes away. */
+  signal: AbortSignal;
+  /** When the call arrived (`performance.now()`, ms). */
+  at: number;
+}
+
+/** Answers one Subscribe call: yields events, may throw a ConnectError. */
+export type StreamScript = (request: SubscribeRequest, ctx: HandlerContext) => AsyncIterable<Event>;
+
+/** The scripted server. */
+export class FakeHerald {
+  /** Subscribe calls, in order. */
+  readonly calls: SubscribeCall[] = [];
+  /** Scripts for the next Subscribe calls, in order; without one a call stays silent until aborted. */
+  readonly scripts: StreamScript[] = [];
+  /** Recorded unary requests with their `authorization` header. */
+  readonly markReads: { request: MarkReadRequest; authorization: string | null }[] = [];
+  readonly lists: { request: ListNotificationsRequest; authorization: string | null }[] = [];
+  readonly counts: { authorization: string | null }[] = [];
+  /** Unary behaviours; defaults answer empty responses. */
+  onMarkRead: (r: MarkReadRequest, ctx: HandlerContext) => MessageInitShape<typeof MarkReadResponseSchema> = () => ({});
+  onList: (r: ListNotificationsRequest, ctx: HandlerContext) => MessageInitShape<typeof ListNotificationsResponseSchema> =
+    () => ({});
+  onCount: (ctx: HandlerContext) => MessageInitShape<typeof GetUnreadCountResponseSchema> = () => ({});
+  private waiters: (() => void)[] = [];
+
+  /** The transport to give the client. */
+  readonly transport: Transport = createRouterTransport(({ service }) => {
+    service(Notifications, {
+      sendNotification: () => {
+        throw new ConnectError("not in the fake", Code.Unimplemented);
+      },
+      subscribe: (request, ctx) => this.subscribe(request, ctx),
+      markRead: (request, ctx): MarkReadResponse => {
+        this.markReads.push({ request, authorization: ctx.requestHeader.get("authorization") });
+        return create(MarkReadResponseSchema, this.onMarkRead(request, ctx));
+      },
+      listNotifications: (request, ctx): ListNotificationsResponse => {
+        this.lists.push({ request, authorization: ctx.requestHeader.get("authorization") });
+        return create(ListNotificationsResponseSchema, this.onList(request, ctx));
+      },
+      getUnreadCount: (_request, ctx): GetUnreadCountResponse => {
+        this.counts.push({ authorization: ctx.requestHeader.get("authorization") });
+        return create(GetUnreadCountResponseSchema, this.onCount(ctx));
+      },
+    });
+  });
+
+  private async *subscribe(request: SubscribeRequest, ctx: HandlerContext): AsyncIterable<Event> {
+    this.calls.push({
+      afterSeq: request.afterSeq,
+      types: [...request.types],
+      authorization: ctx.requestHeader.get("authorization"),
+      signal: ctx.signal,
+      at: performance.now(),
+    });
+    for (const w of this.waiters.splice(0)) w();
+    const script = this.scripts.shift();
+    if (script) {
+      yield* script(request, ctx);
+      return;
+    }
+    await aborted(ctx.signal);
+  }
+
+  /** Resolves once at least `n` Subscribe calls have arrived; rejects after `timeoutMs`. */
+  async waitForCalls(n: number, timeoutMs = 2000): Promise<void> {
+    const deadline = performance.now() + timeoutMs;
+    while (this.calls.length < n) {
+      const left = deadline - performance.now();
+      if (left <= 0) throw new Error(`expected ${n} Subscribe calls, got ${this.calls.length}`);
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, left);
+        this.waiters.push(() => {
+          clearTimeout(t);
+          resolve();
+        });
+      });
+    }
+  }
+}
+
+/** Resolves when `signal` aborts. */
+export function aborted(signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) resolve();
+    else signal.addEventListener("abort", () => resolve(), { once: true });
+  });
+}
+
+/** Waits `ms` milliseconds. */
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Polls `predicate` every 2 ms until true; throws after `timeoutMs`. */
+export async function until(predicate: () => boolean, what: string, timeoutMs = 2000): Promise<void> {
+  const deadline = performance.now() + timeoutMs;
+  while (!predicate()) {
+    if (performance.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(2);
+  }
+}
+
+/** A notification message. */
+export function notification(id: number, seq: number, extra: Partial<{ type: string; title: string; read: boolean }> = {}): Notification {
+  return create(NotificationSchema, {
+    id: BigInt(id),
+    seq: BigInt(seq),
+    recipient: "alice",
+    type: extra.type ?? "demo",
+    title: extra.title ?? `n${id}`,
+    body: "",
+    data: "{}",
+    createdAt: timestampFromDate(new Date(1_700_000_000_000 + seq * 1000)),
+    read: extra.read ?? false,
+  });
+}
+
+/** Event constructors. */
+export const ev = {
+  notification: (id: number, seq: number, extra: Partial<{ type: string; title: string }> = {}): Event =>
+    create(EventSchema, { seq: BigInt(seq), kind: { case: "notification", value: notification(id, seq, extra) } }),
+  read: (seq: number, ids: number[], upToSeq = 0): Event =>
+    create(EventSchema, {
+      seq: BigInt(seq),
+      kind: { case: "read", value: { notificationIds: ids.map(BigInt), upToSeq: BigInt(upToSeq) } },
+    }),
+  caughtUp: (seq: number): Event => create(EventSchema, { seq: BigInt(seq), kind: { case: "caughtUp", value: {} } }),
+  heartbeat: (seq: number): Event => create(EventSchema, { seq: BigInt(seq), kind: { case: "heartbeat", value: {} } }),
+  resync: (seq: number): Event => create(EventSchema, { seq: BigInt(seq), kind: { case: "resync", value: {} } }),
+};
+
+/** A script that yields `events`, then fails with `code` (or stays open when `code` is "hang"). */
+export function script(events: Event[], end: Code | "hang" | "end" = "hang"): StreamScript {
+  return async function* (_request, ctx) {
+    for (const e of events) yield e;
+    if (end === "hang") await aborted(ctx.signal);
+    else if (end !== "end") throw new ConnectError(`scripted ${Code[end]}`, end);
+  };
+}
