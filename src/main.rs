@@ -15,6 +15,12 @@ use serde_json::json;
 use tonic::{Request, transport::Channel};
 
 /// Herald: a gRPC streaming notification service on PostgreSQL.
+/// mimalloc: the service allocates many small, short-lived buffers per
+/// request (HTTP/2 frames, protobuf messages); under load glibc's malloc
+/// was ~18% of replica CPU in profiles (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "herald", version)]
 struct Cli {

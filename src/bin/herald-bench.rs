@@ -33,6 +33,12 @@ use tokio::{
 use tokio_postgres::NoTls;
 use tonic::{Request, transport::Channel};
 
+/// mimalloc: the service allocates many small, short-lived buffers per
+/// request (HTTP/2 frames, protobuf messages); under load glibc's malloc
+/// was ~18% of replica CPU in profiles (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 static BASE: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 fn now_ns() -> u64 {
