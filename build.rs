@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("herald_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Small per-call buffers for long-lived idle streams (src/codec.rs).
+        .codec_path("crate::codec::HeraldCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

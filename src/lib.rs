@@ -21,6 +21,7 @@ pub mod proto {
 
 pub mod api;
 pub mod auth;
+pub mod codec;
 pub mod config;
 pub mod listener;
 pub mod server;

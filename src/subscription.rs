@@ -31,6 +31,37 @@ use crate::{
     telemetry::names,
 };
 
+/// What a stream's task hands to tonic. Boxed so the channel's slots are
+/// pointer-sized: tokio allocates a block of 32 slots per channel up front,
+/// and an unboxed `Result<Event, Status>` made that ~8 KiB per idle stream.
+pub type Outgoing = Result<Box<proto::Event>, Box<Status>>;
+
+/// The response stream of `Subscribe`: the events a [`Session`] produces.
+#[derive(Debug)]
+pub struct EventStream {
+    rx: mpsc::Receiver<Outgoing>,
+}
+
+impl EventStream {
+    /// A stream of what is sent on `rx`.
+    pub fn new(rx: mpsc::Receiver<Outgoing>) -> Self {
+        Self { rx }
+    }
+}
+
+impl futures_util::Stream for EventStream {
+    type Item = Result<proto::Event, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(|e| *e).map_err(|s| *s)))
+    }
+}
+
 /// Events read from the store per query while catching up.
 pub const BACKLOG_PAGE: usize = 500;
 
@@ -89,7 +120,7 @@ pub struct Session<S> {
     /// UNAUTHENTICATED, and the client resumes with a fresh token.
     pub token_expires_at: SystemTime,
     /// Where events go (to tonic, then the client).
-    pub out: mpsc::Sender<Result<proto::Event, Status>>,
+    pub out: mpsc::Sender<Outgoing>,
 }
 
 /// Why a stream ended early.
@@ -119,7 +150,7 @@ impl<S: Store> Session<S> {
             }
             Ok(()) => Status::unavailable("server is shutting down; resume on another replica"),
         };
-        let _ = self.out.send(Err(status)).await;
+        let _ = self.out.send(Err(Box::new(status))).await;
     }
 
     async fn stream(&mut self, start: Start) -> Result<(), End> {
@@ -180,11 +211,17 @@ impl<S: Store> Session<S> {
     async fn send_unread(&mut self, head: u64) -> Result<(), End> {
         let mut after = 0;
         loop {
-            let page = self
-                .store
-                .unread_after(&self.tenant, &self.user, after, head, BACKLOG_PAGE)
-                .await
-                .map_err(End::Store)?;
+            // Boxed: store futures are large, and inline they would sit in
+            // every idle stream's state.
+            let page = Box::pin(self.store.unread_after(
+                &self.tenant,
+                &self.user,
+                after,
+                head,
+                BACKLOG_PAGE,
+            ))
+            .await
+            .map_err(End::Store)?;
             for n in &page {
                 after = n.seq;
                 if self.wants(&n.kind) {
@@ -205,11 +242,14 @@ impl<S: Store> Session<S> {
     /// Delivers every stored event after `*last`, advancing it.
     async fn catch_up(&mut self, last: &mut u64) -> Result<(), End> {
         loop {
-            let page = self
-                .store
-                .events_after(&self.tenant, &self.user, *last, BACKLOG_PAGE)
-                .await
-                .map_err(End::Store)?;
+            let page = Box::pin(self.store.events_after(
+                &self.tenant,
+                &self.user,
+                *last,
+                BACKLOG_PAGE,
+            ))
+            .await
+            .map_err(End::Store)?;
             for event in &page {
                 self.deliver(event).await?;
                 *last = event.seq;
@@ -238,6 +278,9 @@ impl<S: Store> Session<S> {
     }
 
     async fn emit(&mut self, event: proto::Event) -> Result<(), End> {
-        self.out.send(Ok(event)).await.map_err(|_| End::Gone)
+        self.out
+            .send(Ok(Box::new(event)))
+            .await
+            .map_err(|_| End::Gone)
     }
 }

@@ -7,7 +7,6 @@ pub mod convert;
 use std::{collections::HashSet, sync::Arc};
 
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
@@ -20,7 +19,7 @@ use crate::{
     },
     proto::{self, notifications_server::Notifications},
     store::{Store, StoreError},
-    subscription::{Session, Start, StreamSettings},
+    subscription::{EventStream, Session, Start, StreamSettings},
     telemetry::names,
 };
 
@@ -153,7 +152,7 @@ impl<S: Store> Notifications for NotificationsService<S> {
         result
     }
 
-    type SubscribeStream = ReceiverStream<Result<proto::Event, Status>>;
+    type SubscribeStream = EventStream;
 
     async fn subscribe(
         &self,
@@ -216,7 +215,7 @@ impl<S: Store> NotificationsService<S> {
     async fn open_stream(
         &self,
         request: Request<proto::SubscribeRequest>,
-    ) -> Result<Response<ReceiverStream<Result<proto::Event, Status>>>, Status> {
+    ) -> Result<Response<EventStream>, Status> {
         let identity = self.identify(&request)?;
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable("server is shutting down"));
@@ -246,7 +245,7 @@ impl<S: Store> NotificationsService<S> {
             out,
         };
         tokio::spawn(session.run(start));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(EventStream::new(rx)))
     }
 
     async fn mark(

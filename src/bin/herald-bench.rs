@@ -662,12 +662,14 @@ async fn run_load(
     })
 }
 
-/// Opens idle streams on replica A and measures its RSS growth.
+/// Opens idle streams on replica A over `connections` new HTTP/2
+/// connections and measures its RSS growth (connections included).
 async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyhow::Result<Row> {
-    let channels = bench.channels(0, connections.max(1)).await?;
+    // Measured before connecting: a connection's memory counts too.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = bench.usage();
     let started = Instant::now();
+    let channels = bench.channels(0, connections.max(1)).await?;
     let ready = Arc::new(Barrier::new(streams + 1));
     let mut held = Vec::with_capacity(streams);
     let opening = Arc::new(tokio::sync::Semaphore::new(512));
