@@ -12,7 +12,7 @@ use crate::{
     limits::RateSettings,
     listener::ListenerSettings,
     notification::SendLimits,
-    store::group_commit::GroupCommitSettings,
+    store::{group_commit::GroupCommitSettings, postgres::DEFAULT_STATEMENT_TIMEOUT},
     telemetry::LogFormat,
 };
 
@@ -59,6 +59,9 @@ pub struct Config {
     pub health_check_interval: Duration,
     /// How concurrent sends are batched into transactions (PostgreSQL).
     pub group_commit: GroupCommitSettings,
+    /// Longest a write statement may run, lock waits included, before the
+    /// call fails with UNAVAILABLE; `None`: the server's setting.
+    pub statement_timeout: Option<Duration>,
     /// Per-stream queue and open-stream limits.
     pub streams: StreamLimits,
     /// Send rate limits.
@@ -92,6 +95,7 @@ impl Config {
             shutdown_grace: Duration::from_secs(25),
             health_check_interval: Duration::from_secs(5),
             group_commit: GroupCommitSettings::default(),
+            statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
             streams: StreamLimits::default(),
             rates: RateSettings::default(),
             max_request_bytes: 256 * 1024,
@@ -356,6 +360,11 @@ pub struct ServeArgs {
     /// lingers for more, e.g. `1ms`; `0s` commits at once.
     #[arg(long, env = "HERALD_GROUP_COMMIT_WINDOW", default_value = "0s", value_parser = duration)]
     pub group_commit_window: Duration,
+    /// Longest a write statement may run, lock waits included, before the
+    /// call fails with UNAVAILABLE (PostgreSQL `statement_timeout`, set per
+    /// transaction); `0s`: the server's own setting.
+    #[arg(long, env = "HERALD_STATEMENT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub statement_timeout: Duration,
     /// Log format: `text` or `json`.
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -466,6 +475,7 @@ impl ServeArgs {
                 recipient_burst: self.rate_recipient_burst,
             },
             max_request_bytes: self.max_request_bytes,
+            statement_timeout: Some(self.statement_timeout).filter(|d| !d.is_zero()),
             cors_origins: self
                 .cors_origins
                 .iter()

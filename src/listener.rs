@@ -27,7 +27,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use tokio::{sync::mpsc, time::Instant};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -325,6 +325,57 @@ pub struct Listener {
 pub struct Listening {
     client: tokio_postgres::Client,
     notifications: mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+    /// The server backend of this session, if the server said.
+    backend: Option<Backend>,
+}
+
+/// A server backend, identified by pid and start time (microseconds since
+/// the Unix epoch), so that a pid the server reused is never mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backend {
+    pid: i32,
+    started: i64,
+}
+
+/// This session's backend, in the form [`Backend`] reads it.
+const WHO_AM_I: &str = "SELECT pid, (extract(epoch FROM backend_start) * 1000000)::int8 \
+     FROM pg_stat_activity WHERE pid = pg_backend_pid()";
+
+/// Ends the server backend of a LISTEN session this listener abandoned
+/// (declared deaf, or lost), over the new session's connection.
+///
+/// Why: a half-open connection's backend lives on until the server's own
+/// TCP gives up on it — minutes — still LISTENing. Once its socket buffer
+/// is full it stops reading the NOTIFY queue, and PostgreSQL cannot
+/// truncate the queue past the slowest listener, so the queue grows for the
+/// whole server; when it is full (8 GB) every `pg_notify`, hence every send,
+/// fails (PostgreSQL docs, "NOTIFY"). A backend that is already gone (the
+/// usual case after a plain disconnect or a server restart) matches nothing.
+/// Ending a backend of one's own role needs no privilege (PostgreSQL docs,
+/// "Server Signaling Functions").
+async fn end_abandoned(client: &tokio_postgres::Client, old: Backend, limit: Duration) {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&old.pid, &old.started];
+    let end = client.query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE pid = $1 AND (extract(epoch FROM backend_start) * 1000000)::int8 = $2",
+        &params,
+    );
+    match tokio::time::timeout(limit, end).await {
+        Ok(Ok(rows)) if !rows.is_empty() => {
+            tracing::info!(
+                pid = old.pid,
+                "ended the abandoned LISTEN connection's server backend"
+            );
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, pid = old.pid, "cannot end the abandoned LISTEN backend");
+        }
+        Err(_) => tracing::warn!(
+            pid = old.pid,
+            "ending the abandoned LISTEN backend timed out"
+        ),
+    }
 }
 
 impl Listener {
@@ -367,10 +418,22 @@ impl Listener {
                 }
             }
         });
-        client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+        // LISTEN, and learn which server backend serves this session (to
+        // end it if the session is ever abandoned), in one round trip.
+        let replies = client
+            .simple_query(&format!("LISTEN {CHANNEL}; {WHO_AM_I}"))
+            .await?;
+        let backend = replies.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(Backend {
+                pid: row.get(0)?.parse().ok()?,
+                started: row.get(1)?.parse().ok()?,
+            }),
+            _ => None,
+        });
         Ok(Listening {
             client,
             notifications,
+            backend,
         })
     }
 
@@ -379,18 +442,26 @@ impl Listener {
     pub async fn run(self, first: Listening) {
         let mut session = Some(first);
         let mut attempt = None;
+        let mut abandoned: Option<Backend> = None;
         loop {
             if let Some(listening) = session.take() {
+                if let Some(old) = abandoned.take() {
+                    end_abandoned(&listening.client, old, self.settings.ping_timeout).await;
+                }
                 self.listening.store(true, Ordering::Release);
                 // Whatever committed while we were not listening (or before
                 // streams registered) is read from the store.
                 self.hub.signal_all();
                 attempt = None;
+                let backend = listening.backend;
                 let result = self.serve(listening).await;
                 self.listening.store(false, Ordering::Release);
                 match result {
                     Ok(()) => return,
-                    Err(e) => tracing::warn!(error = %e, "LISTEN connection lost; reconnecting"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                        abandoned = backend;
+                    }
                 }
             }
             let delay = attempt

@@ -41,7 +41,7 @@ use crate::{
     store::{
         Store, StoreError,
         memory::MemoryStore,
-        postgres::{self, PgStore},
+        postgres::{self, PgSettings, PgStore},
     },
     subscription::StreamSettings,
     telemetry::{self, names},
@@ -175,11 +175,14 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             if !applied.is_empty() {
                 tracing::info!(?applied, "database migrated");
             }
-            let store = Arc::new(PgStore::new(
+            let store = Arc::new(PgStore::with_settings(
                 url,
-                config.pool_size,
-                config.pool_timeout,
-                config.group_commit,
+                PgSettings {
+                    pool_size: config.pool_size,
+                    wait_timeout: config.pool_timeout,
+                    group_commit: config.group_commit,
+                    statement_timeout: config.statement_timeout,
+                },
             )?);
             store.ping().await?;
             let listen_url = config.listener_database_url.as_deref().unwrap_or(url);
@@ -329,7 +332,7 @@ impl Replica<'_> {
                     .on_failure(()),
             )
             .layer(PropagateRequestIdLayer::new(request_id))
-            .layer(MapResponseLayer::new(oversized_is_resource_exhausted));
+            .layer(MapResponseLayer::new(grpc_status_fixups));
         let server = tonic::transport::Server::builder()
             .accept_http1(true)
             .tcp_nodelay(true)
@@ -356,22 +359,30 @@ impl Replica<'_> {
     }
 }
 
-/// tonic refuses a request message over the size limit with OUT_OF_RANGE;
-/// the gRPC implementations and the status-code guide use
-/// RESOURCE_EXHAUSTED for that, which is what clients expect. Rewrites it
-/// (only that error: it is answered trailers-only, status in the headers).
-fn oversized_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+/// Puts two of tonic's own statuses right, per the gRPC status-code guide
+/// (both are answered trailers-only, the status in the response headers):
+/// a request message over the size limit is OUT_OF_RANGE in tonic but
+/// RESOURCE_EXHAUSTED in the guide and other gRPC implementations; a call
+/// whose `grpc-timeout` deadline passed on the server is CANCELLED "Timeout
+/// expired" in tonic but DEADLINE_EXCEEDED in the guide.
+fn grpc_status_fixups<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
-    let oversized = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| {
-                m.contains("message%20length%20too%20large")
-                    || m.contains("message length too large")
-            });
-    if oversized {
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
+    let message = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .unwrap_or_default();
+    let fixed = match headers.get("grpc-status").and_then(|s| s.to_str().ok()) {
+        Some("11")
+            if message.contains("message%20length%20too%20large")
+                || message.contains("message length too large") =>
+        {
+            Some("8")
+        }
+        Some("1") if message == "Timeout%20expired" || message == "Timeout expired" => Some("4"),
+        _ => None,
+    };
+    if let Some(code) = fixed {
+        headers.insert("grpc-status", HeaderValue::from_static(code));
     }
     response
 }

@@ -242,14 +242,13 @@ impl<S: Store> Session<S> {
     /// Delivers every stored event after `*last`, advancing it.
     async fn catch_up(&mut self, last: &mut u64) -> Result<(), End> {
         loop {
-            let page = Box::pin(self.store.events_after(
-                &self.tenant,
-                &self.user,
-                *last,
-                BACKLOG_PAGE,
-            ))
-            .await
-            .map_err(End::Store)?;
+            let page =
+                Box::pin(
+                    self.store
+                        .events_after(&self.tenant, &self.user, *last, BACKLOG_PAGE),
+                )
+                .await
+                .map_err(End::Store)?;
             for event in &page {
                 self.deliver(event).await?;
                 *last = event.seq;

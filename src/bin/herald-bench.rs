@@ -487,7 +487,15 @@ async fn open_subscribers(
             loop {
                 let event = tokio::select! {
                     event = stream.message() => event?.context("stream ended early")?,
-                    _ = stop.changed() => break,
+                    // Sending is over: stop once everything acknowledged
+                    // has arrived, else keep reading (the caller's drain
+                    // deadline bounds the wait). `changed` fires once.
+                    _ = stop.changed() => {
+                        if seen.delivered >= expected.0[u].load(Ordering::Acquire) {
+                            break;
+                        }
+                        continue;
+                    }
                 };
                 let Some(Kind::Notification(n)) = &event.kind else {
                     continue;

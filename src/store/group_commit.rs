@@ -37,7 +37,7 @@ use tokio::{
 
 use super::{
     StoreError, StoreResult,
-    postgres::{micros, pg_error, pool_error, replay_idempotent, seq},
+    postgres::{bound_statements, micros, pg_error, pool_error, replay_idempotent, seq},
 };
 use crate::{
     listener::{CHANNEL, Payload, pack},
@@ -92,13 +92,25 @@ impl std::fmt::Debug for Job {
 }
 
 impl GroupCommit {
-    /// Starts `settings.writers` writer tasks on `pool`.
-    pub fn spawn(pool: Pool, settings: GroupCommitSettings) -> Self {
+    /// Starts `settings.writers` writer tasks on `pool`; each statement of
+    /// a batch's transaction is bounded by `statement_timeout` (see
+    /// `PgSettings::statement_timeout`).
+    pub fn spawn(
+        pool: Pool,
+        settings: GroupCommitSettings,
+        statement_timeout: Option<Duration>,
+    ) -> Self {
         let max_sends = settings.max_sends.max(1);
         let (jobs, rx) = mpsc::channel(max_sends * 8);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..settings.writers.max(1) {
-            tokio::spawn(writer(pool.clone(), rx.clone(), max_sends, settings.window));
+            tokio::spawn(writer(
+                pool.clone(),
+                rx.clone(),
+                max_sends,
+                settings.window,
+                statement_timeout,
+            ));
         }
         Self { jobs }
     }
@@ -133,9 +145,10 @@ async fn writer(
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
     max_sends: usize,
     window: Duration,
+    statement_timeout: Option<Duration>,
 ) {
     loop {
-        let batch = {
+        let mut batch = {
             let mut rx = rx.lock().await;
             let Some(first) = rx.recv().await else {
                 return;
@@ -167,7 +180,18 @@ async fn writer(
             }
             batch
         };
-        commit(&pool, batch).await;
+        // A caller that is gone (its deadline passed or it disconnected
+        // while its send waited in the queue, e.g. behind batches stuck in
+        // a stalled database) was already answered with an error: storing
+        // its send now would deliver a notification the caller believes
+        // failed — and will likely send again. Skip it; it costs nothing.
+        // (Once its transaction has started, a send is committed or not
+        // whatever the caller does; that ambiguity is what idempotency keys
+        // are for.)
+        batch.retain(|job| !job.reply.is_closed());
+        if !batch.is_empty() {
+            commit(&pool, batch, statement_timeout).await;
+        }
     }
 }
 
@@ -177,9 +201,13 @@ async fn writer(
 /// batch-mates succeed, in O(log n) extra transactions. `Unavailable` (the
 /// database is down) is answered to every job at once: the halves would
 /// fail too, and callers retry.
-fn commit(pool: &Pool, mut batch: Vec<Job>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+fn commit(
+    pool: &Pool,
+    mut batch: Vec<Job>,
+    statement_timeout: Option<Duration>,
+) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
     Box::pin(async move {
-        match try_commit(pool, &batch).await {
+        match try_commit(pool, &batch, statement_timeout).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome);
@@ -188,8 +216,8 @@ fn commit(pool: &Pool, mut batch: Vec<Job>) -> Pin<Box<dyn Future<Output = ()> +
             Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, sends = batch.len(), "batch failed; retrying its halves");
                 let second = batch.split_off(batch.len() / 2);
-                commit(pool, batch).await;
-                commit(pool, second).await;
+                commit(pool, batch, statement_timeout).await;
+                commit(pool, second, statement_timeout).await;
             }
             Err(e) => {
                 for job in batch {
@@ -244,9 +272,14 @@ fn idem_key(job: &Job) -> Option<IdemKey<'_>> {
 
 /// One transaction for `jobs`. `Ok` holds one outcome per job; `Err` means
 /// nothing was committed.
-async fn try_commit(pool: &Pool, jobs: &[Job]) -> StoreResult<Vec<StoreResult<Vec<Delivery>>>> {
+async fn try_commit(
+    pool: &Pool,
+    jobs: &[Job],
+    statement_timeout: Option<Duration>,
+) -> StoreResult<Vec<StoreResult<Vec<Delivery>>>> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
+    bound_statements(&tx, statement_timeout).await?;
 
     // 1. Claim idempotency keys, in key order. A job whose key is already
     //    stored (or claimed by an earlier job of this batch) writes nothing

@@ -71,6 +71,14 @@ pub(super) fn pg_error(e: tokio_postgres::Error) -> StoreError {
                     || *code == SqlState::TOO_MANY_CONNECTIONS
                     || *code == SqlState::T_R_SERIALIZATION_FAILURE
                     || *code == SqlState::T_R_DEADLOCK_DETECTED
+                    // A stalled database: `statement_timeout` (57014, also
+                    // an admin's pg_cancel_backend) or `lock_timeout`
+                    // (55P03). Nothing was committed; retrying later can
+                    // succeed. As `Internal`, a timed-out group-commit batch
+                    // would also be retried in halves, each waiting the
+                    // whole timeout again.
+                    || *code == SqlState::QUERY_CANCELED
+                    || *code == SqlState::LOCK_NOT_AVAILABLE
             }
         };
     if retryable {
@@ -118,11 +126,70 @@ fn notification(row: &Row) -> Result<Notification, tokio_postgres::Error> {
     })
 }
 
+/// Default [`PgSettings::statement_timeout`]: far above what a write
+/// transaction's statement takes (milliseconds, a batch of 10,000 rows
+/// well under a second), short enough that a stall surfaces as
+/// `UNAVAILABLE` to callers without a deadline instead of a hang.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the store uses the database.
+#[derive(Debug, Clone, Copy)]
+pub struct PgSettings {
+    /// Most pooled connections.
+    pub pool_size: usize,
+    /// Longest wait for a pooled (or new) connection before `Unavailable`.
+    pub wait_timeout: Duration,
+    /// How sends are batched.
+    pub group_commit: GroupCommitSettings,
+    /// Longest a statement of a write transaction (a batch of sends, a
+    /// mark-read) may run — waiting for a lock included — before it is
+    /// cancelled and the call fails with `Unavailable`; `None`: whatever
+    /// the server is configured with (often no limit). Without it, a
+    /// stalled database (a table lock held by a migration or an admin
+    /// session, a hung disk) holds each writer, its pooled connection and
+    /// every send queued behind it for as long as the stall lasts, and a
+    /// caller without a deadline never gets an answer. Set per transaction
+    /// (`SET LOCAL`), so it also holds through a transaction-pooling
+    /// PgBouncer.
+    pub statement_timeout: Option<Duration>,
+}
+
+impl PgSettings {
+    /// Defaults but for the pool.
+    pub fn new(pool_size: usize, wait_timeout: Duration) -> Self {
+        Self {
+            pool_size,
+            wait_timeout,
+            group_commit: GroupCommitSettings::default(),
+            statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
+        }
+    }
+}
+
+/// Bounds every statement of `tx` by `timeout` (see
+/// [`PgSettings::statement_timeout`]). `SET LOCAL` ends with the
+/// transaction, so the pooled connection is left as it was; a session-level
+/// `SET` would leak to other clients of a pooler's server connection, and a
+/// startup `options` parameter is refused by PgBouncer unless configured.
+pub(super) async fn bound_statements(
+    tx: &deadpool_postgres::Transaction<'_>,
+    timeout: Option<Duration>,
+) -> StoreResult<()> {
+    if let Some(timeout) = timeout {
+        let ms = timeout.as_millis().max(1); // 0 would mean "no limit"
+        tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
+            .await
+            .map_err(pg_error)?;
+    }
+    Ok(())
+}
+
 /// Notifications and streams in PostgreSQL.
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
     sends: GroupCommit,
+    statement_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -138,13 +205,31 @@ impl PgStore {
     /// with sends group-committed per `group_commit` (its writers start
     /// now, so call this inside a Tokio runtime). No connection is made
     /// until first use; a checkout waits at most `wait_timeout` before
-    /// failing as `Unavailable`.
+    /// failing as `Unavailable`. Write statements are bounded by
+    /// [`DEFAULT_STATEMENT_TIMEOUT`]; see [`PgStore::with_settings`].
     pub fn new(
         url: &str,
         pool_size: usize,
         wait_timeout: Duration,
         group_commit: GroupCommitSettings,
     ) -> StoreResult<Self> {
+        Self::with_settings(
+            url,
+            PgSettings {
+                group_commit,
+                ..PgSettings::new(pool_size, wait_timeout)
+            },
+        )
+    }
+
+    /// [`PgStore::new`] with every setting.
+    pub fn with_settings(url: &str, settings: PgSettings) -> StoreResult<Self> {
+        let PgSettings {
+            pool_size,
+            wait_timeout,
+            group_commit,
+            statement_timeout,
+        } = settings;
         let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?;
@@ -166,8 +251,12 @@ impl PgStore {
             .create_timeout(Some(wait_timeout))
             .build()
             .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let sends = GroupCommit::spawn(pool.clone(), group_commit);
-        Ok(Self { pool, sends })
+        let sends = GroupCommit::spawn(pool.clone(), group_commit, statement_timeout);
+        Ok(Self {
+            pool,
+            sends,
+            statement_timeout,
+        })
     }
 
     async fn notify(tx: &deadpool_postgres::Transaction<'_>, payload: Payload) -> StoreResult<()> {
@@ -228,6 +317,7 @@ impl Store for PgStore {
     ) -> StoreResult<MarkOutcome> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
+        bound_statements(&tx, self.statement_timeout).await?;
         // Take the user's stream lock first (same order as sends); rolled
         // back, so no seq is used, when nothing changes.
         let next = tx

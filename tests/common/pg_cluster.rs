@@ -4,10 +4,12 @@
 //! destructive tests only; everything else uses the shared server at
 //! `HERALD_TEST_DATABASE_URL` (see `TestDb`), which is never touched.
 //!
-//! `initdb` and `postgres` refuse to run as root, so as root they run as the
-//! `postgres` OS user through `runuser` (the temp dir is handed to that
-//! user); as anyone else, as that user. Where a cluster cannot be made
-//! (no server binaries, no `runuser`, `initdb` fails as a non-root user),
+//! The server binaries are the newest under /usr/lib/postgresql/*/bin (or
+//! `HERALD_TEST_PG_BIN`, or `pg_config --bindir`). `initdb` and `postgres`
+//! refuse to run as root, so as root they run as the `postgres` OS user
+//! through `runuser` (the temp dir is handed to that user); as anyone else,
+//! as the current user. Where a cluster cannot be made (no server binaries,
+//! no `runuser`, `initdb` fails as a non-root user),
 //! [`PgCluster::start_or_skip`] prints why and the test skips — except as
 //! root, or with `HERALD_TEST_REQUIRE_PG_CLUSTER=1`, where it fails: CI and
 //! this machine must really run them.
@@ -53,7 +55,7 @@ struct Server {
     port: u16,
 }
 
-/// Why a cluster could not be made, and whether skipping is acceptable.
+/// Why a cluster could not be made.
 #[derive(Debug)]
 pub struct NoCluster {
     pub reason: String,

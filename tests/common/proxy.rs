@@ -24,13 +24,11 @@ const FORWARD: u8 = 0;
 const REFUSE: u8 = 1;
 const SILENT: u8 = 2;
 
-/// One proxied connection: its two pumps and its own silence switches.
+/// One proxied connection: its two pumps and its half-open switch.
 struct Conn {
     pumps: [AbortHandle; 2],
-    /// Client-to-server bytes are swallowed.
-    up_silent: Arc<AtomicBool>,
-    /// Server-to-client bytes are swallowed.
-    down_silent: Arc<AtomicBool>,
+    /// Neither direction is read any more (see `silence_existing`).
+    half_open: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -70,24 +68,19 @@ impl TcpProxy {
                 st.accepted.fetch_add(1, Ordering::AcqRel);
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                let up_silent = Arc::new(AtomicBool::new(false));
-                let down_silent = Arc::new(AtomicBool::new(false));
-                let up = tokio::spawn(pump(
-                    cr,
-                    sw,
-                    st.clone(),
-                    [up_silent.clone(), up_silent.clone()],
-                ));
+                let half_open = Arc::new(AtomicBool::new(false));
+                let never = Arc::new(AtomicBool::new(false));
+                let up = tokio::spawn(pump(cr, sw, st.clone(), half_open.clone(), never));
                 let down = tokio::spawn(pump(
                     sr,
                     cw,
                     st.clone(),
-                    [down_silent.clone(), st.replies_silent.clone()],
+                    half_open.clone(),
+                    st.replies_silent.clone(),
                 ));
                 st.connections.lock().unwrap().push(Conn {
                     pumps: [up.abort_handle(), down.abort_handle()],
-                    up_silent,
-                    down_silent,
+                    half_open,
                 });
             }
         })
@@ -121,14 +114,15 @@ impl TcpProxy {
         self.state.mode.store(SILENT, Ordering::Release);
     }
 
-    /// Makes every connection open now half-open: it stays open and
-    /// forwards nothing either way, for good. Connections made afterwards
-    /// forward normally (a client that gives up on a dead connection and
+    /// Makes every connection open now half-open, for good: it stays
+    /// open, and nothing more is read from either end, so each end's
+    /// writes pile up in socket buffers and then block, as when the peer
+    /// vanished without a FIN or RST. Connections made afterwards forward
+    /// normally (a client that gives up on a dead connection and
     /// reconnects gets through).
     pub fn silence_existing(&self) {
         for c in self.state.connections.lock().unwrap().iter() {
-            c.up_silent.store(true, Ordering::Release);
-            c.down_silent.store(true, Ordering::Release);
+            c.half_open.store(true, Ordering::Release);
         }
     }
 
@@ -152,11 +146,14 @@ impl Drop for TcpProxy {
     }
 }
 
+/// Copies `from` to `to` per the proxy's mode. `half_open`: stop reading
+/// (what was read meanwhile is dropped); `swallow`: read and drop.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: Arc<State>,
-    silent: [Arc<AtomicBool>; 2],
+    half_open: Arc<AtomicBool>,
+    swallow: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -164,7 +161,13 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if silent.iter().any(|s| s.load(Ordering::Acquire)) {
+        if half_open.load(Ordering::Acquire) {
+            // Hold both halves open, read nothing more.
+            let _keep = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if swallow.load(Ordering::Acquire) {
             continue; // swallowed
         }
         match state.mode.load(Ordering::Acquire) {
