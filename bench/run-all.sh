@@ -18,4 +18,9 @@ for i in $(seq 1 "$runs"); do
   $b --json "$out/fanout1000-$i.json" fanout --subscribers 1000 --rate 150 --duration 10s --callers 64
   $b --replicas 1 --json "$out/streams50k-$i.json" streams --streams 50000 --stream-connections 500
   $b --replicas 1 --json "$out/streams10k-$i.json" streams --streams 10000 --stream-connections 10000
+  # Group-commit window at low load: it must not add latency.
+  for w in 0s 2ms; do
+    $b --replica-arg=--group-commit-window=$w --json "$out/lowload-window$w-$i.json" \
+      latency --subscribers 200 --rate 200 --duration 10s --callers 4
+  done
 done

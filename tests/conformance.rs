@@ -526,16 +526,7 @@ async fn server_stop_ends_streams_with_unavailable(backend: Backend) {
     let mut stream = subscribe(&mut a, "alice", None).await;
     until_caught_up(&mut stream).await;
     d.stop().await;
-    let status = loop {
-        match tokio::time::timeout(EVENT_TIMEOUT, stream.message())
-            .await
-            .unwrap()
-        {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended without a status"),
-            Err(status) => break status,
-        }
-    };
+    let status = final_status(&mut stream).await;
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
 

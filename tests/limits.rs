@@ -169,16 +169,7 @@ async fn streams_end_when_their_token_expires(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(next_event(&mut stream).await.seq, 1);
-    let status = loop {
-        match tokio::time::timeout(EVENT_TIMEOUT, stream.message())
-            .await
-            .unwrap()
-        {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("stream ended without a status"),
-            Err(status) => break status,
-        }
-    };
+    let status = final_status(&mut stream).await;
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
     assert!(
         status.message().contains("after_seq 1"),

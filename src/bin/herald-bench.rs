@@ -146,6 +146,11 @@ struct Load {
     /// Connections from the callers to replica A.
     #[arg(long, default_value_t = 4)]
     send_connections: usize,
+    /// The first part of each run, e.g. `1s`, whose sends are checked for
+    /// loss, duplicates and order but left out of the latency figures
+    /// (fresh connections, caches and prepared statements warm up).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
 }
 
 /// One result row; keys are stable (BENCHMARKS.md).
@@ -545,6 +550,7 @@ async fn drive(
     let callers = load.callers.max(1);
     let period = Duration::from_secs_f64(callers as f64 / rate.max(1) as f64);
     let end = tokio::time::Instant::now() + load.duration;
+    let warm_until = tokio::time::Instant::now() + load.warmup.min(load.duration);
     let mut tasks = Vec::new();
     for c in 0..callers {
         let mut client = NotificationsClient::new(channels[c % channels.len()].clone());
@@ -565,10 +571,16 @@ async fn drive(
                     return Ok::<_, anyhow::Error>(acked);
                 }
                 let users = pick(&mut rng);
+                // "w:" marks a warm-up send: checked, but not timed.
+                let mark = if tokio::time::Instant::now() < warm_until {
+                    "w"
+                } else {
+                    "t"
+                };
                 let request = proto::SendNotificationRequest {
                     recipients: users.iter().map(|u| format!("u{u}")).collect(),
                     r#type: "bench".into(),
-                    title: format!("t:{}", now_ns()),
+                    title: format!("{mark}:{}", now_ns()),
                     body: String::new(),
                     data: String::new(),
                     idempotency_key: String::new(),

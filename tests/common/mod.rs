@@ -323,6 +323,22 @@ pub async fn next_event(stream: &mut Streaming<proto::Event>) -> proto::Event {
     }
 }
 
+/// Reads (and drops) events until the stream ends; returns the status it
+/// ended with. Fails if it ends cleanly, or does not end within
+/// [`EVENT_TIMEOUT`] of the last event.
+pub async fn final_status(stream: &mut Streaming<proto::Event>) -> Status {
+    loop {
+        match tokio::time::timeout(EVENT_TIMEOUT, stream.message())
+            .await
+            .expect("the stream ends within the timeout")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => return status,
+        }
+    }
+}
+
 /// Reads until `caught_up`, returning the events before it.
 pub async fn until_caught_up(stream: &mut Streaming<proto::Event>) -> (Vec<proto::Event>, u64) {
     let mut events = Vec::new();
