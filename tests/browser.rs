@@ -6,7 +6,8 @@
 //! Chromium with playwright-core); this test creates the database, runs the
 //! script with the `herald` binary, and fails with its report. It needs
 //! Node >= 20, `npm ci` in clients/web and Debian's `chromium`:
-//! `.ci/run` sets all of that up.
+//! `tests/setup.sh browser` sets that up, and these tests run it themselves
+//! when something is missing.
 //!
 //! `HERALD_UPDATE_SCREENSHOT=1 cargo test --test browser` also rewrites
 //! `docs/inbox.png`.
@@ -93,10 +94,25 @@ fn missing_prerequisites(browser: bool) -> Vec<String> {
 }
 
 fn assert_prerequisites(browser: bool) {
+    // Install what is missing on first use (`tests/setup.sh browser`:
+    // Debian's chromium, `npm ci`), once per test binary, so `cargo test`
+    // alone works on a fresh machine.
+    static SETUP: std::sync::Once = std::sync::Once::new();
+    if !missing_prerequisites(browser).is_empty() {
+        SETUP.call_once(|| {
+            let status = Command::new("bash")
+                .args(["tests/setup.sh", "browser"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status();
+            if !matches!(status, Ok(s) if s.success()) {
+                eprintln!("tests/setup.sh browser failed: {status:?}");
+            }
+        });
+    }
     let missing = missing_prerequisites(browser);
     assert!(
         missing.is_empty(),
-        "the clients/web tests cannot run; missing:\n  - {}\nRun .ci/run: it installs Debian's chromium and runs `npm ci` in clients/web.",
+        "the clients/web tests cannot run; missing:\n  - {}\nRun tests/setup.sh browser (as root): it installs Debian's chromium and runs `npm ci` in clients/web.",
         missing.join("\n  - ")
     );
 }

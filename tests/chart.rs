@@ -3,8 +3,9 @@
 //! validation of every manifest, invariants, and refusal of bad values.
 //!
 //! They need the Python packages in `helm/tests/requirements.txt`, which
-//! `.ci/run` installs into `helm/tests/.venv`. Missing packages fail this
-//! test; they never skip it.
+//! `tests/setup.sh chart` installs into `helm/tests/.venv` (this test runs
+//! it first). Packages that cannot be installed fail this test; they never
+//! skip it.
 
 use std::{
     io::Read,
@@ -23,6 +24,17 @@ const MISSING_PACKAGES: i32 = 3;
 #[test]
 fn helm_chart_passes_offline_checks() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // Installs the pinned Python packages on first use (a quick file
+    // comparison once they are there), so `cargo test` alone works.
+    let setup = Command::new("bash")
+        .args(["tests/setup.sh", "chart"])
+        .current_dir(root)
+        .status()
+        .expect("run tests/setup.sh");
+    assert!(
+        setup.success(),
+        "tests/setup.sh chart failed (it needs python3 and PyPI)"
+    );
     let venv_python = root.join("helm/tests/.venv/bin/python");
     let python = if venv_python.exists() {
         venv_python.into_os_string()
@@ -39,7 +51,7 @@ fn helm_chart_passes_offline_checks() {
         .spawn()
         .unwrap_or_else(|e| {
             panic!(
-                "cannot run {}: {e}; run .ci/run to set up the chart checks' Python environment",
+                "cannot run {}: {e}; run tests/setup.sh chart to set up the chart checks' Python environment",
                 python.to_string_lossy()
             )
         });
@@ -79,7 +91,7 @@ fn helm_chart_passes_offline_checks() {
     };
     if status.code() == Some(MISSING_PACKAGES) {
         panic!(
-            "the chart checks' Python packages are missing: run .ci/run (it installs \
+            "the chart checks' Python packages are missing: run tests/setup.sh chart (it installs \
              helm/tests/requirements.txt into helm/tests/.venv)"
         );
     }

@@ -2,7 +2,7 @@
 """Offline checks of the Herald Helm chart (helm/herald).
 
 Run from anywhere: `python3 helm/tests/check.py`. It needs the packages in
-helm/tests/requirements.txt, which `.ci/run` installs into helm/tests/.venv;
+helm/tests/requirements.txt, which `tests/setup.sh chart` installs into helm/tests/.venv;
 when they are not importable, this script re-runs itself with that venv's
 Python.
 
@@ -59,7 +59,7 @@ def _import_or_reexec() -> None:
         if VENV_PYTHON.exists() and not running_venv:
             os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
         print(
-            f"FAIL missing Python package ({e.name}): run .ci/run, or install "
+            f"FAIL missing Python package ({e.name}): run tests/setup.sh chart, or install "
             f"helm/tests/requirements.txt into helm/tests/.venv",
             file=sys.stderr,
         )
