@@ -4,6 +4,8 @@
 //! CLI over this library, so tests and benchmarks run the real server
 //! in-process.
 
+#![warn(missing_docs)]
+
 pub mod hub;
 pub mod limits;
 pub mod notification;
