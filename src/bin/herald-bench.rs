@@ -427,6 +427,15 @@ fn usage(pid: u32) -> Usage {
     }
 }
 
+/// CPU seconds each replica used between two readings.
+fn cpu_between(before: &[Usage], after: &[Usage]) -> Vec<f64> {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a.cpu_s - b.cpu_s)
+        .collect()
+}
+
 fn authed<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
     let mut request = Request::new(message);
     request
@@ -674,11 +683,7 @@ async fn run_load(
         max_ms: latencies.last().map_or(0.0, |v| f64::from(*v) / 1_000.0),
         deliveries_per_s: delivered as f64 / elapsed,
         rss_kib_per_replica: after.iter().map(|u| u.rss_kib).collect(),
-        cpu_s_per_replica: after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a.cpu_s - b.cpu_s)
-            .collect(),
+        cpu_s_per_replica: cpu_between(&before, &after),
     })
 }
 
@@ -753,11 +758,7 @@ async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyho
         max_ms: open_s * 1_000.0,
         deliveries_per_s: 0.0,
         rss_kib_per_replica: after.iter().map(|u| u.rss_kib).collect(),
-        cpu_s_per_replica: after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a.cpu_s - b.cpu_s)
-            .collect(),
+        cpu_s_per_replica: cpu_between(&before, &after),
     })
 }
 
