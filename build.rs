@@ -1,5 +1,10 @@
 //! Compiles `proto/` to Rust with a pure-Rust protobuf compiler (no system
 //! `protoc`), and writes the encoded descriptor set for gRPC reflection.
+//!
+//! Two passes: the messages and the client as usual; then the server alone,
+//! with the messages taken from the first pass except `Event`, which the
+//! server sends as pre-encoded bytes (`crate::wire::WireEvent`) so that an
+//! event is encoded once however many streams it goes to.
 
 use std::{env, fs, path::PathBuf};
 
@@ -15,6 +20,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Small per-call buffers for long-lived idle streams (src/codec.rs).
         .codec_path("crate::codec::HeraldCodec")
+        .build_server(false)
+        .compile_fds(fds.clone())?;
+    let server = out.join("server");
+    fs::create_dir_all(&server)?;
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::HeraldCodec")
+        .build_client(false)
+        .extern_path(".herald.v1", "crate::proto")
+        .extern_path(".herald.v1.Event", "crate::wire::WireEvent")
+        .out_dir(&server)
         .compile_fds(fds)?;
     Ok(())
 }

@@ -290,13 +290,13 @@ mod tests {
     use crate::notification::{EventBody, ReadChange};
 
     fn event(seq: u64) -> Arc<StreamEvent> {
-        Arc::new(StreamEvent {
+        Arc::new(StreamEvent::new(
             seq,
-            body: EventBody::Read(ReadChange {
+            EventBody::Read(ReadChange {
                 ids: vec![],
                 up_to_seq: seq,
             }),
-        })
+        ))
     }
 
     fn hub(queue_len: usize) -> Arc<Hub> {

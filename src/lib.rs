@@ -15,6 +15,9 @@ pub mod store;
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod proto {
     tonic::include_proto!("herald.v1");
+    // The server, generated in a second pass that sends `Event`s as
+    // pre-encoded `crate::wire::WireEvent`s (see build.rs).
+    include!(concat!(env!("OUT_DIR"), "/server/herald.v1.rs"));
 
     /// Encoded `FileDescriptorSet` of the API, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
@@ -29,3 +32,4 @@ pub mod listener;
 pub mod server;
 pub mod subscription;
 pub mod telemetry;
+pub mod wire;

@@ -34,6 +34,7 @@ use crate::{
     hub::Hub,
     notification::{EventBody, Notification, ReadChange, StreamEvent},
     telemetry::names,
+    wire,
 };
 
 /// The channel every replica LISTENs on.
@@ -236,13 +237,20 @@ fn route_one(hub: &Hub, payload: Payload) {
             at,
             r,
         } => {
+            let created_at = micros_to_time(at);
+            // The fields every recipient shares are encoded once, and only
+            // if some recipient has a stream here.
+            let mut shared = None;
             for (user, seq, id) in r {
                 if !hub.has_streams(&t, &user) {
                     continue;
                 }
-                let event = Arc::new(StreamEvent {
+                let shared =
+                    shared.get_or_insert_with(|| wire::shared_fields(&ty, &ti, &b, &d, created_at));
+                let encoded = wire::notification_event(seq, id, &user, shared);
+                let event = Arc::new(StreamEvent::with_encoding(
                     seq,
-                    body: EventBody::Notification(Notification {
+                    EventBody::Notification(Notification {
                         id,
                         seq,
                         recipient: user.clone(),
@@ -250,18 +258,19 @@ fn route_one(hub: &Hub, payload: Payload) {
                         title: ti.clone(),
                         body: b.clone(),
                         data: d.clone(),
-                        created_at: micros_to_time(at),
+                        created_at,
                         read: false,
                     }),
-                });
+                    encoded,
+                ));
                 hub.publish(&t, &user, &event);
             }
         }
         Payload::Read { t, u, s, ids, up } => {
-            let event = Arc::new(StreamEvent {
-                seq: s,
-                body: EventBody::Read(ReadChange { ids, up_to_seq: up }),
-            });
+            let event = Arc::new(StreamEvent::new(
+                s,
+                EventBody::Read(ReadChange { ids, up_to_seq: up }),
+            ));
             hub.publish(&t, &u, &event);
         }
         Payload::Wake { t, r } => {

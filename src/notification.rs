@@ -351,14 +351,54 @@ pub enum EventBody {
 }
 
 /// One event of a user's stream, at position `seq` (gap-free from 1, in
-/// commit order).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// commit order), with its protobuf encoding computed at most once.
+#[derive(Debug, Clone)]
 pub struct StreamEvent {
     /// Position in the user's stream.
     pub seq: u64,
     /// The event.
     pub body: EventBody,
+    encoded: std::sync::OnceLock<bytes::Bytes>,
 }
+
+impl StreamEvent {
+    /// An event; its encoding is computed on first use.
+    pub fn new(seq: u64, body: EventBody) -> Self {
+        Self {
+            seq,
+            body,
+            encoded: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// An event whose `herald.v1.Event` encoding is already known (see
+    /// `wire::notification_event`).
+    pub fn with_encoding(seq: u64, body: EventBody, encoded: bytes::Bytes) -> Self {
+        Self {
+            seq,
+            body,
+            encoded: std::sync::OnceLock::from(encoded),
+        }
+    }
+
+    /// This event as an encoded `herald.v1.Event`: encoded once, then the
+    /// same bytes (reference-counted) for every stream it is sent to.
+    pub fn encoded(&self) -> bytes::Bytes {
+        self.encoded
+            .get_or_init(|| crate::wire::encode_stream_event(self))
+            .clone()
+    }
+}
+
+/// Events are equal when their position and content are; whether the
+/// encoding was computed yet does not matter.
+impl PartialEq for StreamEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.seq == other.seq && self.body == other.body
+    }
+}
+
+impl Eq for StreamEvent {}
 
 /// What `SendNotification` stored for one recipient.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -29,12 +29,13 @@ use crate::{
     proto::{self, event::Kind},
     store::{Store, StoreError},
     telemetry::names,
+    wire::WireEvent,
 };
 
-/// What a stream's task hands to tonic. Boxed so the channel's slots are
-/// pointer-sized: tokio allocates a block of 32 slots per channel up front,
-/// and an unboxed `Result<Event, Status>` made that ~8 KiB per idle stream.
-pub type Outgoing = Result<Box<proto::Event>, Box<Status>>;
+/// What a stream's task hands to tonic: encoded events (see `wire.rs`).
+/// Boxed so the channel's slots are pointer-sized: tokio allocates a block
+/// of 32 slots per channel up front.
+pub type Outgoing = Result<Box<WireEvent>, Box<Status>>;
 
 /// The response stream of `Subscribe`: the events a [`Session`] produces.
 #[derive(Debug)]
@@ -50,7 +51,7 @@ impl EventStream {
 }
 
 impl futures_util::Stream for EventStream {
-    type Item = Result<proto::Event, Status>;
+    type Item = Result<WireEvent, Status>;
 
     fn poll_next(
         mut self: std::pin::Pin<&mut Self>,
@@ -267,7 +268,7 @@ impl<S: Store> Session<S> {
         {
             return Ok(());
         }
-        self.emit(event.into()).await?;
+        self.send(WireEvent(event.encoded())).await?;
         metrics::counter!(names::EVENTS_PUSHED).increment(1);
         Ok(())
     }
@@ -276,7 +277,13 @@ impl<S: Store> Session<S> {
         self.types.is_empty() || self.types.contains(kind)
     }
 
+    /// Sends an event encoded for this stream alone (control events and
+    /// the unread backlog).
     async fn emit(&mut self, event: proto::Event) -> Result<(), End> {
+        self.send(WireEvent::encode(&event)).await
+    }
+
+    async fn send(&mut self, event: WireEvent) -> Result<(), End> {
         self.out
             .send(Ok(Box::new(event)))
             .await

@@ -30,10 +30,7 @@ struct UserLog {
 impl UserLog {
     fn append(&mut self, body: EventBody, at: SystemTime) -> Arc<StreamEvent> {
         self.head.last_seq += 1;
-        let event = Arc::new(StreamEvent {
-            seq: self.head.last_seq,
-            body,
-        });
+        let event = Arc::new(StreamEvent::new(self.head.last_seq, body));
         self.events.push_back((at, event.clone()));
         event
     }

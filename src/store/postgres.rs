@@ -478,7 +478,7 @@ impl Store for PgStore {
                         up_to_seq: seq(row.try_get("up_to")?),
                     }),
                 };
-                Ok(StreamEvent { seq: s, body })
+                Ok(StreamEvent::new(s, body))
             })
             .collect::<Result<_, tokio_postgres::Error>>()
             .map_err(pg_error)

@@ -1,0 +1,176 @@
+//! Events as the server sends them: protobuf bytes encoded once and shared.
+//!
+//! The server side of `Subscribe` streams [`WireEvent`]s, bytes that are
+//! already a complete `herald.v1.Event` message (`build.rs` maps `Event` to
+//! this type for the server only; clients decode the generated `Event`). A
+//! stored event is encoded once per replica, and the bytes are shared by
+//! every stream of its user there. For a send to many recipients, the
+//! fields the recipients share (type, title, body, data, created_at) are
+//! encoded once, and each recipient's event is its own id, seq and
+//! recipient followed by those bytes: protobuf parsers accept fields in any
+//! order (Protocol Buffers encoding guide, "Field Order").
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::{
+    Message,
+    encoding::{self, WireType},
+};
+
+use crate::{notification::StreamEvent, proto};
+
+/// A complete, encoded `herald.v1.Event`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct WireEvent(pub Bytes);
+
+impl std::fmt::Debug for WireEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WireEvent({} bytes)", self.0.len())
+    }
+}
+
+impl WireEvent {
+    /// Encodes a control or backlog event (not shared).
+    pub fn encode(event: &proto::Event) -> Self {
+        Self(event.encode_to_vec().into())
+    }
+}
+
+impl Message for WireEvent {
+    fn encode_raw(&self, buf: &mut impl BufMut) {
+        buf.put_slice(&self.0);
+    }
+
+    /// The server never decodes events; a decoder would skip every field.
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = Bytes::new();
+    }
+}
+
+/// The encoded fields of a notification that all its recipients share:
+/// type, title, body, data and created_at (fields 4–8 of
+/// `herald.v1.Notification`).
+pub fn shared_fields(
+    kind: &str,
+    title: &str,
+    body: &str,
+    data: &str,
+    created_at: std::time::SystemTime,
+) -> Bytes {
+    proto::Notification {
+        r#type: kind.to_owned(),
+        title: title.to_owned(),
+        body: body.to_owned(),
+        data: data.to_owned(),
+        created_at: Some(created_at.into()),
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// A notification event for one recipient: `Event { seq, notification:
+/// { id, seq, recipient, <shared> } }`, built from [`shared_fields`]
+/// without re-encoding them.
+pub fn notification_event(seq: u64, id: i64, recipient: &str, shared: &[u8]) -> Bytes {
+    let mut own = BytesMut::with_capacity(24 + recipient.len());
+    if id != 0 {
+        encoding::int64::encode(1, &id, &mut own);
+    }
+    if seq != 0 {
+        encoding::uint64::encode(2, &seq, &mut own);
+    }
+    if !recipient.is_empty() {
+        encoding::encode_key(3, WireType::LengthDelimited, &mut own);
+        encoding::encode_varint(recipient.len() as u64, &mut own);
+        own.put_slice(recipient.as_bytes());
+    }
+    let inner_len = own.len() + shared.len();
+    let mut out = BytesMut::with_capacity(inner_len + 16);
+    if seq != 0 {
+        encoding::uint64::encode(1, &seq, &mut out);
+    }
+    encoding::encode_key(2, WireType::LengthDelimited, &mut out);
+    encoding::encode_varint(inner_len as u64, &mut out);
+    out.put_slice(&own);
+    out.put_slice(shared);
+    out.freeze()
+}
+
+/// The encoding of a stored event, computed once and shared by every
+/// stream it reaches on this replica (see [`StreamEvent::encoded`]).
+pub fn encode_stream_event(event: &StreamEvent) -> Bytes {
+    proto::Event::from(event).encode_to_vec().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::notification::{EventBody, Notification};
+
+    #[test]
+    fn a_shared_encoding_decodes_to_the_same_event() {
+        let at = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
+        for (seq, id, recipient) in [(1, 7, "alice"), (300, 123_456_789, "bob-ü"), (0, 0, "")] {
+            let n = Notification {
+                id,
+                seq,
+                recipient: recipient.into(),
+                kind: "build.passed".into(),
+                title: "Build #41 passed".into(),
+                body: "".into(),
+                data: r#"{"a":[1,2]}"#.into(),
+                created_at: at,
+                read: false,
+            };
+            let event = StreamEvent::new(seq, EventBody::Notification(n.clone()));
+            let shared = shared_fields(&n.kind, &n.title, &n.body, &n.data, at);
+            let bytes = notification_event(seq, id, recipient, &shared);
+            let decoded = proto::Event::decode(bytes.as_ref()).unwrap();
+            assert_eq!(decoded, proto::Event::from(&event));
+            let direct = proto::Event::decode(encode_stream_event(&event).as_ref()).unwrap();
+            assert_eq!(decoded, direct);
+        }
+    }
+
+    #[test]
+    fn a_stream_event_is_encoded_once_and_its_bytes_shared() {
+        let event = StreamEvent::new(
+            3,
+            EventBody::Read(crate::notification::ReadChange {
+                ids: vec![1, 2],
+                up_to_seq: 0,
+            }),
+        );
+        let first = event.encoded();
+        let second = event.encoded();
+        assert_eq!(first.as_ptr(), second.as_ptr(), "the same buffer, not a re-encoding");
+        assert_eq!(proto::Event::decode(first.as_ref()).unwrap(), proto::Event::from(&event));
+    }
+
+    #[test]
+    fn wire_event_writes_its_bytes_verbatim() {
+        let e = proto::Event {
+            seq: 9,
+            kind: Some(proto::event::Kind::CaughtUp(proto::CaughtUp {})),
+        };
+        let wire = WireEvent::encode(&e);
+        assert_eq!(wire.encode_to_vec(), e.encode_to_vec());
+        assert_eq!(wire.encoded_len(), e.encoded_len());
+    }
+}
