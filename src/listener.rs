@@ -238,32 +238,38 @@ fn route_one(hub: &Hub, payload: Payload) {
             r,
         } => {
             let created_at = micros_to_time(at);
-            // The fields every recipient shares are encoded once, and only
-            // if some recipient has a stream here.
+            // For several recipients, the fields they share are encoded
+            // once, here, and only if some recipient has a stream here. A
+            // single recipient's event is left to be encoded by the first
+            // stream that sends it (`StreamEvent::encoded`): this loop is one
+            // task per replica, and encoding in it serialized work that the
+            // streams' tasks do in parallel (~15% less throughput measured).
+            let share = r.len() > 1;
             let mut shared = None;
             for (user, seq, id) in r {
                 if !hub.has_streams(&t, &user) {
                     continue;
                 }
-                let shared =
-                    shared.get_or_insert_with(|| wire::shared_fields(&ty, &ti, &b, &d, created_at));
-                let encoded = wire::notification_event(seq, id, &user, shared);
-                let event = Arc::new(StreamEvent::with_encoding(
+                let body = EventBody::Notification(Notification {
+                    id,
                     seq,
-                    EventBody::Notification(Notification {
-                        id,
-                        seq,
-                        recipient: user.clone(),
-                        kind: ty.clone(),
-                        title: ti.clone(),
-                        body: b.clone(),
-                        data: d.clone(),
-                        created_at,
-                        read: false,
-                    }),
-                    encoded,
-                ));
-                hub.publish(&t, &user, &event);
+                    recipient: user.clone(),
+                    kind: ty.clone(),
+                    title: ti.clone(),
+                    body: b.clone(),
+                    data: d.clone(),
+                    created_at,
+                    read: false,
+                });
+                let event = if share {
+                    let shared = shared
+                        .get_or_insert_with(|| wire::shared_fields(&ty, &ti, &b, &d, created_at));
+                    let encoded = wire::notification_event(seq, id, &user, shared);
+                    StreamEvent::with_encoding(seq, body, encoded)
+                } else {
+                    StreamEvent::new(seq, body)
+                };
+                hub.publish(&t, &user, &Arc::new(event));
             }
         }
         Payload::Read { t, u, s, ids, up } => {
