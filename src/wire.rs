@@ -159,8 +159,15 @@ mod tests {
         );
         let first = event.encoded();
         let second = event.encoded();
-        assert_eq!(first.as_ptr(), second.as_ptr(), "the same buffer, not a re-encoding");
-        assert_eq!(proto::Event::decode(first.as_ref()).unwrap(), proto::Event::from(&event));
+        assert_eq!(
+            first.as_ptr(),
+            second.as_ptr(),
+            "the same buffer, not a re-encoding"
+        );
+        assert_eq!(
+            proto::Event::decode(first.as_ref()).unwrap(),
+            proto::Event::from(&event)
+        );
     }
 
     #[test]
