@@ -46,9 +46,7 @@ use herald::{
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
-use tonic_health::pb::{
-    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-};
+use tonic_health::pb::health_check_response::ServingStatus;
 
 // ---------------------------------------------------------------------------
 // Senders and what they were told
@@ -499,38 +497,6 @@ fn process_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 
 fn users(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
-}
-
-/// The overall ("") health of the replica at `addr`.
-async fn health(addr: SocketAddr) -> Result<ServingStatus, tonic::Status> {
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut request = tonic::Request::new(HealthCheckRequest {
-        service: String::new(),
-    });
-    request.set_timeout(Duration::from_secs(1));
-    let response = HealthClient::new(channel).check(request).await?;
-    Ok(response.into_inner().status())
-}
-
-/// Waits until `addr` reports `want`; returns how long that took.
-async fn wait_health(addr: SocketAddr, want: ServingStatus, within: Duration) -> Duration {
-    let start = Instant::now();
-    loop {
-        let got = health(addr).await;
-        if matches!(got, Ok(s) if s == want) {
-            return start.elapsed();
-        }
-        assert!(
-            start.elapsed() < within,
-            "health of {addr} still {got:?}, wanted {want:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Waits until `probe` is true, polling every 20 ms, for at most `within`.

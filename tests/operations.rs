@@ -93,44 +93,6 @@ async fn sigterm_drains_streams_to_the_other_replica() {
     .await;
 }
 
-async fn health(addr: std::net::SocketAddr) -> Result<ServingStatus, tonic::Status> {
-    health_of(addr, "").await
-}
-
-async fn health_of(
-    addr: std::net::SocketAddr,
-    service: &str,
-) -> Result<ServingStatus, tonic::Status> {
-    let mut c = HealthClient::new(
-        tonic::transport::Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
-    let r = c
-        .check(HealthCheckRequest {
-            service: service.to_owned(),
-        })
-        .await?;
-    Ok(r.into_inner().status())
-}
-
-async fn wait_health(addr: std::net::SocketAddr, want: ServingStatus, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let got = health(addr).await;
-        if matches!(got, Ok(s) if s == want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health still {got:?}, wanted {want:?} within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The database becomes unreachable (a proxy in between closes and refuses
 /// connections): health turns NOT_SERVING and sends fail with UNAVAILABLE;
 /// when it is reachable again, health returns to SERVING and a stream gets

@@ -567,3 +567,52 @@ async fn goal_changed(goal: &mut tokio::sync::watch::Receiver<Goal>, alive: &mut
     *alive = false;
     std::future::pending::<()>().await;
 }
+
+/// The health (`grpc.health.v1`) of `service` on the replica at `addr`
+/// ("" is the overall health). Connecting and the call are bounded by 1 s.
+pub async fn health_of(
+    addr: SocketAddr,
+    service: &str,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, Status> {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut request = Request::new(HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    request.set_timeout(Duration::from_secs(1));
+    let response = HealthClient::new(channel).check(request).await?;
+    Ok(response.into_inner().status())
+}
+
+/// The overall ("") health of the replica at `addr`.
+pub async fn health(
+    addr: SocketAddr,
+) -> Result<tonic_health::pb::health_check_response::ServingStatus, Status> {
+    health_of(addr, "").await
+}
+
+/// Waits until `addr`'s overall health is `want`, polling every 50 ms;
+/// returns how long that took. Fails after `within`.
+pub async fn wait_health(
+    addr: SocketAddr,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+    within: Duration,
+) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        let got = health(addr).await;
+        if matches!(got, Ok(s) if s == want) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "health of {addr} still {got:?}, wanted {want:?} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
