@@ -259,6 +259,20 @@ impl Verifier {
     }
 }
 
+/// `message` as a request carrying `authorization: Bearer <token>` (RFC
+/// 6750 §2.1), for clients. Fails when `token` is not a valid metadata
+/// value (e.g. it contains a newline).
+pub fn bearer<T>(
+    message: T,
+    token: &str,
+) -> Result<tonic::Request<T>, tonic::metadata::errors::InvalidMetadataValue> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(request)
+}
+
 /// Mints an HS256 token for `user` that expires `ttl_secs` from now. For the
 /// CLI, tests and development; production tokens come from an identity
 /// provider.

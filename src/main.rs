@@ -105,11 +105,7 @@ impl ClientArgs {
 }
 
 fn authorized<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(request)
+    Ok(auth::bearer(message, token)?)
 }
 
 #[derive(Debug, Args)]

@@ -437,11 +437,7 @@ fn cpu_between(before: &[Usage], after: &[Usage]) -> Vec<f64> {
 }
 
 fn authed<T>(message: T, token: &str) -> anyhow::Result<Request<T>> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    Ok(request)
+    Ok(auth::bearer(message, token)?)
 }
 
 /// What one subscriber saw.

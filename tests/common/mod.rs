@@ -261,11 +261,7 @@ pub fn sender_token() -> String {
 
 /// `message` with `authorization: Bearer <token>`.
 pub fn authed<T>(message: T, token: &str) -> Request<T> {
-    let mut request = Request::new(message);
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    request
+    herald::auth::bearer(message, token).expect("a valid token")
 }
 
 /// A send request to `recipients`.
