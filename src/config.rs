@@ -8,9 +8,9 @@ use clap::Args;
 
 use crate::{
     auth::{AuthConfig, DEV_SECRET, VerificationKey},
+    bus::postgres::ListenerSettings,
     hub::StreamLimits,
     limits::RateSettings,
-    listener::ListenerSettings,
     notification::SendLimits,
     store::{group_commit::GroupCommitSettings, postgres::DEFAULT_STATEMENT_TIMEOUT},
     telemetry::LogFormat,
@@ -399,6 +399,9 @@ impl ServeArgs {
         }
         for (name, d) in [
             ("--heartbeat-interval", self.heartbeat_interval),
+            // 0 would prune every event as soon as it is stored: a resuming
+            // client would always get resync and a fresh one no backlog.
+            ("--retention", self.retention),
             ("--prune-interval", self.prune_interval),
             ("--listener-ping-interval", self.listener_ping_interval),
             ("--listener-ping-timeout", self.listener_ping_timeout),
@@ -560,6 +563,11 @@ mod tests {
             parse(&["--dev", "--heartbeat-interval", "0s"]).unwrap_err(),
             ConfigError::Invalid(_)
         ));
+        let zero_retention = parse(&["--dev", "--retention", "0s"]).unwrap_err();
+        assert!(
+            zero_retention.to_string().contains("--retention"),
+            "{zero_retention}"
+        );
         for bad in ["app.example.com", "https://app.example.com/path", "ftp://x"] {
             assert!(
                 matches!(

@@ -1,5 +1,5 @@
-//! The hub: this replica's open streams, by tenant and user, and the routing
-//! of committed events to them.
+//! The hub: this replica's open streams, by stream key ([`StreamKey`]: a
+//! tenant's user inbox today), and the routing of committed events to them.
 //!
 //! Publishing never blocks and never allocates per stream beyond an `Arc`
 //! clone: each stream has a bounded queue, and when it is full the event is
@@ -18,7 +18,10 @@ use std::{
 
 use tokio::sync::{Notify, mpsc};
 
-use crate::{notification::StreamEvent, telemetry::names};
+use crate::{
+    notification::{StreamEvent, StreamKey},
+    telemetry::names,
+};
 
 /// The shared state between the hub and one stream.
 #[derive(Debug, Default)]
@@ -44,7 +47,18 @@ impl Slot {
     }
 }
 
-type Users = HashMap<String, Vec<Slot>>;
+/// One tenant's streams. Each stream-key kind has its own map, so lookups
+/// borrow the key's parts and allocate nothing.
+#[derive(Debug, Default)]
+struct Streams {
+    users: HashMap<String, Vec<Slot>>,
+}
+
+impl Streams {
+    fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
 
 /// Limits on open streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +95,7 @@ pub enum StreamLimitError {
 /// This replica's open streams. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Hub {
-    tenants: RwLock<HashMap<String, Users>>,
+    tenants: RwLock<HashMap<String, Streams>>,
     next_id: AtomicU64,
     open: AtomicUsize,
     limits: StreamLimits,
@@ -101,15 +115,11 @@ impl Hub {
         })
     }
 
-    /// Registers a stream for `tenant`/`user`. Events published from now on
-    /// reach it (or flag it lagging); the stream is removed when the
-    /// returned [`Subscription`] is dropped. Refused when the user or the
-    /// replica is at its stream limit.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        tenant: &str,
-        user: &str,
-    ) -> Result<Subscription, StreamLimitError> {
+    /// Registers a stream for `key`. Events published from now on reach it
+    /// (or flag it lagging); the stream is removed when the returned
+    /// [`Subscription`] is dropped. Refused when the user or the replica is
+    /// at its stream limit.
+    pub fn subscribe(self: &Arc<Self>, key: StreamKey) -> Result<Subscription, StreamLimitError> {
         let (tx, rx) = mpsc::channel(self.limits.queue_len);
         let signal = Arc::new(Signal::default());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -124,10 +134,12 @@ impl Hub {
             if open >= self.limits.total {
                 return Err(StreamLimitError::Total(open));
             }
+            let StreamKey::User { tenant, user } = &key;
             let slots = tenants
-                .entry(tenant.to_owned())
+                .entry(tenant.clone())
                 .or_default()
-                .entry(user.to_owned())
+                .users
+                .entry(user.clone())
                 .or_default();
             if slots.len() >= self.limits.per_user {
                 return Err(StreamLimitError::PerUser(slots.len()));
@@ -138,26 +150,38 @@ impl Hub {
         metrics::gauge!(names::STREAMS_OPEN).increment(1.0);
         Ok(Subscription {
             hub: self.clone(),
-            tenant: tenant.to_owned(),
-            user: user.to_owned(),
+            key,
             id,
             rx,
             signal,
         })
     }
 
-    /// Whether `tenant`/`user` has any stream on this replica.
-    pub fn has_streams(&self, tenant: &str, user: &str) -> bool {
-        self.read()
-            .get(tenant)
-            .is_some_and(|users| users.contains_key(user))
+    fn slots<'a>(tenants: &'a HashMap<String, Streams>, key: &StreamKey) -> Option<&'a Vec<Slot>> {
+        match key {
+            StreamKey::User { tenant, user } => tenants.get(tenant)?.users.get(user),
+        }
     }
 
-    /// Offers `event` to every stream of `tenant`/`user` on this replica.
-    /// A stream whose queue is full is flagged lagging instead.
-    pub fn publish(&self, tenant: &str, user: &str, event: &Arc<StreamEvent>) {
+    /// Whether `key` has any stream on this replica.
+    pub fn has_streams(&self, key: &StreamKey) -> bool {
+        Self::slots(&self.read(), key).is_some()
+    }
+
+    /// Whether the inbox of `tenant`/`user` has any stream on this replica
+    /// (without building a [`StreamKey`]: the bus asks this for every
+    /// recipient of every send).
+    pub fn has_user_streams(&self, tenant: &str, user: &str) -> bool {
+        self.read()
+            .get(tenant)
+            .is_some_and(|t| t.users.contains_key(user))
+    }
+
+    /// Offers `event` to every stream of `key` on this replica. A stream
+    /// whose queue is full is flagged lagging instead.
+    pub fn publish(&self, key: &StreamKey, event: &Arc<StreamEvent>) {
         let tenants = self.read();
-        let Some(slots) = tenants.get(tenant).and_then(|u| u.get(user)) else {
+        let Some(slots) = Self::slots(&tenants, key) else {
             return;
         };
         for slot in slots {
@@ -170,12 +194,11 @@ impl Hub {
         }
     }
 
-    /// Tells every stream of `tenant`/`user` that events up to some seq were
+    /// Tells every stream of `key` that events up to some seq were
     /// committed without their content reaching this replica (e.g. a NOTIFY
     /// too large to carry them): each catches up from the store.
-    pub fn signal_user(&self, tenant: &str, user: &str) {
-        let tenants = self.read();
-        if let Some(slots) = tenants.get(tenant).and_then(|u| u.get(user)) {
+    pub fn signal(&self, key: &StreamKey) {
+        if let Some(slots) = Self::slots(&self.read(), key) {
             slots.iter().for_each(Slot::flag_lagging);
         }
     }
@@ -184,8 +207,12 @@ impl Hub {
     /// after the LISTEN connection was lost and notifications may have been
     /// missed.
     pub fn signal_all(&self) {
-        for users in self.read().values() {
-            users.values().flatten().for_each(Slot::flag_lagging);
+        for streams in self.read().values() {
+            streams
+                .users
+                .values()
+                .flatten()
+                .for_each(Slot::flag_lagging);
         }
     }
 
@@ -193,25 +220,26 @@ impl Hub {
     pub fn stream_count(&self) -> usize {
         self.read()
             .values()
-            .flat_map(|u| u.values())
+            .flat_map(|t| t.users.values())
             .map(Vec::len)
             .sum()
     }
 
-    fn remove(&self, tenant: &str, user: &str, id: u64) {
+    fn remove(&self, key: &StreamKey, id: u64) {
         let mut tenants = self.write();
-        let Some(users) = tenants.get_mut(tenant) else {
+        let StreamKey::User { tenant, user } = key;
+        let Some(streams) = tenants.get_mut(tenant) else {
             return;
         };
-        if let Some(slots) = users.get_mut(user) {
+        if let Some(slots) = streams.users.get_mut(user) {
             let before = slots.len();
             slots.retain(|s| s.id != id);
             self.open.fetch_sub(before - slots.len(), Ordering::Relaxed);
             if slots.is_empty() {
-                users.remove(user);
+                streams.users.remove(user);
             }
         }
-        if users.is_empty() {
+        if streams.is_empty() {
             tenants.remove(tenant);
         }
     }
@@ -219,11 +247,11 @@ impl Hub {
     // A panic while holding the lock cannot leave the maps half-updated
     // (every mutation is a single insert/retain/remove), so a poisoned lock
     // is safe to keep using.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Users>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Streams>> {
         self.tenants.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Users>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Streams>> {
         self.tenants.write().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -233,8 +261,7 @@ impl Hub {
 #[derive(Debug)]
 pub struct Subscription {
     hub: Arc<Hub>,
-    tenant: String,
-    user: String,
+    key: StreamKey,
     id: u64,
     rx: mpsc::Receiver<Arc<StreamEvent>>,
     signal: Arc<Signal>,
@@ -280,7 +307,7 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         metrics::gauge!(names::STREAMS_OPEN).decrement(1.0);
-        self.hub.remove(&self.tenant, &self.user, self.id);
+        self.hub.remove(&self.key, self.id);
     }
 }
 
@@ -310,15 +337,15 @@ mod tests {
     #[tokio::test]
     async fn routes_by_tenant_and_user_and_unregisters_on_drop() {
         let hub = hub(4);
-        let mut a = hub.subscribe("t", "alice").unwrap();
-        let mut other_tenant = hub.subscribe("u", "alice").unwrap();
-        hub.publish("t", "alice", &event(1));
+        let mut a = hub.subscribe(StreamKey::user("t", "alice")).unwrap();
+        let mut other_tenant = hub.subscribe(StreamKey::user("u", "alice")).unwrap();
+        hub.publish(&StreamKey::user("t", "alice"), &event(1));
         assert!(matches!(a.next().await, Next::Event(e) if e.seq == 1));
         assert!(other_tenant.try_next().is_none());
         drop(a);
         drop(other_tenant);
         assert_eq!(hub.stream_count(), 0);
-        assert!(!hub.has_streams("t", "alice"));
+        assert!(!hub.has_streams(&StreamKey::user("t", "alice")));
     }
 
     #[test]
@@ -328,28 +355,28 @@ mod tests {
             per_user: 2,
             total: 3,
         });
-        let a1 = hub.subscribe("t", "alice").unwrap();
-        let _a2 = hub.subscribe("t", "alice").unwrap();
+        let a1 = hub.subscribe(StreamKey::user("t", "alice")).unwrap();
+        let _a2 = hub.subscribe(StreamKey::user("t", "alice")).unwrap();
         assert_eq!(
-            hub.subscribe("t", "alice").unwrap_err(),
+            hub.subscribe(StreamKey::user("t", "alice")).unwrap_err(),
             StreamLimitError::PerUser(2)
         );
-        let _b = hub.subscribe("t", "bob").unwrap();
+        let _b = hub.subscribe(StreamKey::user("t", "bob")).unwrap();
         assert_eq!(
-            hub.subscribe("t", "carol").unwrap_err(),
+            hub.subscribe(StreamKey::user("t", "carol")).unwrap_err(),
             StreamLimitError::Total(3)
         );
         drop(a1);
         assert_eq!(hub.stream_count(), 2);
-        hub.subscribe("t", "alice").unwrap();
+        hub.subscribe(StreamKey::user("t", "alice")).unwrap();
     }
 
     #[tokio::test]
     async fn full_queue_flags_lagging_without_blocking() {
         let hub = hub(2);
-        let mut s = hub.subscribe("t", "alice").unwrap();
+        let mut s = hub.subscribe(StreamKey::user("t", "alice")).unwrap();
         for seq in 1..=5 {
-            hub.publish("t", "alice", &event(seq));
+            hub.publish(&StreamKey::user("t", "alice"), &event(seq));
         }
         // Queue first: the flag is checked before waiting, so CatchUp wins.
         assert!(matches!(s.next().await, Next::CatchUp));

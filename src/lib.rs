@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod hub;
+pub mod jobs;
 pub mod limits;
 pub mod notification;
 pub mod store;
@@ -26,9 +27,10 @@ pub mod proto {
 
 pub mod api;
 pub mod auth;
+pub mod bus;
 pub mod codec;
 pub mod config;
-pub mod listener;
+pub mod health;
 pub mod server;
 pub mod subscription;
 pub mod telemetry;

@@ -119,6 +119,21 @@ impl RateLimits {
     }
 }
 
+/// The background job that drops rate-limit buckets of senders and
+/// recipients that went quiet, once a minute until `shutdown`, so their
+/// memory stays bounded.
+pub async fn forget_idle_keys(
+    rates: std::sync::Arc<RateLimits>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(60)) => rates.retain_recent(),
+        }
+    }
+}
+
 /// `RESOURCE_EXHAUSTED` with a `RetryInfo` detail of `retry_after`.
 pub fn exhausted(message: String, retry_after: Duration) -> Status {
     let retry_after = retry_after.max(Duration::from_millis(1));

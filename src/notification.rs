@@ -309,15 +309,11 @@ fn json_depth(v: &serde_json::Value) -> usize {
     deepest
 }
 
-/// A notification as stored for one recipient.
+/// What a send's recipients share: stored once (PostgreSQL `contents`)
+/// and referenced by each recipient's narrow notification row, and in
+/// memory shared behind an `Arc` by every recipient's event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Notification {
-    /// Deployment-wide id.
-    pub id: i64,
-    /// Position in the recipient's stream.
-    pub seq: u64,
-    /// The recipient.
-    pub recipient: String,
+pub struct Content {
     /// Event type.
     pub kind: String,
     /// Headline.
@@ -328,8 +324,44 @@ pub struct Notification {
     pub data: String,
     /// When it was stored.
     pub created_at: SystemTime,
+}
+
+/// A notification as stored for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// Deployment-wide id.
+    pub id: i64,
+    /// Position in the recipient's stream.
+    pub seq: u64,
+    /// The recipient.
+    pub recipient: String,
+    /// What it says, shared with the send's other recipients.
+    pub content: std::sync::Arc<Content>,
     /// Whether it is read (current for listings; false in stream events).
     pub read: bool,
+}
+
+/// Which stream an event belongs to. Users' inboxes today; the enum is
+/// where topic streams join (each key kind has its own seq space).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamKey {
+    /// The inbox of `user` in `tenant`.
+    User {
+        /// The tenant.
+        tenant: String,
+        /// The user.
+        user: String,
+    },
+}
+
+impl StreamKey {
+    /// The inbox of `user` in `tenant`.
+    pub fn user(tenant: &str, user: &str) -> Self {
+        Self::User {
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+        }
+    }
 }
 
 /// A read-state change on a user's stream.
@@ -414,6 +446,16 @@ pub struct Delivery {
     pub notification_id: i64,
     /// Its position in the recipient's stream.
     pub seq: u64,
+}
+
+/// What a store did with a send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// One per distinct recipient, in the order first named.
+    pub deliveries: Vec<Delivery>,
+    /// True when nothing was stored: the idempotency key was used by an
+    /// earlier send, whose deliveries these are.
+    pub replayed: bool,
 }
 
 /// What `MarkRead` asks for.

@@ -10,10 +10,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool},
     time::Duration,
 };
 
@@ -21,8 +18,6 @@ use http::{HeaderName, HeaderValue, Method};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
-use tonic_health::{ServingStatus, server::HealthReporter};
 use tower::util::MapResponseLayer;
 use tower_http::{
     cors::{AllowOrigin, CorsLayer},
@@ -33,19 +28,24 @@ use tower_http::{
 use crate::{
     api::NotificationsService,
     auth::{KeyError, Verifier},
+    bus::postgres::{ListenError, Listener, listener_config},
     config::Config,
+    health,
     hub::Hub,
-    limits::RateLimits,
-    listener::{ListenError, Listener, listener_config},
+    jobs::Jobs,
+    limits::{self, RateLimits},
     proto::{self, notifications_server::NotificationsServer},
     store::{
         Store, StoreError,
         memory::MemoryStore,
         postgres::{self, PgSettings, PgStore},
+        retention,
     },
     subscription::StreamSettings,
-    telemetry::{self, names},
+    telemetry,
 };
+
+pub use crate::health::LIVENESS_SERVICE;
 
 /// Request metadata carrying the caller's request id (echoed back, and
 /// generated as a UUID when absent).
@@ -87,37 +87,60 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     /// The address it serves `/metrics` on, if any.
     pub metrics_addr: Option<SocketAddr>,
-    shutdown: CancellationToken,
+    jobs: Jobs,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
 impl RunningServer {
+    /// The replica's background jobs (to check, after [`Self::stop`], that
+    /// none is left running).
+    pub fn jobs(&self) -> Jobs {
+        self.jobs.clone()
+    }
+
     /// A token that starts the drain when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.jobs.shutdown().clone()
     }
 
     /// Drains (see the module docs) and waits at most `grace` for it.
     pub async fn stop(self, grace: Duration) -> Result<(), ServerError> {
-        self.shutdown.cancel();
+        self.jobs.shutdown().cancel();
         self.wait(grace).await
     }
 
     /// Waits until the replica stops; once the drain has begun, at most
-    /// `grace` more, then closes whatever is left.
+    /// `grace` more for the calls in flight and every background job, then
+    /// closes whatever is left.
     pub async fn wait(mut self, grace: Duration) -> Result<(), ServerError> {
-        tokio::select! {
-            joined = &mut self.task => return flatten(joined),
-            () = self.shutdown.cancelled() => {}
+        let served = tokio::select! {
+            joined = &mut self.task => Some(joined),
+            () = self.jobs.shutdown().cancelled() => None,
+        };
+        // However serving ended, the jobs stop too.
+        self.jobs.shutdown().cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        let served = match served {
+            Some(joined) => flatten(joined),
+            None => match tokio::time::timeout_at(deadline, &mut self.task).await {
+                Ok(joined) => flatten(joined),
+                Err(_) => {
+                    tracing::warn!(?grace, "grace period over; closing remaining connections");
+                    self.task.abort();
+                    Ok(())
+                }
+            },
+        };
+        if tokio::time::timeout_at(deadline, self.jobs.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                running = self.jobs.running(),
+                "grace period over; background jobs still running"
+            );
         }
-        match tokio::time::timeout(grace, &mut self.task).await {
-            Ok(joined) => flatten(joined),
-            Err(_) => {
-                tracing::warn!(?grace, "grace period over; closing remaining connections");
-                self.task.abort();
-                Ok(())
-            }
-        }
+        served
     }
 }
 
@@ -147,10 +170,10 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError
 pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
     let verifier = Arc::new(Verifier::new(&config.auth)?);
     let hub = Hub::new(config.streams);
-    let shutdown = CancellationToken::new();
+    let jobs = Jobs::new();
     let (listener, addr) = bind(config.listen).await?;
     let metrics_addr = match config.metrics_listen {
-        Some(metrics_listen) => Some(start_metrics(metrics_listen, shutdown.clone()).await?),
+        Some(metrics_listen) => Some(start_metrics(metrics_listen, &jobs).await?),
         None => None,
     };
     if config.dev {
@@ -164,7 +187,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
         verifier,
         config: &config,
         listener,
-        shutdown: shutdown.clone(),
+        jobs: jobs.clone(),
     };
     let task = match &config.database_url {
         Some(url) => {
@@ -183,23 +206,26 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                     group_commit: config.group_commit,
                     statement_timeout: config.statement_timeout,
                 },
+                &jobs,
             )?);
             store.ping().await?;
             let listen_url = config.listener_database_url.as_deref().unwrap_or(url);
             let listen_config = listener_config(listen_url)
-                .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?;
+                .map_err(|e| StoreError::internal(format!("invalid database URL: {e}")))?;
             let listening = Arc::new(AtomicBool::new(false));
             let listener_task = Listener::new(
                 listen_config,
                 hub,
                 config.listener,
-                shutdown.clone(),
+                jobs.shutdown().clone(),
                 listening.clone(),
             );
             let first = listener_task.listen().await?;
-            tokio::spawn(listener_task.run(first));
+            jobs.spawn("bus listener", listener_task.run(first));
             tracing::info!(%addr, "serving with PostgreSQL");
-            replica.spawn(store, Some(listening))?
+            // Half the pool at most for backlog and catch-up reads, so a
+            // reconnect's catch-up storm leaves room for sends.
+            replica.spawn(store, Some(listening), (config.pool_size / 2).max(1))?
         }
         None => {
             tracing::warn!(
@@ -207,25 +233,27 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 "no DATABASE_URL: using the in-memory store; notifications are lost on \
                  restart and replicas do not share them (one replica only)"
             );
-            replica.spawn(Arc::new(MemoryStore::new(hub)), None)?
+            let store = Arc::new(MemoryStore::new(hub));
+            replica.spawn(store, None, tokio::sync::Semaphore::MAX_PERMITS)?
         }
     };
     Ok(RunningServer {
         addr,
         metrics_addr,
-        shutdown,
+        jobs,
         task,
     })
 }
 
-async fn start_metrics(
-    addr: SocketAddr,
-    shutdown: CancellationToken,
-) -> Result<SocketAddr, ServerError> {
+async fn start_metrics(addr: SocketAddr, jobs: &Jobs) -> Result<SocketAddr, ServerError> {
     let (listener, local) = bind(addr).await?;
     match telemetry::metrics_handle() {
         Some(handle) => {
-            tokio::spawn(telemetry::serve_metrics(listener, handle, shutdown));
+            let shutdown = jobs.shutdown().clone();
+            jobs.spawn(
+                "metrics endpoint",
+                telemetry::serve_metrics(listener, handle, shutdown),
+            );
         }
         None => tracing::warn!("metrics recorder unavailable; /metrics will not be served"),
     }
@@ -267,7 +295,7 @@ struct Replica<'a> {
     verifier: Arc<Verifier>,
     config: &'a Config,
     listener: TcpListener,
-    shutdown: CancellationToken,
+    jobs: Jobs,
 }
 
 impl Replica<'_> {
@@ -275,23 +303,31 @@ impl Replica<'_> {
         self,
         store: Arc<S>,
         listening: Option<Arc<AtomicBool>>,
+        store_reads: usize,
     ) -> Result<JoinHandle<Result<(), ServerError>>, ServerError> {
         let config = self.config;
-        let shutdown = self.shutdown;
-        tokio::spawn(prune_loop(
-            store.clone(),
-            config.retention,
-            config.prune_interval,
-            shutdown.clone(),
-        ));
+        let jobs = self.jobs;
+        let shutdown = jobs.shutdown().clone();
+        jobs.spawn(
+            "retention",
+            retention::run(
+                store.clone(),
+                config.retention,
+                config.prune_interval,
+                shutdown.clone(),
+            ),
+        );
         let (reporter, health) = tonic_health::server::health_reporter();
-        tokio::spawn(health_loop(
-            store.clone(),
-            listening,
-            reporter,
-            config.health_check_interval,
-            shutdown.clone(),
-        ));
+        jobs.spawn(
+            "health",
+            health::report(
+                store.clone(),
+                listening,
+                reporter,
+                config.health_check_interval,
+                shutdown.clone(),
+            ),
+        );
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -301,16 +337,17 @@ impl Replica<'_> {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
         let rates = Arc::new(RateLimits::new(config.rates));
-        tokio::spawn(forget_idle_rate_keys(rates.clone(), shutdown.clone()));
+        jobs.spawn(
+            "rate-limit sweep",
+            limits::forget_idle_keys(rates.clone(), shutdown.clone()),
+        );
         let service = NotificationsService::new(
             store,
             self.hub,
             self.verifier,
             config.limits,
             rates,
-            StreamSettings {
-                heartbeat_interval: config.heartbeat_interval,
-            },
+            StreamSettings::new(config.heartbeat_interval, store_reads),
             shutdown.clone(),
         );
         let request_id = HeaderName::from_static(REQUEST_ID);
@@ -385,98 +422,4 @@ fn grpc_status_fixups<B>(mut response: http::Response<B>) -> http::Response<B> {
         headers.insert("grpc-status", HeaderValue::from_static(code));
     }
     response
-}
-
-/// Drops rate-limit buckets of senders and recipients that went quiet,
-/// once a minute, so their memory stays bounded.
-async fn forget_idle_rate_keys(rates: Arc<RateLimits>, shutdown: CancellationToken) {
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(60)) => rates.retain_recent(),
-        }
-    }
-}
-
-/// Health service name for liveness probes: SERVING for as long as the
-/// process serves, whatever the database does, so an outage takes replicas
-/// out of load balancing (readiness) without restarting them.
-pub const LIVENESS_SERVICE: &str = "liveness";
-
-/// Keeps the gRPC health service (`grpc.health.v1`, both the overall ""
-/// and `herald.v1.Notifications`) true: SERVING while the store answers and
-/// LISTEN is established, NOT_SERVING otherwise and from the moment the
-/// drain starts. [`LIVENESS_SERVICE`] is SERVING throughout. Also samples
-/// pool usage for metrics.
-async fn health_loop<S: Store>(
-    store: Arc<S>,
-    listening: Option<Arc<AtomicBool>>,
-    reporter: HealthReporter,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let service = <NotificationsServer<NotificationsService<S>> as NamedService>::NAME;
-    reporter
-        .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
-        .await;
-    let mut last = None;
-    loop {
-        let status = if shutdown.is_cancelled() {
-            ServingStatus::NotServing
-        } else {
-            let pinged = tokio::time::timeout(interval, store.ping()).await;
-            let listening = listening.as_ref().is_none_or(|l| l.load(Ordering::Acquire));
-            match pinged {
-                Ok(Ok(())) if listening => ServingStatus::Serving,
-                Ok(Ok(())) => ServingStatus::NotServing,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "health check: store unavailable");
-                    ServingStatus::NotServing
-                }
-                Err(_) => ServingStatus::NotServing,
-            }
-        };
-        if last != Some(status) {
-            tracing::info!(?status, "health");
-            reporter.set_service_status("", status).await;
-            reporter.set_service_status(service, status).await;
-            last = Some(status);
-        }
-        if let Some((in_use, idle)) = store.pool_status() {
-            metrics::gauge!(names::POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
-            metrics::gauge!(names::POOL_CONNECTIONS, "state" => "idle").set(idle as f64);
-        }
-        if shutdown.is_cancelled() {
-            return;
-        }
-        tokio::select! {
-            () = shutdown.cancelled() => {}
-            () = tokio::time::sleep(interval) => {}
-        }
-    }
-}
-
-/// Deletes events older than `retention` every `interval`.
-async fn prune_loop<S: Store>(
-    store: Arc<S>,
-    retention: Duration,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let Some(cutoff) = std::time::SystemTime::now().checked_sub(retention) else {
-            continue;
-        };
-        match store.prune(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(deleted = n, "retention pruned old events"),
-            Err(e) => tracing::warn!(error = %e, "retention run failed"),
-        }
-    }
 }

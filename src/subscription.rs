@@ -11,6 +11,7 @@
 
 use std::{
     collections::HashSet,
+    future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -98,10 +99,28 @@ impl Start {
 }
 
 /// Settings shared by all streams.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StreamSettings {
     /// Idle time after which a heartbeat is sent.
     pub heartbeat_interval: Duration,
+    /// Permits for the store reads of backlogs and catch-ups, shared by
+    /// every stream of the replica. When the bus reconnects, every local
+    /// stream catches up at once; with 100k streams and a pool of 16
+    /// connections, unbounded reads would queue on the pool past its wait
+    /// timeout and end streams with UNAVAILABLE. Waiting for a permit has
+    /// no timeout, so catch-ups are spread over time instead.
+    pub store_reads: Arc<tokio::sync::Semaphore>,
+}
+
+impl StreamSettings {
+    /// Settings with `heartbeat_interval`, allowing `store_reads` backlog
+    /// and catch-up reads at once (at least 1).
+    pub fn new(heartbeat_interval: Duration, store_reads: usize) -> Self {
+        Self {
+            heartbeat_interval,
+            store_reads: Arc::new(tokio::sync::Semaphore::new(store_reads.max(1))),
+        }
+    }
 }
 
 /// A running stream: everything its task needs.
@@ -239,14 +258,13 @@ impl<S: Store> Session<S> {
                         self.deliver(&event).await?;
                         at.seq = event.seq;
                         if let EventBody::Notification(n) = &event.body
-                            && let Ok(age) = n.created_at.elapsed()
+                            && let Ok(age) = n.content.created_at.elapsed()
                         {
                             metrics::histogram!(names::COMMIT_TO_PUSH).record(age.as_secs_f64());
                         }
                     }
-                    Next::Event(event) if event.epoch != at.epoch => self.check_epoch(at).await?,
-                    // Ahead (a gap) or a signal: the store says what comes
-                    // next.
+                    // Ahead (a gap), of another epoch, or a signal: the
+                    // store says what comes next, in which epoch.
                     Next::Event(_) | Next::CatchUp => self.catch_up(at).await?,
                 },
             }
@@ -284,18 +302,18 @@ impl<S: Store> Session<S> {
             }
             // Boxed: store futures are large, and inline they would sit in
             // every idle stream's state.
-            let page = Box::pin(self.store.unread_after(
+            let page = Box::pin(self.read(self.store.unread_after(
                 &self.tenant,
                 &self.user,
                 after,
                 head,
                 BACKLOG_PAGE,
-            ))
+            )))
             .await
             .map_err(End::Store)?;
             for n in &page {
                 after = n.seq;
-                if self.wants(&n.kind) {
+                if self.wants(&n.content.kind) {
                     let event = proto::Event {
                         seq: n.seq,
                         kind: Some(Kind::Notification(n.into())),
@@ -321,13 +339,14 @@ impl<S: Store> Session<S> {
             if self.shutdown.is_cancelled() {
                 return Err(End::Shutdown);
             }
-            let page =
-                Box::pin(
-                    self.store
-                        .events_after(&self.tenant, &self.user, at.seq, BACKLOG_PAGE),
-                )
-                .await
-                .map_err(End::Store)?;
+            let page = Box::pin(self.read(self.store.events_after(
+                &self.tenant,
+                &self.user,
+                at.seq,
+                BACKLOG_PAGE,
+            )))
+            .await
+            .map_err(End::Store)?;
             if page.epoch != at.epoch {
                 return self.resync_to_head(ResyncReason::EpochChanged, at).await;
             }
@@ -347,16 +366,14 @@ impl<S: Store> Session<S> {
         }
     }
 
-    /// A live event of another epoch arrived: if the store's epoch did
-    /// change, resync; an event of a stale epoch is dropped.
-    async fn check_epoch(&mut self, at: &mut Position) -> Result<(), End> {
-        let head = Box::pin(self.store.head(&self.tenant, &self.user))
-            .await
-            .map_err(End::Store)?;
-        if head.epoch == at.epoch {
-            return Ok(());
-        }
-        self.resync(head, ResyncReason::EpochChanged, at).await
+    /// Runs a backlog or catch-up read under one of the replica's
+    /// [`StreamSettings::store_reads`] permits.
+    async fn read<T>(
+        &self,
+        read: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let _permit = self.settings.store_reads.acquire().await;
+        read.await
     }
 
     async fn resync_to_head(&mut self, reason: ResyncReason, at: &mut Position) -> Result<(), End> {
@@ -368,7 +385,7 @@ impl<S: Store> Session<S> {
 
     async fn deliver(&mut self, event: &StreamEvent) -> Result<(), End> {
         if let EventBody::Notification(n) = &event.body
-            && !self.wants(&n.kind)
+            && !self.wants(&n.content.kind)
         {
             return Ok(());
         }
@@ -419,7 +436,7 @@ mod tests {
     use super::*;
     use crate::{
         hub::{Hub, StreamLimits},
-        notification::{NewNotification, SendLimits},
+        notification::{NewNotification, SendLimits, StreamKey},
         store::memory::MemoryStore,
     };
 
@@ -462,13 +479,11 @@ mod tests {
             let (tx, rx) = mpsc::channel(out);
             let session = Session {
                 store: self.store.clone(),
-                subscription: self.hub.subscribe("", "alice").unwrap(),
+                subscription: self.hub.subscribe(StreamKey::user("", "alice")).unwrap(),
                 tenant: String::new(),
                 user: "alice".into(),
                 types: HashSet::new(),
-                settings: StreamSettings {
-                    heartbeat_interval: Duration::from_secs(3600),
-                },
+                settings: StreamSettings::new(Duration::from_secs(3600), 4),
                 shutdown: self.shutdown.clone(),
                 token_deadline: deadline,
                 out: tx,

@@ -17,7 +17,7 @@ use prost::{
 };
 
 use crate::{
-    notification::{Epoch, StreamEvent},
+    notification::{Content, Epoch, StreamEvent},
     proto,
 };
 
@@ -66,19 +66,13 @@ impl Message for WireEvent {
 /// The encoded fields of a notification that all its recipients share:
 /// type, title, body, data and created_at (fields 4–8 of
 /// `herald.v1.Notification`).
-pub fn shared_fields(
-    kind: &str,
-    title: &str,
-    body: &str,
-    data: &str,
-    created_at: std::time::SystemTime,
-) -> Bytes {
+pub fn shared_fields(content: &Content) -> Bytes {
     proto::Notification {
-        r#type: kind.to_owned(),
-        title: title.to_owned(),
-        body: body.to_owned(),
-        data: data.to_owned(),
-        created_at: Some(created_at.into()),
+        r#type: content.kind.clone(),
+        title: content.title.clone(),
+        body: content.body.clone(),
+        data: content.data.clone(),
+        created_at: Some(content.created_at.into()),
         ..Default::default()
     }
     .encode_to_vec()
@@ -147,15 +141,17 @@ mod tests {
                 id,
                 seq,
                 recipient: recipient.into(),
-                kind: "build.passed".into(),
-                title: "Build #41 passed".into(),
-                body: "".into(),
-                data: r#"{"a":[1,2]}"#.into(),
-                created_at: at,
+                content: std::sync::Arc::new(Content {
+                    kind: "build.passed".into(),
+                    title: "Build #41 passed".into(),
+                    body: "".into(),
+                    data: r#"{"a":[1,2]}"#.into(),
+                    created_at: at,
+                }),
                 read: false,
             };
             let event = StreamEvent::new(seq, epoch, EventBody::Notification(n.clone()));
-            let shared = shared_fields(&n.kind, &n.title, &n.body, &n.data, at);
+            let shared = shared_fields(&n.content);
             let bytes = notification_event(seq, epoch, id, recipient, &shared);
             let decoded = proto::Event::decode(bytes.as_ref()).unwrap();
             assert_eq!(decoded, proto::Event::from(&event));

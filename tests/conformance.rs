@@ -222,6 +222,32 @@ async fn positions_carry_an_epoch(backend: Backend) {
     d.stop().await;
 }
 
+/// User ids may hold `"` and `\`, which JSON escaping doubles: a send to
+/// many such recipients must be stored and delivered (NOTIFY payloads are
+/// sized on their encoded text), not fail with INTERNAL.
+async fn recipients_whose_ids_need_escaping_are_delivered(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut a = d.client(0).await;
+    let mut b = d.client(d.replica(1)).await;
+    let users: Vec<String> = (0..300)
+        .map(|i| format!("{}{i}", "\"\\".repeat(60)))
+        .collect();
+    let watched = users[299].clone();
+    let mut stream = subscribe(&mut b, &watched, Some(0)).await;
+    until_caught_up(&mut stream).await;
+    let recipients: Vec<&str> = users.iter().map(String::as_str).collect();
+    let sent = send(&mut a, note(&recipients, "escaped")).await.unwrap();
+    assert_eq!(sent.deliveries.len(), 300);
+    let event = next_event(&mut stream).await;
+    match event.kind {
+        Some(Kind::Notification(n)) => {
+            assert_eq!((n.recipient, n.title.as_str()), (watched, "escaped"))
+        }
+        other => panic!("expected the notification, got {other:?}"),
+    }
+    d.stop().await;
+}
+
 /// 8 senders × 250 sends to one user, racing; one subscriber connected
 /// throughout, another disconnecting and resuming midway. Both must see seq
 /// 1..=2000 exactly once, in order.
@@ -616,6 +642,7 @@ conformance!(
     resume_replays_missed_events_in_order,
     pruned_resume_position_gets_resync,
     positions_carry_an_epoch,
+    recipients_whose_ids_need_escaping_are_delivered,
     racing_senders_exactly_once_in_order,
     mark_read_reaches_other_devices,
     list_pages_newest_first_and_agrees_with_count,

@@ -1482,7 +1482,8 @@ async fn idempotent_retry_after_replica_death() {
             }
             let rows = admin
                 .query(
-                    "SELECT seq, id FROM notifications WHERE user_id = $1 AND title = $2",
+                    "SELECT n.seq, n.id FROM notifications n JOIN contents c ON c.id = n.content_id \
+                     WHERE n.user_id = $1 AND c.title = $2",
                     &[&recipient, &title],
                 )
                 .await

@@ -14,13 +14,13 @@ async fn concurrent_sends_share_transactions_and_keep_their_own_outcomes() {
     bounded(async {
         let d = Deployment::start(Backend::Postgres, 1).await;
         let db = d.db.as_ref().unwrap().connect().await;
-        // A trigger that fails any row titled "poison": the whole batch that
+        // A trigger that fails any content titled "poison": the whole batch that
         // carries it fails, and its batch-mates must still succeed.
         db.batch_execute(
             "CREATE FUNCTION reject_poison() RETURNS trigger AS $$ BEGIN \
                IF NEW.title = 'poison' THEN RAISE EXCEPTION 'poisoned'; END IF; \
                RETURN NEW; END $$ LANGUAGE plpgsql; \
-             CREATE TRIGGER poison BEFORE INSERT ON notifications \
+             CREATE TRIGGER poison BEFORE INSERT ON contents \
                FOR EACH ROW EXECUTE FUNCTION reject_poison();",
         )
         .await

@@ -72,6 +72,14 @@ async fn metrics_move_by_what_was_done() {
                 .await
                 .unwrap();
         }
+        // A retried send (same idempotency key) stores nothing the second
+        // time, and must not count as stored.
+        let keyed = herald::proto::SendNotificationRequest {
+            idempotency_key: "k".into(),
+            ..note(&["carol"], "keyed")
+        };
+        send(&mut c, keyed.clone()).await.unwrap();
+        send(&mut c, keyed).await.unwrap();
         let bad = send(&mut c, note(&[], "no recipients")).await.unwrap_err();
         assert_eq!(bad.code(), Code::InvalidArgument);
         let seqs = seqs_through(&mut stream, 5).await;
@@ -80,10 +88,10 @@ async fn metrics_move_by_what_was_done() {
         let after = scrape(metrics).await;
 
         let delta = |series: &str| get(&after, series) - get(&before, series);
-        assert_eq!(delta("herald_notifications_stored_total"), 10.0);
+        assert_eq!(delta("herald_notifications_stored_total"), 11.0);
         assert_eq!(
             delta(r#"herald_grpc_requests_total{method="SendNotification",code="OK"}"#),
-            5.0
+            7.0
         );
         assert_eq!(
             delta(
@@ -91,7 +99,7 @@ async fn metrics_move_by_what_was_done() {
             ),
             1.0
         );
-        assert_eq!(delta("herald_send_duration_seconds_count"), 6.0);
+        assert_eq!(delta("herald_send_duration_seconds_count"), 8.0);
         assert_eq!(delta("herald_events_pushed_total"), 5.0);
         assert_eq!(delta("herald_commit_to_push_seconds_count"), 5.0);
         assert!(delta("herald_commit_to_push_seconds_sum") > 0.0);

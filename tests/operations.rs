@@ -172,6 +172,28 @@ async fn health_is_not_serving_once_the_drain_starts() {
     .await;
 }
 
+/// Stopping a replica waits for every background job it started (the bus
+/// listener, group-commit writers, retention, health, rate-limit sweep,
+/// metrics endpoint), also with streams open and sends just made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_waits_for_every_background_job() {
+    bounded(async {
+        let db = TestDb::create().await;
+        let mut config = test_config(Some(db.url.clone()));
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        let replica = server::start(config).await.unwrap();
+        let jobs = replica.jobs();
+        assert!(jobs.running() >= 6, "{} jobs", jobs.running());
+        let mut c = client(replica.addr).await;
+        let mut stream = subscribe(&mut c, "alice", Some(0)).await;
+        until_caught_up(&mut stream).await;
+        send(&mut c, note(&["alice"], "n")).await.unwrap();
+        replica.stop(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(jobs.running(), 0, "every job returned before stop did");
+    })
+    .await;
+}
+
 /// A send carrying `x-request-id` is logged (JSON) with that id, and the id
 /// is echoed in the response metadata; without one, an id is generated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

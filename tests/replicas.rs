@@ -155,3 +155,60 @@ async fn a_restored_database_changes_the_epoch_and_streams_resync() {
     })
     .await;
 }
+
+/// After the LISTEN connection is lost, every local stream catches up from
+/// the store at once. With 1,000 streams and a pool of 2 connections whose
+/// checkout gives up after 50 ms, unbounded catch-up reads would queue on
+/// the pool past that timeout and end streams with UNAVAILABLE; spread
+/// under the replica's store-read permits, every stream survives and
+/// receives what comes next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_catch_up_storm_does_not_exhaust_the_pool() {
+    const STREAMS: usize = 1_000;
+    bounded(async {
+        let d = Deployment::start_with(Backend::Postgres, 1, |c| {
+            c.pool_size = 2;
+            c.pool_timeout = Duration::from_millis(50);
+            c.streams.per_user = 4;
+        })
+        .await;
+        let c = d.client(0).await;
+        let users: Vec<String> = (0..STREAMS).map(|i| format!("storm{i}")).collect();
+        let mut streams = Vec::with_capacity(STREAMS);
+        for chunk in users.chunks(10) {
+            let opened = chunk.iter().map(|u| {
+                let mut c = c.clone();
+                async move {
+                    let mut s = subscribe(&mut c, u, Some(0)).await;
+                    until_caught_up(&mut s).await;
+                    s
+                }
+            });
+            streams.extend(futures_util::future::join_all(opened).await);
+        }
+
+        let db = d.db.as_ref().unwrap().connect().await;
+        let name = d.db.as_ref().unwrap().name.clone();
+        for _ in 0..2 {
+            db.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'herald-listener'",
+                &[&name],
+            )
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+
+        let recipients: Vec<&str> = users.iter().map(String::as_str).collect();
+        send(&mut c.clone(), note(&recipients, "after the storm"))
+            .await
+            .expect("send after the storm");
+        for (i, s) in streams.iter_mut().enumerate() {
+            let event = next_event(s).await;
+            assert_eq!(event.seq, 1, "stream {i}: {event:?}");
+        }
+        d.stop().await;
+    })
+    .await;
+}

@@ -11,11 +11,11 @@ impl From<&Notification> for proto::Notification {
             id: n.id,
             seq: n.seq,
             recipient: n.recipient.clone(),
-            r#type: n.kind.clone(),
-            title: n.title.clone(),
-            body: n.body.clone(),
-            data: n.data.clone(),
-            created_at: Some(n.created_at.into()),
+            r#type: n.content.kind.clone(),
+            title: n.content.title.clone(),
+            body: n.content.body.clone(),
+            data: n.content.data.clone(),
+            created_at: Some(n.content.created_at.into()),
             read: n.read,
         }
     }

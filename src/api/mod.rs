@@ -16,6 +16,7 @@ use crate::{
     limits::{RateLimits, exhausted},
     notification::{
         InvalidArgument, NewNotification, NotificationType, PageQuery, ReadTarget, SendLimits,
+        StreamKey,
     },
     proto::{self, notifications_server::Notifications},
     store::{Store, StoreError},
@@ -196,15 +197,19 @@ impl<S: Store> NotificationsService<S> {
             identity.user.as_str(),
             &new.recipients,
         )?;
-        let deliveries = self
+        let sent = self
             .store
             .send(identity.tenant.as_str(), identity.user.as_str(), &new)
             .await?;
-        metrics::counter!(names::NOTIFICATIONS_STORED).increment(deliveries.len() as u64);
+        let deliveries = sent.deliveries;
+        if !sent.replayed {
+            metrics::counter!(names::NOTIFICATIONS_STORED).increment(deliveries.len() as u64);
+        }
         tracing::debug!(
             sender = %identity.user,
             r#type = new.kind.as_str(),
             recipients = deliveries.len(),
+            replayed = sent.replayed,
             "notification stored"
         );
         Ok(Response::new(proto::SendNotificationResponse {
@@ -228,7 +233,7 @@ impl<S: Store> NotificationsService<S> {
         // head was read is already being queued for this stream.
         let subscription = self
             .hub
-            .subscribe(tenant, user)
+            .subscribe(StreamKey::user(tenant, user))
             .map_err(|e| exhausted(e.to_string(), STREAM_RETRY_AFTER))?;
         let head = self.store.head(tenant, user).await?;
         let start = Start::new(req.after_seq, req.epoch, head);
@@ -239,7 +244,7 @@ impl<S: Store> NotificationsService<S> {
             tenant: tenant.to_owned(),
             user: user.to_owned(),
             types,
-            settings: self.streams,
+            settings: self.streams.clone(),
             shutdown: self.shutdown.clone(),
             token_deadline: token_deadline(identity.expires_at),
             out,

@@ -22,11 +22,11 @@
 //! in it is retried in halves, so each caller gets its own outcome.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     future::Future,
     pin::Pin,
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use deadpool_postgres::Pool;
@@ -37,11 +37,13 @@ use tokio::{
 
 use super::{
     StoreError, StoreResult,
-    postgres::{bound_statements, micros, pg_error, pool_error, replay_idempotent, seq},
+    log::{self, Append, NewEvent},
+    postgres::{bound_statements, pg_error, pool_error, replay_idempotent},
 };
 use crate::{
-    listener::{CHANNEL, Payload, pack},
-    notification::{Delivery, NewNotification},
+    bus::Bus,
+    jobs::Jobs,
+    notification::{Content, Delivery, NewNotification, Sent},
 };
 
 /// Most recipient rows in one batch, whatever the number of sends.
@@ -74,7 +76,7 @@ struct Job {
     tenant: String,
     sender: String,
     n: NewNotification,
-    reply: oneshot::Sender<StoreResult<Vec<Delivery>>>,
+    reply: oneshot::Sender<StoreResult<Sent>>,
 }
 
 /// The handle sends go through; writers stop when it is dropped.
@@ -92,37 +94,39 @@ impl std::fmt::Debug for Job {
 }
 
 impl GroupCommit {
-    /// Starts `settings.writers` writer tasks on `pool`; each statement of
-    /// a batch's transaction is bounded by `statement_timeout` (see
-    /// `PgSettings::statement_timeout`).
+    /// Starts `settings.writers` writer tasks on `pool`, tracked as
+    /// `background` jobs (each returns once every handle is dropped and
+    /// the queue is drained); each statement of a batch's transaction is
+    /// bounded by `statement_timeout` (see `PgSettings::statement_timeout`).
     pub fn spawn(
         pool: Pool,
+        bus: Arc<dyn Bus>,
         settings: GroupCommitSettings,
         statement_timeout: Option<Duration>,
+        background: &Jobs,
     ) -> Self {
         let max_sends = settings.max_sends.max(1);
         let (jobs, rx) = mpsc::channel(max_sends * 8);
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..settings.writers.max(1) {
-            tokio::spawn(writer(
-                pool.clone(),
-                rx.clone(),
-                max_sends,
-                settings.window,
-                statement_timeout,
-            ));
+            background.spawn(
+                "group-commit writer",
+                writer(
+                    pool.clone(),
+                    bus.clone(),
+                    rx.clone(),
+                    max_sends,
+                    settings.window,
+                    statement_timeout,
+                ),
+            );
         }
         Self { jobs }
     }
 
     /// Stores `n` for its recipients as part of the next batch; returns
     /// once that batch committed (or this send failed on its own).
-    pub async fn send(
-        &self,
-        tenant: &str,
-        sender: &str,
-        n: &NewNotification,
-    ) -> StoreResult<Vec<Delivery>> {
+    pub async fn send(&self, tenant: &str, sender: &str, n: &NewNotification) -> StoreResult<Sent> {
         let (reply, outcome) = oneshot::channel();
         let job = Job {
             tenant: tenant.to_owned(),
@@ -133,15 +137,16 @@ impl GroupCommit {
         self.jobs
             .send(job)
             .await
-            .map_err(|_| StoreError::Unavailable("the store is shutting down".into()))?;
+            .map_err(|_| StoreError::unavailable("the store is shutting down"))?;
         outcome
             .await
-            .map_err(|_| StoreError::Internal("group commit writer stopped".into()))?
+            .map_err(|_| StoreError::internal("group commit writer stopped"))?
     }
 }
 
 async fn writer(
     pool: Pool,
+    bus: Arc<dyn Bus>,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
     max_sends: usize,
     window: Duration,
@@ -190,7 +195,7 @@ async fn writer(
         // are for.)
         batch.retain(|job| !job.reply.is_closed());
         if !batch.is_empty() {
-            commit(&pool, batch, statement_timeout).await;
+            commit(&pool, bus.as_ref(), batch, statement_timeout).await;
         }
     }
 }
@@ -201,13 +206,14 @@ async fn writer(
 /// batch-mates succeed, in O(log n) extra transactions. `Unavailable` (the
 /// database is down) is answered to every job at once: the halves would
 /// fail too, and callers retry.
-fn commit(
-    pool: &Pool,
+fn commit<'a>(
+    pool: &'a Pool,
+    bus: &'a dyn Bus,
     mut batch: Vec<Job>,
     statement_timeout: Option<Duration>,
-) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
-        match try_commit(pool, &batch, statement_timeout).await {
+        match try_commit(pool, bus, &batch, statement_timeout).await {
             Ok(outcomes) => {
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     let _ = job.reply.send(outcome);
@@ -216,8 +222,8 @@ fn commit(
             Err(e) if batch.len() > 1 && !matches!(e, StoreError::Unavailable(_)) => {
                 tracing::warn!(error = %e, sends = batch.len(), "batch failed; retrying its halves");
                 let second = batch.split_off(batch.len() / 2);
-                commit(pool, batch, statement_timeout).await;
-                commit(pool, second, statement_timeout).await;
+                commit(pool, bus, batch, statement_timeout).await;
+                commit(pool, bus, second, statement_timeout).await;
             }
             Err(e) => {
                 for job in batch {
@@ -232,34 +238,9 @@ const CLAIM_KEYS: &str = "INSERT INTO idempotency_keys (tenant, sender, key, req
      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
      ON CONFLICT DO NOTHING RETURNING tenant, sender, key";
 
-const INSERT_NOTIFICATIONS: &str = "WITH counts AS ( \
-       SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS c(tenant, user_id, n) \
-     ), seqs AS ( \
-       INSERT INTO user_streams AS s (tenant, user_id, last_seq) \
-       SELECT tenant, user_id, n FROM counts ORDER BY tenant, user_id \
-       ON CONFLICT (tenant, user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq \
-       RETURNING s.tenant, s.user_id, s.last_seq \
-     ), jobs AS ( \
-       SELECT * FROM unnest($7::text[], $8::text[], $9::text[], $10::text[]) \
-         WITH ORDINALITY AS j(type, title, body, data, job) \
-     ), rows AS ( \
-       SELECT * FROM unnest($4::text[], $5::text[], $6::int8[], $11::int8[]) \
-         AS r(tenant, user_id, k, job) \
-     ) \
-     INSERT INTO notifications (tenant, user_id, seq, type, title, body, data) \
-     SELECT r.tenant, r.user_id, seqs.last_seq - counts.n + r.k, \
-            j.type, j.title, j.body, j.data::json \
-     FROM rows r \
-     JOIN counts USING (tenant, user_id) \
-     JOIN seqs USING (tenant, user_id) \
-     JOIN jobs j ON j.job = r.job \
-     RETURNING id, tenant, user_id, seq, created_at";
-
 const SAVE_RESPONSES: &str = "UPDATE idempotency_keys AS i SET response = x.r::jsonb \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS x(t, s, k, r) \
      WHERE i.tenant = x.t AND i.sender = x.s AND i.key = x.k";
-
-const NOTIFY: &str = "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p";
 
 type IdemKey<'a> = (&'a str, &'a str, &'a str);
 
@@ -274,9 +255,10 @@ fn idem_key(job: &Job) -> Option<IdemKey<'_>> {
 /// nothing was committed.
 async fn try_commit(
     pool: &Pool,
+    bus: &dyn Bus,
     jobs: &[Job],
     statement_timeout: Option<Duration>,
-) -> StoreResult<Vec<StoreResult<Vec<Delivery>>>> {
+) -> StoreResult<Vec<StoreResult<Sent>>> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
     bound_statements(&tx, statement_timeout).await?;
@@ -331,77 +313,61 @@ async fn try_commit(
         }
     }
 
-    // 2. One statement: bump every recipient's last_seq, insert every row.
+    // 2. Each send's content once, then one notification per recipient
+    //    appended to the recipients' streams (and staged on the bus).
     let writing: Vec<usize> = (0..jobs.len()).filter(|&i| writes[i]).collect();
-    let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-    let (mut r_tenant, mut r_user, mut r_k, mut r_job) = (vec![], vec![], vec![], vec![]);
-    for (ordinal, &i) in writing.iter().enumerate() {
-        for user in &jobs[i].n.recipients {
-            let k = counts.entry((&jobs[i].tenant, user.as_str())).or_default();
-            *k += 1;
-            r_tenant.push(jobs[i].tenant.as_str());
-            r_user.push(user.as_str());
-            r_k.push(*k);
-            r_job.push(ordinal as i64 + 1);
-        }
-    }
     let mut deliveries: Vec<Vec<Delivery>> = jobs
         .iter()
         .map(|j| Vec::with_capacity(j.n.recipients.len()))
         .collect();
-    let mut stored_at = SystemTime::now();
     if !writing.is_empty() {
-        let c_tenant: Vec<&str> = counts.keys().map(|(t, _)| *t).collect();
-        let c_user: Vec<&str> = counts.keys().map(|(_, u)| *u).collect();
-        let c_n: Vec<i64> = counts.values().copied().collect();
-        let j_type: Vec<&str> = writing.iter().map(|&i| jobs[i].n.kind.as_str()).collect();
-        let j_title: Vec<&str> = writing.iter().map(|&i| jobs[i].n.title.as_str()).collect();
-        let j_body: Vec<&str> = writing.iter().map(|&i| jobs[i].n.body.as_str()).collect();
-        let j_data: Vec<&str> = writing.iter().map(|&i| jobs[i].n.data.as_str()).collect();
-        let stmt = tx
-            .prepare_cached(INSERT_NOTIFICATIONS)
-            .await
-            .map_err(pg_error)?;
-        let rows = tx
-            .query(
-                &stmt,
-                &[
-                    &c_tenant, &c_user, &c_n, &r_tenant, &r_user, &r_k, &j_type, &j_title, &j_body,
-                    &j_data, &r_job,
-                ],
-            )
-            .await
-            .map_err(pg_error)?;
-        // Within a user, seqs were handed out in k order: sort the returned
-        // rows by seq and give them to the jobs in the order they named the
-        // user.
-        let mut by_user: HashMap<(String, String), Vec<(u64, i64)>> = HashMap::new();
-        for row in &rows {
-            let key = (
-                row.try_get(1).map_err(pg_error)?,
-                row.try_get(2).map_err(pg_error)?,
-            );
-            let s = seq(row.try_get(3).map_err(pg_error)?);
-            by_user
-                .entry(key)
-                .or_default()
-                .push((s, row.try_get(0).map_err(pg_error)?));
-            stored_at = row.try_get(4).map_err(pg_error)?;
+        let fields: Vec<(&str, &str, &str, &str)> = writing
+            .iter()
+            .map(|&i| {
+                let n = &jobs[i].n;
+                (
+                    n.kind.as_str(),
+                    n.title.as_str(),
+                    n.body.as_str(),
+                    n.data.as_str(),
+                )
+            })
+            .collect();
+        let (content_ids, stored_at) = log::insert_contents(&tx, &fields).await?;
+        let mut appends = Vec::new();
+        for (&i, content_id) in writing.iter().zip(content_ids) {
+            let n = &jobs[i].n;
+            let content = Arc::new(Content {
+                kind: n.kind.as_str().to_owned(),
+                title: n.title.clone(),
+                body: n.body.clone(),
+                data: n.data.clone(),
+                created_at: stored_at,
+            });
+            appends.extend(n.recipients.iter().map(|user| Append {
+                tenant: &jobs[i].tenant,
+                user: user.as_str(),
+                event: NewEvent::Notification {
+                    content_id,
+                    content: content.clone(),
+                },
+            }));
         }
-        for v in by_user.values_mut() {
-            v.sort_unstable_by_key(|(s, _)| std::cmp::Reverse(*s)); // pop() yields lowest
-        }
+        let committed = log::append(&tx, bus, &appends).await?;
+        let mut committed = committed.into_iter();
         for &i in &writing {
             for user in &jobs[i].n.recipients {
-                let key = (jobs[i].tenant.clone(), user.as_str().to_owned());
-                let (s, id) = by_user
-                    .get_mut(&key)
-                    .and_then(Vec::pop)
-                    .ok_or_else(|| StoreError::Internal("insert returned too few rows".into()))?;
+                let c = committed
+                    .next()
+                    .ok_or_else(|| StoreError::internal("append returned too few events"))?;
+                let id = match &c.event.body {
+                    crate::notification::EventBody::Notification(n) => n.id,
+                    crate::notification::EventBody::Read(_) => 0,
+                };
                 deliveries[i].push(Delivery {
                     recipient: user.to_string(),
                     notification_id: id,
-                    seq: s,
+                    seq: c.event.seq,
                 });
             }
         }
@@ -424,46 +390,32 @@ async fn try_commit(
             .iter()
             .map(|&i| serde_json::to_string(&deliveries[i]))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
+            .map_err(StoreError::internal)?;
         let stmt = tx.prepare_cached(SAVE_RESPONSES).await.map_err(pg_error)?;
         tx.execute(&stmt, &[&tenants, &senders, &keys, &responses])
             .await
             .map_err(pg_error)?;
     }
 
-    // 4. NOTIFY everything, in one round trip, and commit.
-    if !writing.is_empty() {
-        let at = micros(stored_at);
-        let payloads = writing.iter().map(|&i| Payload::Notification {
-            t: jobs[i].tenant.clone(),
-            ty: jobs[i].n.kind.as_str().to_owned(),
-            ti: jobs[i].n.title.clone(),
-            b: jobs[i].n.body.clone(),
-            d: jobs[i].n.data.clone(),
-            at,
-            r: deliveries[i]
-                .iter()
-                .map(|d| (d.recipient.clone(), d.seq, d.notification_id))
-                .collect(),
-        });
-        let texts = pack(payloads);
-        let stmt = tx.prepare_cached(NOTIFY).await.map_err(pg_error)?;
-        tx.execute(&stmt, &[&CHANNEL, &texts])
-            .await
-            .map_err(pg_error)?;
-    }
     tx.commit().await.map_err(pg_error)?;
     drop(client);
 
-    // 5. Answer the jobs that wrote nothing from their key's stored result.
+    // 4. Answer the jobs that wrote nothing from their key's stored result.
     let mut outcomes = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         if writes[i] {
-            outcomes.push(Ok(std::mem::take(&mut deliveries[i])));
+            outcomes.push(Ok(Sent {
+                deliveries: std::mem::take(&mut deliveries[i]),
+                replayed: false,
+            }));
         } else {
             let (t, s, k) = idem_key(job).unwrap_or_default();
             let fingerprint = fingerprints.get(&i).map_or("", String::as_str);
-            outcomes.push(replay_idempotent(pool, t, s, k, fingerprint).await);
+            let replayed = replay_idempotent(pool, t, s, k, fingerprint).await;
+            outcomes.push(replayed.map(|deliveries| Sent {
+                deliveries,
+                replayed: true,
+            }));
         }
     }
     Ok(outcomes)

@@ -1,7 +1,12 @@
 //! The in-memory store: the embedded default, for trying Herald and for a
 //! single replica that may lose its data on restart. One mutex guards
-//! everything; a write publishes to the hub while still holding it, so each
-//! user's events reach the hub in seq order.
+//! everything; a write hands its events to the in-process bus while still
+//! holding it, so each user's events reach the hub in seq order.
+//!
+//! Memory is bounded by retention: [`Store::prune`] drops events older than
+//! the cutoff, the logs of users left with nothing, and idempotency keys
+//! older than the cutoff; at most [`MAX_IDEMPOTENCY_KEYS`] keys are kept
+//! in any case (the oldest go first).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -11,12 +16,17 @@ use std::{
 
 use super::{Store, StoreError, StoreResult};
 use crate::{
+    bus::{Bus, Committed, local::LocalBus},
     hub::Hub,
     notification::{
-        Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification, PageQuery,
-        ReadChange, ReadTarget, StreamEvent, StreamHead, StreamRange, new_epoch,
+        Content, Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification, PageQuery,
+        ReadChange, ReadTarget, Sent, StreamEvent, StreamHead, StreamKey, StreamRange, new_epoch,
     },
 };
+
+/// Most idempotency keys remembered; past it the oldest are forgotten (a
+/// retry that late stores its send again).
+pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct UserLog {
@@ -27,23 +37,52 @@ struct UserLog {
     notifications: BTreeMap<u64, Notification>,
 }
 
-impl UserLog {
-    fn append(&mut self, body: EventBody, at: SystemTime) -> Arc<StreamEvent> {
-        self.head.last_seq += 1;
-        let event = Arc::new(StreamEvent::new(self.head.last_seq, self.head.epoch, body));
-        self.events.push_back((at, event.clone()));
-        event
-    }
-}
-
 type UserKey = (String, String);
+type IdempotencyKey = (String, String, String);
 
 #[derive(Debug, Default)]
 struct Inner {
     next_id: i64,
     users: HashMap<UserKey, UserLog>,
-    /// (tenant, sender, key) → (request fingerprint, first result).
-    idempotency: HashMap<(String, String, String), (String, Vec<Delivery>)>,
+    /// The highest seq of any log dropped by retention. A log created later
+    /// starts after it (pruned up to it), so that a client still holding a
+    /// position of the dropped history gets `resync`, never a position in
+    /// the new one that happens to have the same number.
+    dropped_seq: u64,
+    /// (tenant, sender, key) → (request fingerprint, first result, when).
+    idempotency: HashMap<IdempotencyKey, (String, Vec<Delivery>, SystemTime)>,
+    /// Idempotency keys, oldest first.
+    idempotency_order: VecDeque<IdempotencyKey>,
+}
+
+impl Inner {
+    fn log(&mut self, epoch: Epoch, tenant: &str, user: &str) -> &mut UserLog {
+        let floor = self.dropped_seq;
+        self.users
+            .entry(key(tenant, user))
+            .or_insert_with(|| UserLog {
+                head: StreamHead {
+                    last_seq: floor,
+                    pruned_seq: floor,
+                    epoch,
+                },
+                ..UserLog::default()
+            })
+    }
+
+    fn remember(&mut self, key: IdempotencyKey, fingerprint: String, deliveries: Vec<Delivery>) {
+        while self.idempotency_order.len() >= MAX_IDEMPOTENCY_KEYS {
+            match self.idempotency_order.pop_front() {
+                Some(old) => {
+                    self.idempotency.remove(&old);
+                }
+                None => break,
+            }
+        }
+        self.idempotency_order.push_back(key.clone());
+        self.idempotency
+            .insert(key, (fingerprint, deliveries, SystemTime::now()));
+    }
 }
 
 /// Notifications kept in process memory. Lost on restart; one replica only.
@@ -53,7 +92,7 @@ struct Inner {
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
-    hub: Arc<Hub>,
+    bus: LocalBus,
     epoch: Epoch,
 }
 
@@ -66,7 +105,7 @@ impl MemoryStore {
     pub fn new(hub: Arc<Hub>) -> Self {
         Self {
             inner: Mutex::default(),
-            hub,
+            bus: LocalBus::new(hub),
             epoch: new_epoch(),
         }
     }
@@ -76,80 +115,101 @@ impl MemoryStore {
         self.epoch
     }
 
-    fn log<'a>(&self, inner: &'a mut Inner, tenant: &str, user: &str) -> &'a mut UserLog {
-        let epoch = self.epoch;
-        inner
-            .users
-            .entry(key(tenant, user))
-            .or_insert_with(|| UserLog {
-                head: StreamHead {
-                    epoch,
-                    ..StreamHead::default()
-                },
-                ..UserLog::default()
-            })
-    }
-
     // Every mutation completes before the guard drops and none can panic
     // half-way, so a poisoned lock still guards consistent data.
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// The stream log primitive: appends `body` to `tenant`/`user`'s stream
+    /// at its next seq (the same for every event kind).
+    fn append(
+        &self,
+        inner: &mut Inner,
+        tenant: &str,
+        user: &str,
+        at: SystemTime,
+        body: impl FnOnce(u64) -> EventBody,
+    ) -> Committed {
+        let log = inner.log(self.epoch, tenant, user);
+        log.head.last_seq += 1;
+        let seq = log.head.last_seq;
+        let body = body(seq);
+        if let EventBody::Notification(n) = &body {
+            log.notifications.insert(seq, n.clone());
+        }
+        let event = Arc::new(StreamEvent::new(seq, log.head.epoch, body));
+        log.events.push_back((at, event.clone()));
+        Committed {
+            key: StreamKey::user(tenant, user),
+            event,
+        }
+    }
+
+    fn empty_range(&self) -> StreamRange {
+        StreamRange {
+            epoch: self.epoch,
+            events: Vec::new(),
+        }
+    }
 }
 
 impl Store for MemoryStore {
-    async fn send(
-        &self,
-        tenant: &str,
-        sender: &str,
-        n: &NewNotification,
-    ) -> StoreResult<Vec<Delivery>> {
+    async fn send(&self, tenant: &str, sender: &str, n: &NewNotification) -> StoreResult<Sent> {
         let mut inner = self.lock();
         let idem = n
             .idempotency_key
             .as_ref()
             .map(|k| (tenant.to_owned(), sender.to_owned(), k.clone()));
         let fingerprint = n.fingerprint();
-        if let Some((stored, deliveries)) = idem.as_ref().and_then(|k| inner.idempotency.get(k)) {
+        if let Some((stored, deliveries, _)) = idem.as_ref().and_then(|k| inner.idempotency.get(k))
+        {
             return if *stored == fingerprint {
-                Ok(deliveries.clone())
+                Ok(Sent {
+                    deliveries: deliveries.clone(),
+                    replayed: true,
+                })
             } else {
                 Err(StoreError::IdempotencyKeyReused)
             };
         }
         let now = SystemTime::now();
+        let content = Arc::new(Content {
+            kind: n.kind.as_str().to_owned(),
+            title: n.title.clone(),
+            body: n.body.clone(),
+            data: n.data.clone(),
+            created_at: now,
+        });
         let mut deliveries = Vec::with_capacity(n.recipients.len());
+        let mut committed = Vec::with_capacity(n.recipients.len());
         for recipient in &n.recipients {
             inner.next_id += 1;
             let id = inner.next_id;
-            let log = self.log(&mut inner, tenant, recipient.as_str());
-            let notification = Notification {
-                id,
-                seq: log.head.last_seq + 1,
-                recipient: recipient.to_string(),
-                kind: n.kind.as_str().to_owned(),
-                title: n.title.clone(),
-                body: n.body.clone(),
-                data: n.data.clone(),
-                created_at: now,
-                read: false,
-            };
-            log.notifications
-                .insert(notification.seq, notification.clone());
-            let event = log.append(EventBody::Notification(notification), now);
-            self.hub.publish(tenant, recipient.as_str(), &event);
+            let c = self.append(&mut inner, tenant, recipient.as_str(), now, |seq| {
+                EventBody::Notification(Notification {
+                    id,
+                    seq,
+                    recipient: recipient.to_string(),
+                    content: content.clone(),
+                    read: false,
+                })
+            });
             deliveries.push(Delivery {
                 recipient: recipient.to_string(),
                 notification_id: id,
-                seq: event.seq,
+                seq: c.event.seq,
             });
+            committed.push(c);
         }
+        self.bus.stage(&committed);
         if let Some(k) = idem {
-            inner
-                .idempotency
-                .insert(k, (fingerprint, deliveries.clone()));
+            inner.remember(k, fingerprint, deliveries.clone());
         }
-        Ok(deliveries)
+        Ok(Sent {
+            deliveries,
+            replayed: false,
+        })
     }
 
     async fn mark_read(
@@ -162,26 +222,25 @@ impl Store for MemoryStore {
         let Some(log) = inner.users.get_mut(&key(tenant, user)) else {
             return Ok(MarkOutcome::default());
         };
-        let mut ids = Vec::new();
+        let mut marked = 0usize;
         let change = match target {
             ReadTarget::Ids(wanted) => {
+                let mut ids = Vec::new();
                 for n in log.notifications.values_mut() {
                     if !n.read && wanted.binary_search(&n.id).is_ok() {
                         n.read = true;
                         ids.push(n.id);
                     }
                 }
-                ReadChange {
-                    ids: ids.clone(),
-                    up_to_seq: 0,
-                }
+                marked = ids.len();
+                ReadChange { ids, up_to_seq: 0 }
             }
             ReadTarget::UpTo(seq) => {
                 let up_to = (*seq).min(log.head.last_seq);
                 for n in log.notifications.range_mut(..=up_to).map(|(_, n)| n) {
                     if !n.read {
                         n.read = true;
-                        ids.push(n.id);
+                        marked += 1;
                     }
                 }
                 ReadChange {
@@ -190,14 +249,17 @@ impl Store for MemoryStore {
                 }
             }
         };
-        if ids.is_empty() {
+        if marked == 0 {
             return Ok(MarkOutcome::default());
         }
-        let event = log.append(EventBody::Read(change), SystemTime::now());
-        self.hub.publish(tenant, user, &event);
+        let c = self.append(&mut inner, tenant, user, SystemTime::now(), |_| {
+            EventBody::Read(change)
+        });
+        let seq = c.event.seq;
+        self.bus.stage(&[c]);
         Ok(MarkOutcome {
-            marked: u32::try_from(ids.len()).unwrap_or(u32::MAX),
-            seq: event.seq,
+            marked: u32::try_from(marked).unwrap_or(u32::MAX),
+            seq,
         })
     }
 
@@ -205,8 +267,9 @@ impl Store for MemoryStore {
         let inner = self.lock();
         Ok(inner.users.get(&key(tenant, user)).map_or_else(
             || StreamHead {
+                last_seq: inner.dropped_seq,
+                pruned_seq: inner.dropped_seq,
                 epoch: self.epoch,
-                ..StreamHead::default()
             },
             |l| l.head,
         ))
@@ -221,16 +284,13 @@ impl Store for MemoryStore {
     ) -> StoreResult<StreamRange> {
         let inner = self.lock();
         let Some(log) = inner.users.get(&key(tenant, user)) else {
-            return Ok(StreamRange {
-                epoch: self.epoch,
-                events: Vec::new(),
-            });
+            return Ok(self.empty_range());
         };
         // events[i] has seq pruned_seq + 1 + i.
         let skip = after_seq.saturating_sub(log.head.pruned_seq);
         let skip = usize::try_from(skip).unwrap_or(usize::MAX);
         Ok(StreamRange {
-            epoch: self.epoch,
+            epoch: log.head.epoch,
             events: log
                 .events
                 .iter()
@@ -296,13 +356,14 @@ impl Store for MemoryStore {
                 let unread = log.notifications.values().filter(|n| !n.read).count();
                 (unread as u64, log.head.last_seq)
             })
-            .unwrap_or_default())
+            .unwrap_or((0, inner.dropped_seq)))
     }
 
     async fn prune(&self, cutoff: SystemTime) -> StoreResult<u64> {
         let mut inner = self.lock();
         let mut deleted = 0;
-        for log in inner.users.values_mut() {
+        let mut dropped_seq = inner.dropped_seq;
+        inner.users.retain(|_, log| {
             while let Some((at, event)) = log.events.front() {
                 if *at >= cutoff {
                     break;
@@ -313,11 +374,105 @@ impl Store for MemoryStore {
             }
             let keep = log.notifications.split_off(&(log.head.pruned_seq + 1));
             log.notifications = keep;
+            // A log with nothing left is dropped; its seqs are remembered
+            // only as the store-wide floor.
+            let empty = log.events.is_empty();
+            if empty {
+                dropped_seq = dropped_seq.max(log.head.last_seq);
+            }
+            !empty
+        });
+        inner.dropped_seq = dropped_seq;
+        while let Some(oldest) = inner.idempotency_order.front() {
+            match inner.idempotency.get(oldest) {
+                Some((_, _, at)) if *at >= cutoff => break,
+                _ => {
+                    if let Some(old) = inner.idempotency_order.pop_front() {
+                        inner.idempotency.remove(&old);
+                    }
+                }
+            }
         }
         Ok(deleted)
     }
 
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{hub::StreamLimits, notification::SendLimits, proto, subscription::Start};
+
+    fn store() -> MemoryStore {
+        MemoryStore::new(Hub::new(StreamLimits::default()))
+    }
+
+    fn new(recipient: &str, key: &str) -> NewNotification {
+        let req = proto::SendNotificationRequest {
+            recipients: vec![recipient.into()],
+            r#type: "t".into(),
+            title: "hi".into(),
+            idempotency_key: key.into(),
+            ..Default::default()
+        };
+        NewNotification::parse(req, &SendLimits::default()).unwrap()
+    }
+
+    fn later() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(1)
+    }
+
+    #[tokio::test]
+    async fn retention_drops_users_left_with_nothing_and_old_positions_resync() {
+        let s = store();
+        for _ in 0..3 {
+            s.send("", "svc", &new("alice", "")).await.unwrap();
+        }
+        assert_eq!(s.prune(later()).await.unwrap(), 3);
+        assert!(s.lock().users.is_empty(), "alice's empty log is gone");
+        // A new history for alice starts after every dropped seq, so a
+        // client still at seq 2 of the old one gets resync, not seq 3 of
+        // the new one.
+        for _ in 0..5 {
+            s.send("", "svc", &new("alice", "")).await.unwrap();
+        }
+        let head = s.head("", "alice").await.unwrap();
+        assert_eq!((head.pruned_seq, head.last_seq), (3, 8));
+        assert!(matches!(
+            Start::new(Some(2), head.epoch, head),
+            Start::Resync(_, proto::resync::Reason::Pruned)
+        ));
+    }
+
+    #[tokio::test]
+    async fn idempotency_keys_expire_with_retention_and_are_bounded() {
+        let s = store();
+        let first = s.send("", "svc", &new("alice", "k")).await.unwrap();
+        let again = s.send("", "svc", &new("alice", "k")).await.unwrap();
+        assert!(again.replayed && !first.replayed);
+        assert_eq!(again.deliveries, first.deliveries);
+        s.prune(later()).await.unwrap();
+        assert!(s.lock().idempotency.is_empty());
+        let after = s.send("", "svc", &new("alice", "k")).await.unwrap();
+        assert!(!after.replayed, "a key older than retention is forgotten");
+
+        for i in 0..MAX_IDEMPOTENCY_KEYS + 10 {
+            s.send("", "svc", &new("bob", &format!("k{i}")))
+                .await
+                .unwrap();
+        }
+        let inner = s.lock();
+        assert_eq!(inner.idempotency.len(), MAX_IDEMPOTENCY_KEYS);
+        assert_eq!(inner.idempotency_order.len(), MAX_IDEMPOTENCY_KEYS);
+        assert!(!inner.idempotency.contains_key(&key3("", "svc", "k0")));
+    }
+
+    fn key3(t: &str, s: &str, k: &str) -> IdempotencyKey {
+        (t.to_owned(), s.to_owned(), k.to_owned())
     }
 }

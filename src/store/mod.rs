@@ -3,36 +3,79 @@
 //! suite (`tests/`): [`postgres::PgStore`] for production and multi-replica
 //! runs, [`memory::MemoryStore`] as the embedded single-replica default.
 //!
-//! Every write that adds to a user's stream takes the next seq of that user
-//! under a per-user lock held until commit, so seqs are gap-free and in
-//! commit order. A store also hands committed events to the hubs: the
-//! memory store directly, the Postgres store through NOTIFY (`listener.rs`).
+//! Every write that adds to a user's stream goes through one append
+//! primitive (`log::append` for PostgreSQL, `MemoryStore::append`), which
+//! takes the stream's next seq under a per-stream lock held until commit,
+//! so seqs are gap-free and in commit order, and hands the committed events
+//! to the bus (`crate::bus`): in process for the memory store, NOTIFY for
+//! PostgreSQL.
 
 use std::{future::Future, time::SystemTime};
 
 use crate::notification::{
-    Delivery, MarkOutcome, NewNotification, Notification, PageQuery, ReadTarget, StreamHead,
+    MarkOutcome, NewNotification, Notification, PageQuery, ReadTarget, Sent, StreamHead,
     StreamRange,
 };
 
 pub mod group_commit;
+pub mod log;
 pub mod memory;
 pub mod postgres;
+pub mod retention;
 
-/// Why a store call failed.
+/// Why a store call failed. Cheap to clone (a batch's failure is answered
+/// to each of its sends); the cause is kept, so a log says what the
+/// database said.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be reached or did not answer in time; the
     /// call may be retried. Maps to `UNAVAILABLE`.
     #[error("the database is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Cause),
     /// The idempotency key was already used by this caller for a different
     /// request. Maps to `FAILED_PRECONDITION`.
     #[error("idempotency_key: already used for a different request")]
     IdempotencyKeyReused,
     /// Anything else (a bug or a schema mismatch). Maps to `INTERNAL`.
     #[error("store error: {0}")]
-    Internal(String),
+    Internal(#[source] Cause),
+}
+
+impl StoreError {
+    /// `Unavailable` caused by `cause`.
+    pub fn unavailable(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Unavailable(Cause(cause.into().into()))
+    }
+
+    /// `Internal` caused by `cause`.
+    pub fn internal(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Internal(Cause(cause.into().into()))
+    }
+}
+
+/// The error a [`StoreError`] came from, shared. Displays its whole chain
+/// of sources: a `tokio_postgres::Error` alone says only "db error"; its
+/// source says what PostgreSQL said (e.g. "ERROR: payload string too
+/// long").
+#[derive(Debug, Clone)]
+pub struct Cause(std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// Result of a store call.
@@ -43,13 +86,14 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     /// Stores `n` for each recipient in one transaction and hands the events
     /// to the hubs once committed. With an idempotency key already used by
-    /// `sender` in `tenant`, stores nothing and returns the first result.
+    /// `sender` in `tenant`, stores nothing and returns the first result
+    /// (`replayed`).
     fn send(
         &self,
         tenant: &str,
         sender: &str,
         n: &NewNotification,
-    ) -> impl Future<Output = StoreResult<Vec<Delivery>>> + Send;
+    ) -> impl Future<Output = StoreResult<Sent>> + Send;
 
     /// Marks `user`'s notifications read and, when anything changed, appends
     /// a read event to the user's stream. An `UpTo` seq beyond the stream's

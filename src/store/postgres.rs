@@ -1,23 +1,29 @@
 //! The PostgreSQL store: production and multi-replica. A deadpool pool of
 //! connections with cached prepared statements; each write is one short
-//! transaction that takes the user's next seq under the `user_streams` row
-//! lock, stores the event and issues `pg_notify` — delivered to every
-//! replica's listener only if the transaction commits.
+//! transaction that appends to stream logs (`log.rs`: the user's next seq
+//! under the `user_streams` row lock, the event's row) and stages the
+//! events on the bus (`pg_notify` by default) — delivered to every
+//! replica's hub only if the transaction commits.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::{NoTls, Row, error::SqlState};
+use tokio_postgres::{NoTls, error::SqlState};
 
 use super::{
     Store, StoreError, StoreResult,
     group_commit::{GroupCommit, GroupCommitSettings},
+    log::{self, Append, NOTIFICATION_COLUMNS, NewEvent, notification},
 };
 use crate::{
-    listener::{CHANNEL, Payload, pack},
+    bus::{Bus, postgres::NotifyBus},
+    jobs::Jobs,
     notification::{
-        Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification, PageQuery,
-        ReadChange, ReadTarget, StreamEvent, StreamHead, StreamRange,
+        Delivery, Epoch, MarkOutcome, NewNotification, Notification, PageQuery, ReadChange,
+        ReadTarget, Sent, StreamHead, StreamRange,
     },
 };
 
@@ -32,6 +38,12 @@ pub const MIGRATION_LOCK_KEY: i64 = 0x6865_7261_6c64; // "herald"
 /// Applies pending migrations from `migrations/` over a dedicated
 /// connection, under [`MIGRATION_LOCK_KEY`]. Returns the names applied.
 pub async fn migrate(url: &str) -> StoreResult<Vec<String>> {
+    migrate_to(url, None).await
+}
+
+/// [`migrate`], stopping after migration `version` when given (`Some(1)`:
+/// the v1 schema; for upgrade tests).
+pub async fn migrate_to(url: &str, version: Option<i32>) -> StoreResult<Vec<String>> {
     let (mut client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .map_err(pg_error)?;
@@ -40,10 +52,14 @@ pub async fn migrate(url: &str) -> StoreResult<Vec<String>> {
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .map_err(pg_error)?;
-    let report = embedded::migrations::runner()
+    let mut runner = embedded::migrations::runner();
+    if let Some(version) = version {
+        runner = runner.set_target(refinery::Target::Version(version));
+    }
+    let report = runner
         .run_async(&mut client)
         .await
-        .map_err(|e| StoreError::Internal(format!("migration failed: {e}")));
+        .map_err(|e| StoreError::internal(format!("migration failed: {e}")));
     // The lock is released when the session ends anyway; unlock eagerly.
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
@@ -151,16 +167,16 @@ pub(super) fn pg_error(e: tokio_postgres::Error) -> StoreError {
             }
         };
     if retryable {
-        StoreError::Unavailable(e.to_string())
+        StoreError::unavailable(e)
     } else {
-        StoreError::Internal(e.to_string())
+        StoreError::internal(e)
     }
 }
 
 pub(super) fn pool_error(e: PoolError) -> StoreError {
     match e {
         PoolError::Backend(e) => pg_error(e),
-        other => StoreError::Unavailable(other.to_string()),
+        other => StoreError::unavailable(other),
     }
 }
 
@@ -169,30 +185,16 @@ pub(super) fn seq(v: i64) -> u64 {
 }
 
 /// A u64 position as a bigint parameter; positions beyond i64 do not exist.
-fn pos(v: u64) -> i64 {
+pub(super) fn pos(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-pub(super) fn micros(t: SystemTime) -> i64 {
+/// `t` in microseconds since the Unix epoch (0 before it, saturating far
+/// after it).
+pub fn micros(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-const NOTIFICATION_COLUMNS: &str = "id, seq, user_id, type, title, body, data::text AS data, created_at, read_at IS NOT NULL AS read";
-
-fn notification(row: &Row) -> Result<Notification, tokio_postgres::Error> {
-    Ok(Notification {
-        id: row.try_get("id")?,
-        seq: seq(row.try_get("seq")?),
-        recipient: row.try_get("user_id")?,
-        kind: row.try_get("type")?,
-        title: row.try_get("title")?,
-        body: row.try_get("body")?,
-        data: row.try_get("data")?,
-        created_at: row.try_get("created_at")?,
-        read: row.try_get("read")?,
-    })
 }
 
 /// Default [`PgSettings::statement_timeout`]: far above what a write
@@ -257,6 +259,7 @@ pub(super) async fn bound_statements(
 #[derive(Clone)]
 pub struct PgStore {
     pool: Pool,
+    bus: Arc<dyn Bus>,
     sends: GroupCommit,
     statement_timeout: Option<Duration>,
 }
@@ -270,29 +273,22 @@ impl std::fmt::Debug for PgStore {
 }
 
 impl PgStore {
-    /// A store over a pool of at most `pool_size` connections to `url`,
-    /// with sends group-committed per `group_commit` (its writers start
-    /// now, so call this inside a Tokio runtime). No connection is made
-    /// until first use; a checkout waits at most `wait_timeout` before
-    /// failing as `Unavailable`. Write statements are bounded by
-    /// [`DEFAULT_STATEMENT_TIMEOUT`]; see [`PgStore::with_settings`].
-    pub fn new(
-        url: &str,
-        pool_size: usize,
-        wait_timeout: Duration,
-        group_commit: GroupCommitSettings,
-    ) -> StoreResult<Self> {
-        Self::with_settings(
-            url,
-            PgSettings {
-                group_commit,
-                ..PgSettings::new(pool_size, wait_timeout)
-            },
-        )
+    /// A store over a pool of `settings.pool_size` connections to `url`,
+    /// publishing through LISTEN/NOTIFY, with sends group-committed by
+    /// writers spawned as `jobs` (so call this inside a Tokio runtime). No
+    /// connection is made until first use; a checkout waits at most
+    /// `settings.wait_timeout` before failing as `Unavailable`.
+    pub fn with_settings(url: &str, settings: PgSettings, jobs: &Jobs) -> StoreResult<Self> {
+        Self::with_bus(url, settings, Arc::new(NotifyBus), jobs)
     }
 
-    /// [`PgStore::new`] with every setting.
-    pub fn with_settings(url: &str, settings: PgSettings) -> StoreResult<Self> {
+    /// [`PgStore::with_settings`], publishing through `bus`.
+    pub fn with_bus(
+        url: &str,
+        settings: PgSettings,
+        bus: Arc<dyn Bus>,
+        jobs: &Jobs,
+    ) -> StoreResult<Self> {
         let PgSettings {
             pool_size,
             wait_timeout,
@@ -301,7 +297,7 @@ impl PgStore {
         } = settings;
         let mut config: tokio_postgres::Config = url
             .parse()
-            .map_err(|e| StoreError::Internal(format!("invalid database URL: {e}")))?;
+            .map_err(|e| StoreError::internal(format!("invalid database URL: {e}")))?;
         config
             .connect_timeout(wait_timeout)
             .keepalives(true)
@@ -319,24 +315,20 @@ impl PgStore {
             .wait_timeout(Some(wait_timeout))
             .create_timeout(Some(wait_timeout))
             .build()
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let sends = GroupCommit::spawn(pool.clone(), group_commit, statement_timeout);
+            .map_err(StoreError::internal)?;
+        let sends = GroupCommit::spawn(
+            pool.clone(),
+            bus.clone(),
+            group_commit,
+            statement_timeout,
+            jobs,
+        );
         Ok(Self {
             pool,
+            bus,
             sends,
             statement_timeout,
         })
-    }
-
-    async fn notify(tx: &deadpool_postgres::Transaction<'_>, payload: Payload) -> StoreResult<()> {
-        let stmt = tx
-            .prepare_cached("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
-            .await
-            .map_err(pg_error)?;
-        tx.execute(&stmt, &[&CHANNEL, &pack([payload])])
-            .await
-            .map_err(pg_error)?;
-        Ok(())
     }
 }
 
@@ -364,17 +356,93 @@ pub(super) async fn replay_idempotent(
     }
     let response: Option<String> = row.try_get("response").map_err(pg_error)?;
     let response =
-        response.ok_or_else(|| StoreError::Internal("idempotency key without result".into()))?;
-    serde_json::from_str(&response).map_err(|e| StoreError::Internal(e.to_string()))
+        response.ok_or_else(|| StoreError::internal("idempotency key without result"))?;
+    serde_json::from_str(&response).map_err(StoreError::internal)
+}
+
+/// Key of the transaction advisory lock each retention batch takes, so one
+/// replica prunes at a time (PostgreSQL docs, "Advisory Locks").
+pub const PRUNE_LOCK_KEY: i64 = 0x6865_7261_6c64_0001;
+
+/// Rows a retention batch looks at.
+pub const PRUNE_BATCH_ROWS: i64 = 10_000;
+
+/// One batch of stream events: up to $2 rows older than $1, then, for each
+/// of their streams, every event up to the highest of those seqs, so a
+/// stream is always pruned up to a seq and never gets a hole (an event can
+/// be a few milliseconds younger than the cutoff yet have a lower seq: seq
+/// is commit order, `created_at` the transaction's start). `pruned_seq`
+/// records how far. The streams' rows are locked first, in key order like
+/// every writer, so retention cannot deadlock with sends or marks. Returns
+/// the number of events deleted.
+const PRUNE_EVENTS: &str = "WITH sample AS ( \
+       (SELECT tenant, user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2) \
+       UNION ALL \
+       (SELECT tenant, user_id, seq FROM read_events WHERE created_at < $1 LIMIT $2) \
+     ), upto AS ( \
+       SELECT tenant, user_id, max(seq) AS seq FROM sample GROUP BY tenant, user_id \
+     ), locked AS ( \
+       SELECT s.tenant, s.user_id, upto.seq FROM user_streams s JOIN upto USING (tenant, user_id) \
+       ORDER BY s.tenant, s.user_id FOR UPDATE OF s \
+     ), n AS ( \
+       DELETE FROM notifications d USING locked \
+       WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
+       RETURNING 1 \
+     ), r AS ( \
+       DELETE FROM read_events d USING locked \
+       WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
+       RETURNING 1 \
+     ), s AS ( \
+       UPDATE user_streams s SET pruned_seq = GREATEST(s.pruned_seq, locked.seq) FROM locked \
+       WHERE s.tenant = locked.tenant AND s.user_id = locked.user_id \
+     ) SELECT ((SELECT count(*) FROM n) + (SELECT count(*) FROM r))::int8";
+
+const PRUNE_CONTENTS: &str = "WITH d AS ( \
+       DELETE FROM contents WHERE id IN \
+         (SELECT id FROM contents WHERE created_at < $1 LIMIT $2) RETURNING 1 \
+     ) SELECT count(*)::int8 FROM d";
+
+const PRUNE_IDEMPOTENCY_KEYS: &str = "WITH d AS ( \
+       DELETE FROM idempotency_keys WHERE (tenant, sender, key) IN \
+         (SELECT tenant, sender, key FROM idempotency_keys WHERE created_at < $1 LIMIT $2) \
+       RETURNING 1 \
+     ) SELECT count(*)::int8 FROM d";
+
+impl PgStore {
+    /// Runs one retention `batch` statement in its own transaction, under
+    /// the statement timeout and [`PRUNE_LOCK_KEY`]. `None` when another
+    /// replica holds the lock.
+    async fn prune_batch(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        batch: &str,
+        cutoff: SystemTime,
+    ) -> StoreResult<Option<u64>> {
+        let tx = client.transaction().await.map_err(pg_error)?;
+        bound_statements(&tx, self.statement_timeout).await?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PRUNE_LOCK_KEY])
+            .await
+            .map_err(pg_error)?
+            .try_get(0)
+            .map_err(pg_error)?;
+        if !locked {
+            return Ok(None);
+        }
+        let stmt = tx.prepare_cached(batch).await.map_err(pg_error)?;
+        let n: i64 = tx
+            .query_one(&stmt, &[&cutoff, &PRUNE_BATCH_ROWS])
+            .await
+            .map_err(pg_error)?
+            .try_get(0)
+            .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(seq(n)))
+    }
 }
 
 impl Store for PgStore {
-    async fn send(
-        &self,
-        tenant: &str,
-        sender: &str,
-        n: &NewNotification,
-    ) -> StoreResult<Vec<Delivery>> {
+    async fn send(&self, tenant: &str, sender: &str, n: &NewNotification) -> StoreResult<Sent> {
         self.sends.send(tenant, sender, n).await
     }
 
@@ -387,24 +455,25 @@ impl Store for PgStore {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
         bound_statements(&tx, self.statement_timeout).await?;
-        // Take the user's stream lock first (same order as sends); rolled
-        // back, so no seq is used, when nothing changes.
-        let next = tx
+        // Lock the user's stream first (same order as sends), so marks and
+        // the events they mark are serialized; rolled back, so no seq is
+        // used, when nothing changes.
+        let lock = tx
             .prepare_cached(
-                "UPDATE user_streams SET last_seq = last_seq + 1 \
-                 WHERE tenant = $1 AND user_id = $2 RETURNING last_seq",
+                "SELECT last_seq FROM user_streams \
+                 WHERE tenant = $1 AND user_id = $2 FOR UPDATE",
             )
             .await
             .map_err(pg_error)?;
         let Some(row) = tx
-            .query_opt(&next, &[&tenant, &user])
+            .query_opt(&lock, &[&tenant, &user])
             .await
             .map_err(pg_error)?
         else {
             return Ok(MarkOutcome::default());
         };
-        let event_seq: i64 = row.try_get(0).map_err(pg_error)?;
-        let (rows, change) = match target {
+        let head: i64 = row.try_get(0).map_err(pg_error)?;
+        let (marked, change) = match target {
             ReadTarget::Ids(ids) => {
                 let stmt = tx
                     .prepare_cached(
@@ -427,7 +496,7 @@ impl Store for PgStore {
                 (rows.len(), ReadChange { ids, up_to_seq: 0 })
             }
             ReadTarget::UpTo(up_to) => {
-                let up_to = pos(*up_to).min(event_seq - 1);
+                let up_to = pos(*up_to).min(head);
                 let stmt = tx
                     .prepare_cached(
                         "UPDATE notifications SET read_at = now() \
@@ -439,50 +508,30 @@ impl Store for PgStore {
                     .execute(&stmt, &[&tenant, &user, &up_to])
                     .await
                     .map_err(pg_error)?;
-                let n = usize::try_from(n).unwrap_or(usize::MAX);
-                (
-                    n,
-                    ReadChange {
-                        ids: Vec::new(),
-                        up_to_seq: seq(up_to),
-                    },
-                )
+                let change = ReadChange {
+                    ids: Vec::new(),
+                    up_to_seq: seq(up_to),
+                };
+                (usize::try_from(n).unwrap_or(usize::MAX), change)
             }
         };
-        if rows == 0 {
+        if marked == 0 {
             return Ok(MarkOutcome::default()); // dropping `tx` rolls back
         }
-        let insert = tx
-            .prepare_cached(
-                "INSERT INTO read_events (tenant, user_id, seq, notification_ids, up_to_seq) \
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .await
-            .map_err(pg_error)?;
-        tx.execute(
-            &insert,
-            &[
-                &tenant,
-                &user,
-                &event_seq,
-                &change.ids,
-                &pos(change.up_to_seq),
-            ],
+        let committed = log::append(
+            &tx,
+            self.bus.as_ref(),
+            &[Append {
+                tenant,
+                user,
+                event: NewEvent::Read(change),
+            }],
         )
-        .await
-        .map_err(pg_error)?;
-        let payload = Payload::Read {
-            t: tenant.to_owned(),
-            u: user.to_owned(),
-            s: seq(event_seq),
-            ids: change.ids,
-            up: change.up_to_seq,
-        };
-        Self::notify(&tx, payload).await?;
+        .await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(MarkOutcome {
-            marked: u32::try_from(rows).unwrap_or(u32::MAX),
-            seq: seq(event_seq),
+            marked: u32::try_from(marked).unwrap_or(u32::MAX),
+            seq: committed.first().map_or(0, |c| c.event.seq),
         })
     }
 
@@ -515,50 +564,7 @@ impl Store for PgStore {
         limit: usize,
     ) -> StoreResult<StreamRange> {
         let client = self.pool.get().await.map_err(pool_error)?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT m.epoch, e.* FROM herald_meta m LEFT JOIN LATERAL ( \
-                   SELECT * FROM ( \
-                     SELECT {NOTIFICATION_COLUMNS}, NULL::bigint[] AS ids, 0::bigint AS up_to \
-                     FROM notifications WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
-                     UNION ALL \
-                     SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, \
-                            notification_ids, up_to_seq \
-                     FROM read_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
-                   ) AS u ORDER BY seq LIMIT $4 \
-                 ) AS e ON true ORDER BY e.seq"
-            ))
-            .await
-            .map_err(pg_error)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = client
-            .query(&stmt, &[&tenant, &user, &pos(after_seq), &limit])
-            .await
-            .map_err(pg_error)?;
-        // One row per event, or one row of NULLs (but the epoch) when the
-        // range is empty.
-        let mut range = StreamRange::default();
-        for row in &rows {
-            range.epoch = seq(row.try_get("epoch").map_err(pg_error)?);
-            let Some(s) = row.try_get::<_, Option<i64>>("seq").map_err(pg_error)? else {
-                continue;
-            };
-            let id: Option<i64> = row.try_get("id").map_err(pg_error)?;
-            let body = match id {
-                Some(_) => EventBody::Notification(Notification {
-                    read: false,
-                    ..notification(row).map_err(pg_error)?
-                }),
-                None => EventBody::Read(ReadChange {
-                    ids: row.try_get("ids").map_err(pg_error)?,
-                    up_to_seq: seq(row.try_get("up_to").map_err(pg_error)?),
-                }),
-            };
-            range
-                .events
-                .push(StreamEvent::new(seq(s), range.epoch, body));
-        }
-        Ok(range)
+        log::read_range(&client, tenant, user, after_seq, limit).await
     }
 
     async fn unread_after(
@@ -572,10 +578,11 @@ impl Store for PgStore {
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
-                 WHERE tenant = $1 AND user_id = $2 AND seq > $3 AND seq <= $4 \
-                   AND read_at IS NULL \
-                 ORDER BY seq LIMIT $5"
+                "SELECT {NOTIFICATION_COLUMNS} \
+                 FROM notifications n JOIN contents c ON c.id = n.content_id \
+                 WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 AND n.seq <= $4 \
+                   AND n.read_at IS NULL \
+                 ORDER BY n.seq LIMIT $5"
             ))
             .await
             .map_err(pg_error)?;
@@ -602,10 +609,11 @@ impl Store for PgStore {
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT {NOTIFICATION_COLUMNS} FROM notifications \
-                 WHERE tenant = $1 AND user_id = $2 AND seq < $3 \
-                   AND (NOT $4 OR read_at IS NULL) \
-                 ORDER BY seq DESC LIMIT $5"
+                "SELECT {NOTIFICATION_COLUMNS} \
+                 FROM notifications n JOIN contents c ON c.id = n.content_id \
+                 WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq < $3 \
+                   AND (NOT $4 OR n.read_at IS NULL) \
+                 ORDER BY n.seq DESC LIMIT $5"
             ))
             .await
             .map_err(pg_error)?;
@@ -652,29 +660,24 @@ impl Store for PgStore {
     }
 
     async fn prune(&self, cutoff: SystemTime) -> StoreResult<u64> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        // Data-modifying CTEs all run, referenced or not (PostgreSQL docs,
-        // "Data-Modifying Statements in WITH").
-        let row = client
-            .query_one(
-                "WITH n AS (DELETE FROM notifications WHERE created_at < $1 \
-                            RETURNING tenant, user_id, seq), \
-                      r AS (DELETE FROM read_events WHERE created_at < $1 \
-                            RETURNING tenant, user_id, seq), \
-                      i AS (DELETE FROM idempotency_keys WHERE created_at < $1), \
-                      gone AS (SELECT tenant, user_id, max(seq) AS s, count(*) AS c \
-                               FROM (SELECT * FROM n UNION ALL SELECT * FROM r) AS x \
-                               GROUP BY tenant, user_id), \
-                      u AS (UPDATE user_streams AS us \
-                            SET pruned_seq = GREATEST(us.pruned_seq, gone.s) FROM gone \
-                            WHERE us.tenant = gone.tenant AND us.user_id = gone.user_id) \
-                 SELECT COALESCE(sum(c), 0)::bigint FROM gone",
-                &[&cutoff],
-            )
-            .await
-            .map_err(pg_error)?;
-        let deleted: i64 = row.try_get(0).map_err(pg_error)?;
-        Ok(seq(deleted))
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        let mut deleted = 0;
+        // Stream events first, by seq, a batch at a time...
+        loop {
+            match self.prune_batch(&mut client, PRUNE_EVENTS, cutoff).await? {
+                None => return Ok(deleted), // another replica is pruning
+                Some(0) => break,
+                Some(n) => deleted += n,
+            }
+        }
+        // ...then what only they referenced: contents and idempotency keys
+        // of the same age (a content row is as old as its notifications).
+        for batch in [PRUNE_CONTENTS, PRUNE_IDEMPOTENCY_KEYS] {
+            while let Some(n) = self.prune_batch(&mut client, batch, cutoff).await?
+                && n > 0
+            {}
+        }
+        Ok(deleted)
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -219,6 +219,21 @@ impl Deployment {
         }
     }
 
+    /// `replicas` PostgreSQL replicas on an existing database `db` (they
+    /// migrate it as they start).
+    pub async fn start_on(db: TestDb, replicas: usize) -> Self {
+        let mut running = Vec::new();
+        for _ in 0..replicas {
+            let config = test_config(Some(db.url.clone()));
+            running.push(server::start(config).await.expect("replica starts"));
+        }
+        Self {
+            backend: Backend::Postgres,
+            db: Some(db),
+            replicas: running,
+        }
+    }
+
     /// A client of replica `i`.
     pub async fn client(&self, i: usize) -> NotificationsClient<Channel> {
         client(self.replicas[i].addr).await

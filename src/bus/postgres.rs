@@ -1,21 +1,29 @@
-//! The LISTEN loop: one dedicated PostgreSQL connection per replica that
-//! receives every committed event as a NOTIFY and routes it to the hub.
+//! The PostgreSQL LISTEN/NOTIFY bus, the default: [`NotifyBus`] stages a
+//! write's events as `pg_notify` payloads in its transaction, and each
+//! replica's [`Listener`] (one dedicated connection) receives every
+//! committed payload and routes it to the hub.
 //!
 //! A NOTIFY is delivered only if its transaction commits (PostgreSQL docs,
 //! "NOTIFY"), so nothing uncommitted reaches a stream. The connection can be
-//! lost, or silently deafened by a half-open socket; the loop guards against
-//! both: TCP keepalive, plus a periodic NOTIFY to itself that must come back
-//! within a timeout. On any failure it reconnects with exponential backoff
-//! and, once listening again, tells every local stream to catch up from the
-//! store, so events committed while it was deaf are not lost.
+//! lost, or silently deafened by a half-open socket; the listener guards
+//! against both: TCP keepalive, plus a periodic NOTIFY to itself that must
+//! come back within a timeout. The probe runs beside routing, never inside
+//! it, and any notification received proves the connection hears, so a
+//! slow probe under load neither stalls routing nor triggers reconnects. On
+//! any failure it reconnects with exponential backoff and, once listening
+//! again, tells every local stream to catch up from the store, so events
+//! committed while it was deaf are not lost.
 //!
-//! The payload format ([`Payload`]) is shared with the Postgres store, which
-//! writes it. A NOTIFY carries one payload or a JSON array of them (a
-//! group-committed batch), and must stay under 8000 bytes (PostgreSQL docs,
-//! "NOTIFY"): events that do not fit are sent as a *wake-up* naming only the
-//! user and seq, and the user's streams read them from the store.
+//! The payload codec ([`Payload`], [`pack`]) lives here and only here. A
+//! NOTIFY carries one payload or a JSON array of them (a group-committed
+//! batch), and must stay under 8000 bytes (PostgreSQL docs, "NOTIFY"):
+//! payloads are sized on their encoded JSON, and events that do not fit are
+//! sent as a *wake-up* naming only the stream, whose subscribers read them
+//! from the store.
 
 use std::{
+    future::Future,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -30,9 +38,10 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_postgres::{AsyncMessage, NoTls, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 
+use super::{Bus, Committed, Staged};
 use crate::{
     hub::Hub,
-    notification::{Epoch, EventBody, Notification, ReadChange, StreamEvent},
+    notification::{Content, Epoch, EventBody, Notification, ReadChange, StreamEvent, StreamKey},
     store::{StoreError, postgres},
     telemetry::names,
     wire,
@@ -46,6 +55,8 @@ pub const CHANNEL: &str = "herald";
 pub const MAX_PAYLOAD_BYTES: usize = 7_900;
 
 /// A NOTIFY payload (JSON). Field names are short: they are paid per NOTIFY.
+/// `e` (the epoch the events were written in) is 0 in payloads of replicas
+/// that predate epochs; the listener then stamps its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "k")]
 pub enum Payload {
@@ -54,6 +65,9 @@ pub enum Payload {
     Notification {
         /// Tenant.
         t: String,
+        /// Epoch.
+        #[serde(default)]
+        e: Epoch,
         /// Type.
         ty: String,
         /// Title.
@@ -72,6 +86,9 @@ pub enum Payload {
     Read {
         /// Tenant.
         t: String,
+        /// Epoch.
+        #[serde(default)]
+        e: Epoch,
         /// User.
         u: String,
         /// Seq of the read event.
@@ -98,12 +115,41 @@ pub enum Payload {
     },
 }
 
+fn json<T: Serialize>(value: &T) -> String {
+    // Serializing these types (strings, integers, tuples, vecs) cannot fail.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Splits `items` into chunks whose encoded size, on top of `base` bytes,
+/// stays within [`MAX_PAYLOAD_BYTES`]: each item costs its encoded length
+/// plus a separating comma. `None` when some item does not fit even alone.
+fn chunk_by_encoded_size<T: Serialize + Clone>(base: usize, items: &[T]) -> Option<Vec<Vec<T>>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut size = base;
+    for item in items {
+        let cost = json(item).len() + 1;
+        if base + cost > MAX_PAYLOAD_BYTES {
+            return None;
+        }
+        if size + cost > MAX_PAYLOAD_BYTES {
+            chunks.push(std::mem::take(&mut current));
+            size = base;
+        }
+        size += cost;
+        current.push(item.clone());
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    Some(chunks)
+}
+
 impl Payload {
-    /// Splits `self` into JSON payloads of at most [`MAX_PAYLOAD_BYTES`]:
-    /// recipients are chunked, and what cannot fit even alone becomes
-    /// [`Payload::Wake`]s.
+    /// Splits `self` into JSON payloads of at most [`MAX_PAYLOAD_BYTES`],
+    /// measured on the encoded JSON (escaping included): recipients are
+    /// chunked, and what cannot fit even alone becomes [`Payload::Wake`]s.
     pub fn encode(self) -> Vec<String> {
-        let json = |p: &Payload| serde_json::to_string(p).unwrap_or_default();
         let whole = json(&self);
         if whole.len() <= MAX_PAYLOAD_BYTES {
             return vec![whole];
@@ -111,6 +157,7 @@ impl Payload {
         match self {
             Payload::Notification {
                 t,
+                e,
                 ty,
                 ti,
                 b,
@@ -118,38 +165,24 @@ impl Payload {
                 at,
                 r,
             } => {
-                let one = Payload::Notification {
+                let shell = |r: Vec<(String, u64, i64)>| Payload::Notification {
                     t: t.clone(),
+                    e,
                     ty: ty.clone(),
                     ti: ti.clone(),
                     b: b.clone(),
                     d: d.clone(),
                     at,
-                    r: Vec::new(),
+                    r,
                 };
-                let base = json(&one).len();
-                // Generous per-recipient estimate, checked below.
-                let widest = r.iter().map(|(u, _, _)| u.len() + 48).max().unwrap_or(48);
-                if base + widest > MAX_PAYLOAD_BYTES {
-                    return wake(t, r.into_iter().map(|(u, s, _)| (u, s)).collect());
+                let base = json(&shell(Vec::new())).len();
+                match chunk_by_encoded_size(base, &r) {
+                    Some(chunks) => chunks.into_iter().map(|c| json(&shell(c))).collect(),
+                    None => wake(&t, r.into_iter().map(|(u, s, _)| (u, s)).collect()),
                 }
-                let per = ((MAX_PAYLOAD_BYTES - base) / widest).max(1);
-                r.chunks(per)
-                    .map(|chunk| {
-                        json(&Payload::Notification {
-                            t: t.clone(),
-                            ty: ty.clone(),
-                            ti: ti.clone(),
-                            b: b.clone(),
-                            d: d.clone(),
-                            at,
-                            r: chunk.to_vec(),
-                        })
-                    })
-                    .collect()
             }
-            Payload::Read { t, u, s, .. } => wake(t, vec![(u, s)]),
-            Payload::Wake { t, r } => wake(t, r),
+            Payload::Read { t, u, s, .. } => wake(&t, vec![(u, s)]),
+            Payload::Wake { t, r } => wake(&t, r),
             Payload::Ping { .. } => vec![whole],
         }
     }
@@ -187,19 +220,82 @@ pub fn pack(payloads: impl IntoIterator<Item = Payload>) -> Vec<String> {
     texts
 }
 
-/// Wake-up payloads for `r`, chunked to fit.
-fn wake(t: String, r: Vec<(String, u64)>) -> Vec<String> {
-    // A user id is at most 128 bytes; JSON escaping can grow it up to 6×.
-    let per = (MAX_PAYLOAD_BYTES - 64 - t.len() * 6) / (128 * 6 + 24);
-    r.chunks(per.max(1))
-        .map(|chunk| {
-            serde_json::to_string(&Payload::Wake {
-                t: t.clone(),
-                r: chunk.to_vec(),
-            })
-            .unwrap_or_default()
-        })
+/// Wake-up payloads for `r`, chunked on their encoded size. A tenant and a
+/// user id are at most 128 bytes each, so even escaped six-fold (`\u0001`)
+/// one recipient always fits.
+fn wake(t: &str, r: Vec<(String, u64)>) -> Vec<String> {
+    let shell = |r: Vec<(String, u64)>| Payload::Wake { t: t.to_owned(), r };
+    let base = json(&shell(Vec::new())).len();
+    chunk_by_encoded_size(base, &r)
+        .unwrap_or_else(|| r.into_iter().map(|one| vec![one]).collect())
+        .into_iter()
+        .map(|chunk| json(&shell(chunk)))
         .collect()
+}
+
+/// The payloads of `events`: consecutive notifications sharing one content
+/// (one send's recipients) become one [`Payload::Notification`] carrying the
+/// content once; read changes one [`Payload::Read`] each.
+pub fn payloads(events: &[Committed]) -> Vec<Payload> {
+    let mut out: Vec<Payload> = Vec::new();
+    let mut last_content: Option<&Arc<Content>> = None;
+    for c in events {
+        let StreamKey::User { tenant, user } = &c.key;
+        match &c.event.body {
+            EventBody::Notification(n) => {
+                let recipient = (user.clone(), c.event.seq, n.id);
+                if let (Some(prev), Some(Payload::Notification { t, r, .. })) =
+                    (last_content, out.last_mut())
+                    && Arc::ptr_eq(prev, &n.content)
+                    && t == tenant
+                {
+                    r.push(recipient);
+                    continue;
+                }
+                out.push(Payload::Notification {
+                    t: tenant.clone(),
+                    e: c.event.epoch,
+                    ty: n.content.kind.clone(),
+                    ti: n.content.title.clone(),
+                    b: n.content.body.clone(),
+                    d: n.content.data.clone(),
+                    at: crate::store::postgres::micros(n.content.created_at),
+                    r: vec![recipient],
+                });
+                last_content = Some(&n.content);
+            }
+            EventBody::Read(change) => {
+                out.push(Payload::Read {
+                    t: tenant.clone(),
+                    e: c.event.epoch,
+                    u: user.clone(),
+                    s: c.event.seq,
+                    ids: change.ids.clone(),
+                    up: change.up_to_seq,
+                });
+                last_content = None;
+            }
+        }
+    }
+    out
+}
+
+/// The LISTEN/NOTIFY bus's writing side: events become `pg_notify`
+/// payloads on [`CHANNEL`], run in the writing transaction, so PostgreSQL
+/// delivers them to every listener at commit and never otherwise.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NotifyBus;
+
+/// The statement [`NotifyBus`] stages: one round trip for every payload.
+pub const NOTIFY_STATEMENT: &str = "SELECT pg_notify('herald', p) FROM unnest($1::text[]) AS p";
+
+impl Bus for NotifyBus {
+    fn stage(&self, events: &[Committed]) -> Option<Staged> {
+        Some(Staged {
+            statement: NOTIFY_STATEMENT,
+            texts: pack(payloads(events)),
+        })
+    }
 }
 
 fn micros_to_time(at: i64) -> std::time::SystemTime {
@@ -207,9 +303,10 @@ fn micros_to_time(at: i64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + at
 }
 
-/// Routes one NOTIFY text (a payload or an array of them) to the hub,
-/// stamping events with `epoch`, the database's current one. Events go only
-/// to users with streams on this replica, and are built once per recipient.
+/// Routes one NOTIFY text (a payload or an array of them) to the hub.
+/// Events are stamped with the epoch they were written in, or `epoch` (the
+/// listener's) for payloads without one. Events go only to users with
+/// streams on this replica, and are built once per recipient.
 pub fn route(hub: &Hub, epoch: Epoch, text: &str) {
     let payloads = if text.starts_with('[') {
         serde_json::from_str::<Vec<Payload>>(text)
@@ -227,10 +324,12 @@ pub fn route(hub: &Hub, epoch: Epoch, text: &str) {
     }
 }
 
-fn route_one(hub: &Hub, epoch: Epoch, payload: Payload) {
+fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
+    let stamp = |e: Epoch| if e == 0 { listener_epoch } else { e };
     match payload {
         Payload::Notification {
             t,
+            e,
             ty,
             ti,
             b,
@@ -238,52 +337,74 @@ fn route_one(hub: &Hub, epoch: Epoch, payload: Payload) {
             at,
             r,
         } => {
-            let created_at = micros_to_time(at);
+            let epoch = stamp(e);
+            // Built only if some recipient has a stream here.
+            let mut content: Option<Arc<Content>> = None;
             // For several recipients, the fields they share are encoded
-            // once, here, and only if some recipient has a stream here. A
-            // single recipient's event is left to be encoded by the first
-            // stream that sends it (`StreamEvent::encoded`): this loop is one
-            // task per replica, and encoding in it serialized work that the
-            // streams' tasks do in parallel (~15% less throughput measured).
+            // once, here. A single recipient's event is left to be encoded
+            // by the first stream that sends it (`StreamEvent::encoded`):
+            // this loop is one task per replica, and encoding in it
+            // serialized work that the streams' tasks do in parallel (~15%
+            // less throughput measured).
             let share = r.len() > 1;
             let mut shared = None;
             for (user, seq, id) in r {
-                if !hub.has_streams(&t, &user) {
+                if !hub.has_user_streams(&t, &user) {
                     continue;
                 }
+                let content = content.get_or_insert_with(|| {
+                    Arc::new(Content {
+                        kind: ty.clone(),
+                        title: ti.clone(),
+                        body: b.clone(),
+                        data: d.clone(),
+                        created_at: micros_to_time(at),
+                    })
+                });
                 let body = EventBody::Notification(Notification {
                     id,
                     seq,
                     recipient: user.clone(),
-                    kind: ty.clone(),
-                    title: ti.clone(),
-                    body: b.clone(),
-                    data: d.clone(),
-                    created_at,
+                    content: content.clone(),
                     read: false,
                 });
                 let event = if share {
-                    let shared = shared
-                        .get_or_insert_with(|| wire::shared_fields(&ty, &ti, &b, &d, created_at));
+                    let shared = shared.get_or_insert_with(|| wire::shared_fields(content));
                     let encoded = wire::notification_event(seq, epoch, id, &user, shared);
                     StreamEvent::with_encoding(seq, epoch, body, encoded)
                 } else {
                     StreamEvent::new(seq, epoch, body)
                 };
-                hub.publish(&t, &user, &Arc::new(event));
+                hub.publish(
+                    &StreamKey::User {
+                        tenant: t.clone(),
+                        user,
+                    },
+                    &Arc::new(event),
+                );
             }
         }
-        Payload::Read { t, u, s, ids, up } => {
+        Payload::Read {
+            t,
+            e,
+            u,
+            s,
+            ids,
+            up,
+        } => {
             let event = Arc::new(StreamEvent::new(
                 s,
-                epoch,
+                stamp(e),
                 EventBody::Read(ReadChange { ids, up_to_seq: up }),
             ));
-            hub.publish(&t, &u, &event);
+            hub.publish(&StreamKey::User { tenant: t, user: u }, &event);
         }
         Payload::Wake { t, r } => {
             for (user, _) in r {
-                hub.signal_user(&t, &user);
+                hub.signal(&StreamKey::User {
+                    tenant: t.clone(),
+                    user,
+                });
             }
         }
         Payload::Ping { .. } => {}
@@ -519,44 +640,67 @@ impl Listener {
     }
 
     /// Routes notifications until the connection fails or shutdown.
-    async fn serve(&self, mut listening: Listening) -> Result<(), ListenError> {
+    async fn serve(&self, listening: Listening) -> Result<(), ListenError> {
+        let Listening {
+            client,
+            mut notifications,
+            ..
+        } = listening;
+        let timeout = self.settings.ping_timeout;
         let mut probes = tokio::time::interval(self.settings.ping_interval);
         probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The probe in flight: its nonce and when the connection counts as
+        // deaf if nothing at all arrives before.
         let mut pending: Option<(u64, Instant)> = None;
+        // Sending the probe runs beside routing: under load its NOTIFY
+        // waits for the commit lock like any other, and routing must go on.
+        let mut sending: Option<ProbeSend<'_>> = None;
         let mut nonce: u64 = std::process::id().into();
         loop {
             let deadline = pending.map(|(_, d)| d);
             tokio::select! {
                 () = self.shutdown.cancelled() => return Ok(()),
-                n = listening.notifications.recv() => {
+                n = notifications.recv() => {
                     let n = n.ok_or(ListenError::Closed)?;
-                    if let (Some((want, _)), Ok(Payload::Ping { n })) =
-                        (pending, serde_json::from_str::<Payload>(n.payload()))
-                    {
-                        if n == want {
+                    // Anything heard proves the connection hears.
+                    if let Some((_, deadline)) = &mut pending {
+                        *deadline = Instant::now() + timeout;
+                    }
+                    if let Ok(Payload::Ping { n }) = serde_json::from_str::<Payload>(n.payload()) {
+                        if pending.is_some_and(|(want, _)| want == n) {
                             pending = None;
                         }
                         continue;
                     }
                     route(&self.hub, self.epoch.load(Ordering::Acquire), n.payload());
                 }
-                () = sleep_until_opt(deadline) => {
-                    return Err(ListenError::Deaf(self.settings.ping_timeout));
+                () = sleep_until_opt(deadline) => return Err(ListenError::Deaf(timeout)),
+                sent = poll_opt(&mut sending) => {
+                    sending = None;
+                    sent?;
                 }
-                _ = probes.tick(), if pending.is_none() => {
+                _ = probes.tick(), if pending.is_none() && sending.is_none() => {
                     nonce = nonce.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                     let payload = serde_json::to_string(&Payload::Ping { n: nonce }).unwrap_or_default();
-                    pending = Some((nonce, Instant::now() + self.settings.ping_timeout));
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&CHANNEL, &payload];
-                    let probe = listening.client.execute("SELECT pg_notify($1, $2)", &params);
-                    match tokio::time::timeout(self.settings.ping_timeout, probe).await {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return Err(e.into()),
-                        Err(_) => return Err(ListenError::Deaf(self.settings.ping_timeout)),
-                    }
+                    pending = Some((nonce, Instant::now() + timeout));
+                    let client = &client;
+                    sending = Some(Box::pin(async move {
+                        client.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload]).await
+                    }));
                 }
             }
         }
+    }
+}
+
+/// A liveness probe's `pg_notify` in flight.
+type ProbeSend<'a> = Pin<Box<dyn Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>>;
+
+/// Awaits the future in `slot`, or forever when there is none.
+async fn poll_opt<F: Future + Unpin>(slot: &mut Option<F>) -> F::Output {
+    match slot {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -574,6 +718,7 @@ mod tests {
     fn notification(recipients: usize, body: usize) -> Payload {
         Payload::Notification {
             t: "acme".into(),
+            e: 1,
             ty: "demo".into(),
             ti: "hi".into(),
             b: "x".repeat(body),
@@ -637,7 +782,7 @@ mod tests {
     #[test]
     fn unreadable_payload_makes_every_stream_catch_up() {
         let hub = Hub::new(crate::hub::StreamLimits::default());
-        let mut sub = hub.subscribe("acme", "alice").unwrap();
+        let mut sub = hub.subscribe(StreamKey::user("acme", "alice")).unwrap();
         route(&hub, 1, "not json");
         assert!(matches!(
             futures_util::FutureExt::now_or_never(sub.next()),
