@@ -45,6 +45,7 @@ export {
   DEFAULT_WATCHDOG_MULTIPLIER,
   type ConnectionState,
   type DeliveredEvent,
+  type ResyncInfo,
   type StreamTiming,
   type SubscribeOptions,
   type Subscription,
