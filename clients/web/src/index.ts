@@ -36,6 +36,7 @@ export {
   type Inbox,
   type InboxItem,
   type InboxOptions,
+  type InboxResync,
   type InboxSnapshot,
 } from "./inbox.js";
 export {
