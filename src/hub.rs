@@ -292,6 +292,7 @@ mod tests {
     fn event(seq: u64) -> Arc<StreamEvent> {
         Arc::new(StreamEvent::new(
             seq,
+            1,
             EventBody::Read(ReadChange {
                 ids: vec![],
                 up_to_seq: seq,

@@ -18,7 +18,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -32,7 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     hub::Hub,
-    notification::{EventBody, Notification, ReadChange, StreamEvent},
+    notification::{Epoch, EventBody, Notification, ReadChange, StreamEvent},
+    store::{StoreError, postgres},
     telemetry::names,
     wire,
 };
@@ -206,17 +207,17 @@ fn micros_to_time(at: i64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + at
 }
 
-/// Routes one NOTIFY text (a payload or an array of them) to the hub.
-/// Events go only to users with streams on this replica, and are built once
-/// per recipient.
-pub fn route(hub: &Hub, text: &str) {
+/// Routes one NOTIFY text (a payload or an array of them) to the hub,
+/// stamping events with `epoch`, the database's current one. Events go only
+/// to users with streams on this replica, and are built once per recipient.
+pub fn route(hub: &Hub, epoch: Epoch, text: &str) {
     let payloads = if text.starts_with('[') {
         serde_json::from_str::<Vec<Payload>>(text)
     } else {
         serde_json::from_str::<Payload>(text).map(|p| vec![p])
     };
     match payloads {
-        Ok(payloads) => payloads.into_iter().for_each(|p| route_one(hub, p)),
+        Ok(payloads) => payloads.into_iter().for_each(|p| route_one(hub, epoch, p)),
         Err(e) => {
             // Unknown sender or format: we cannot tell whom it concerns, so
             // every stream re-checks the store.
@@ -226,7 +227,7 @@ pub fn route(hub: &Hub, text: &str) {
     }
 }
 
-fn route_one(hub: &Hub, payload: Payload) {
+fn route_one(hub: &Hub, epoch: Epoch, payload: Payload) {
     match payload {
         Payload::Notification {
             t,
@@ -264,10 +265,10 @@ fn route_one(hub: &Hub, payload: Payload) {
                 let event = if share {
                     let shared = shared
                         .get_or_insert_with(|| wire::shared_fields(&ty, &ti, &b, &d, created_at));
-                    let encoded = wire::notification_event(seq, id, &user, shared);
-                    StreamEvent::with_encoding(seq, body, encoded)
+                    let encoded = wire::notification_event(seq, epoch, id, &user, shared);
+                    StreamEvent::with_encoding(seq, epoch, body, encoded)
                 } else {
-                    StreamEvent::new(seq, body)
+                    StreamEvent::new(seq, epoch, body)
                 };
                 hub.publish(&t, &user, &Arc::new(event));
             }
@@ -275,6 +276,7 @@ fn route_one(hub: &Hub, payload: Payload) {
         Payload::Read { t, u, s, ids, up } => {
             let event = Arc::new(StreamEvent::new(
                 s,
+                epoch,
                 EventBody::Read(ReadChange { ids, up_to_seq: up }),
             ));
             hub.publish(&t, &u, &event);
@@ -310,6 +312,9 @@ pub enum ListenError {
     /// A liveness probe did not come back in time.
     #[error("liveness probe not echoed within {0:?}")]
     Deaf(Duration),
+    /// The database's epoch could not be read.
+    #[error("cannot read the stream epoch: {0}")]
+    Epoch(#[from] StoreError),
 }
 
 /// A connection-level config for the listener: keepalive on, and bounded
@@ -334,6 +339,8 @@ pub struct Listener {
     settings: ListenerSettings,
     shutdown: CancellationToken,
     listening: Arc<AtomicBool>,
+    /// The database's epoch, read on every (re)connect.
+    epoch: AtomicU64,
 }
 
 /// A live LISTEN session: the client (for probes) and its notifications.
@@ -409,6 +416,7 @@ impl Listener {
             settings,
             shutdown,
             listening,
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -438,6 +446,11 @@ impl Listener {
         let replies = client
             .simple_query(&format!("LISTEN {CHANNEL}; {WHO_AM_I}"))
             .await?;
+        // The epoch is read after LISTEN is established: whatever a stream
+        // reads from the store from now on is stamped with it, and so is
+        // every NOTIFY this session routes.
+        self.epoch
+            .store(postgres::epoch(&client).await?, Ordering::Release);
         let backend = replies.iter().find_map(|m| match m {
             SimpleQueryMessage::Row(row) => Some(Backend {
                 pid: row.get(0)?.parse().ok()?,
@@ -525,7 +538,7 @@ impl Listener {
                         }
                         continue;
                     }
-                    route(&self.hub, n.payload());
+                    route(&self.hub, self.epoch.load(Ordering::Acquire), n.payload());
                 }
                 () = sleep_until_opt(deadline) => {
                     return Err(ListenError::Deaf(self.settings.ping_timeout));
@@ -625,7 +638,7 @@ mod tests {
     fn unreadable_payload_makes_every_stream_catch_up() {
         let hub = Hub::new(crate::hub::StreamLimits::default());
         let mut sub = hub.subscribe("acme", "alice").unwrap();
-        route(&hub, "not json");
+        route(&hub, 1, "not json");
         assert!(matches!(
             futures_util::FutureExt::now_or_never(sub.next()),
             Some(crate::hub::Next::CatchUp)

@@ -143,6 +143,9 @@ struct SubscribeArgs {
     /// Resume after this seq.
     #[arg(long)]
     after_seq: Option<u64>,
+    /// The epoch of --after-seq (the `epoch` of the events received).
+    #[arg(long, default_value_t = 0)]
+    epoch: u64,
     /// Only these types, comma-separated.
     #[arg(long, value_delimiter = ',')]
     types: Vec<String>,
@@ -263,6 +266,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
     let request = proto::SubscribeRequest {
         after_seq: args.after_seq,
         types: args.types,
+        epoch: args.epoch,
     };
     let mut stream = client
         .subscribe(authorized(request, &token)?)
@@ -292,13 +296,16 @@ fn event_json(event: &proto::Event) -> serde_json::Value {
             "read",
             json!({"notification_ids": r.notification_ids, "up_to_seq": r.up_to_seq}),
         ),
-        Some(Kind::CaughtUp(_)) => ("caught_up", json!({})),
+        Some(Kind::CaughtUp(c)) => (
+            "caught_up",
+            json!({"heartbeat_interval": c.heartbeat_interval.map(|d| d.to_string())}),
+        ),
         Some(Kind::Heartbeat(h)) => (
             "heartbeat",
             json!({"server_time": h.server_time.map(|t| t.to_string())}),
         ),
-        Some(Kind::Resync(_)) => ("resync", json!({})),
+        Some(Kind::Resync(r)) => ("resync", json!({"reason": r.reason().as_str_name()})),
         None => ("unknown", json!({})),
     };
-    json!({"seq": event.seq, "kind": kind, kind: body})
+    json!({"seq": event.seq, "epoch": event.epoch, "kind": kind, kind: body})
 }

@@ -351,11 +351,14 @@ pub enum EventBody {
 }
 
 /// One event of a user's stream, at position `seq` (gap-free from 1, in
-/// commit order), with its protobuf encoding computed at most once.
+/// commit order) of history `epoch`, with its protobuf encoding computed at
+/// most once.
 #[derive(Debug, Clone)]
 pub struct StreamEvent {
     /// Position in the user's stream.
     pub seq: u64,
+    /// The history `seq` counts in (see [`Epoch`]).
+    pub epoch: Epoch,
     /// The event.
     pub body: EventBody,
     encoded: std::sync::OnceLock<bytes::Bytes>,
@@ -363,9 +366,10 @@ pub struct StreamEvent {
 
 impl StreamEvent {
     /// An event; its encoding is computed on first use.
-    pub fn new(seq: u64, body: EventBody) -> Self {
+    pub fn new(seq: u64, epoch: Epoch, body: EventBody) -> Self {
         Self {
             seq,
+            epoch,
             body,
             encoded: std::sync::OnceLock::new(),
         }
@@ -373,9 +377,10 @@ impl StreamEvent {
 
     /// An event whose `herald.v1.Event` encoding is already known (see
     /// `wire::notification_event`).
-    pub fn with_encoding(seq: u64, body: EventBody, encoded: bytes::Bytes) -> Self {
+    pub fn with_encoding(seq: u64, epoch: Epoch, body: EventBody, encoded: bytes::Bytes) -> Self {
         Self {
             seq,
+            epoch,
             body,
             encoded: std::sync::OnceLock::from(encoded),
         }
@@ -394,7 +399,7 @@ impl StreamEvent {
 /// encoding was computed yet does not matter.
 impl PartialEq for StreamEvent {
     fn eq(&self, other: &Self) -> bool {
-        self.seq == other.seq && self.body == other.body
+        self.seq == other.seq && self.epoch == other.epoch && self.body == other.body
     }
 }
 
@@ -468,6 +473,35 @@ pub struct MarkOutcome {
     pub seq: u64,
 }
 
+/// Which history a stream position counts in (`herald.v1.Event.epoch`).
+///
+/// A `(epoch, seq)` pair names one event for as long as the store keeps the
+/// history it was issued in; when the store cannot (the in-memory store
+/// restarted, the database was restored or failed over), the epoch changes
+/// and resuming clients get `resync` instead of a silent jump into another
+/// history. The same idea as Centrifugo's `StreamPosition{Offset, Epoch}`.
+/// Never 0 (0 in a request means "not given"); at most 2^53 − 1, so that
+/// JavaScript numbers hold it exactly.
+pub type Epoch = u64;
+
+/// Largest epoch issued: 2^53 − 1 (`Number.MAX_SAFE_INTEGER`, ECMA-262).
+pub const MAX_EPOCH: Epoch = (1 << 53) - 1;
+
+/// A fresh random epoch in 1..=[`MAX_EPOCH`].
+pub fn new_epoch() -> Epoch {
+    fastrand::u64(1..=MAX_EPOCH)
+}
+
+/// A range of a stream read from the store: its events, in seq order, and
+/// the epoch they count in (known even when the range is empty).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StreamRange {
+    /// The stream's epoch when read.
+    pub epoch: Epoch,
+    /// The events, each of `epoch`.
+    pub events: Vec<StreamEvent>,
+}
+
 /// The extent of a user's stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamHead {
@@ -475,6 +509,8 @@ pub struct StreamHead {
     pub last_seq: u64,
     /// Events with seq <= this were pruned by retention.
     pub pruned_seq: u64,
+    /// The history these seqs count in.
+    pub epoch: Epoch,
 }
 
 /// A page request for `ListNotifications`.

@@ -62,6 +62,9 @@ pub mod names {
     pub const LISTENER_RECONNECTS: &str = "herald_listener_reconnects_total";
     /// Counter: times a stream fell behind and caught up from the store.
     pub const STREAM_LAGS: &str = "herald_stream_lag_total";
+    /// Counter: `resync` events sent, by `reason` (the `Resync.Reason`
+    /// name, e.g. `REASON_PRUNED`).
+    pub const STREAM_RESYNCS: &str = "herald_stream_resync_total";
     /// Gauge: pooled database connections, by `state` (`in_use`, `idle`).
     pub const POOL_CONNECTIONS: &str = "herald_db_pool_connections";
     /// Counter: gRPC calls by `method` and `code` (gRPC status code name).
@@ -121,6 +124,10 @@ fn describe() {
     metrics::describe_counter!(
         STREAM_LAGS,
         "Times a stream fell behind and read from the store."
+    );
+    metrics::describe_counter!(
+        STREAM_RESYNCS,
+        "Resume positions that could not be continued (resync), by reason."
     );
     metrics::describe_gauge!(POOL_CONNECTIONS, "Pooled database connections by state.");
     metrics::describe_counter!(GRPC_REQUESTS, "gRPC calls by method and status code.");

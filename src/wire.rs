@@ -16,7 +16,10 @@ use prost::{
     encoding::{self, WireType},
 };
 
-use crate::{notification::StreamEvent, proto};
+use crate::{
+    notification::{Epoch, StreamEvent},
+    proto,
+};
 
 /// A complete, encoded `herald.v1.Event`.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -83,9 +86,15 @@ pub fn shared_fields(
 }
 
 /// A notification event for one recipient: `Event { seq, notification:
-/// { id, seq, recipient, <shared> } }`, built from [`shared_fields`]
+/// { id, seq, recipient, <shared> }, epoch }`, built from [`shared_fields`]
 /// without re-encoding them.
-pub fn notification_event(seq: u64, id: i64, recipient: &str, shared: &[u8]) -> Bytes {
+pub fn notification_event(
+    seq: u64,
+    epoch: Epoch,
+    id: i64,
+    recipient: &str,
+    shared: &[u8],
+) -> Bytes {
     let mut own = BytesMut::with_capacity(24 + recipient.len());
     if id != 0 {
         encoding::int64::encode(1, &id, &mut own);
@@ -107,6 +116,9 @@ pub fn notification_event(seq: u64, id: i64, recipient: &str, shared: &[u8]) -> 
     encoding::encode_varint(inner_len as u64, &mut out);
     out.put_slice(&own);
     out.put_slice(shared);
+    if epoch != 0 {
+        encoding::uint64::encode(7, &epoch, &mut out);
+    }
     out.freeze()
 }
 
@@ -126,7 +138,11 @@ mod tests {
     #[test]
     fn a_shared_encoding_decodes_to_the_same_event() {
         let at = UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
-        for (seq, id, recipient) in [(1, 7, "alice"), (300, 123_456_789, "bob-ü"), (0, 0, "")] {
+        for (seq, epoch, id, recipient) in [
+            (1, 42, 7, "alice"),
+            (300, crate::notification::MAX_EPOCH, 123_456_789, "bob-ü"),
+            (0, 0, 0, ""),
+        ] {
             let n = Notification {
                 id,
                 seq,
@@ -138,9 +154,9 @@ mod tests {
                 created_at: at,
                 read: false,
             };
-            let event = StreamEvent::new(seq, EventBody::Notification(n.clone()));
+            let event = StreamEvent::new(seq, epoch, EventBody::Notification(n.clone()));
             let shared = shared_fields(&n.kind, &n.title, &n.body, &n.data, at);
-            let bytes = notification_event(seq, id, recipient, &shared);
+            let bytes = notification_event(seq, epoch, id, recipient, &shared);
             let decoded = proto::Event::decode(bytes.as_ref()).unwrap();
             assert_eq!(decoded, proto::Event::from(&event));
             let direct = proto::Event::decode(encode_stream_event(&event).as_ref()).unwrap();
@@ -152,6 +168,7 @@ mod tests {
     fn a_stream_event_is_encoded_once_and_its_bytes_shared() {
         let event = StreamEvent::new(
             3,
+            7,
             EventBody::Read(crate::notification::ReadChange {
                 ids: vec![1, 2],
                 up_to_seq: 0,
@@ -174,7 +191,8 @@ mod tests {
     fn wire_event_writes_its_bytes_verbatim() {
         let e = proto::Event {
             seq: 9,
-            kind: Some(proto::event::Kind::CaughtUp(proto::CaughtUp {})),
+            kind: Some(proto::event::Kind::CaughtUp(proto::CaughtUp::default())),
+            epoch: 5,
         };
         let wire = WireEvent::encode(&e);
         assert_eq!(wire.encode_to_vec(), e.encode_to_vec());

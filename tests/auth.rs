@@ -238,6 +238,7 @@ async fn tenants_are_isolated(backend: Backend) {
             proto::SubscribeRequest {
                 after_seq: Some(0),
                 types: vec![],
+                ..Default::default()
             },
             &alice_y,
         ))

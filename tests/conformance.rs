@@ -8,8 +8,26 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use herald::proto::{self, event::Kind, mark_read_request::Target};
+use herald::proto::{self, event::Kind, mark_read_request::Target, resync::Reason as ResyncReason};
 use tonic::Code;
+
+fn resync_reason(event: &proto::Event) -> Option<ResyncReason> {
+    match &event.kind {
+        Some(Kind::Resync(r)) => Some(r.reason()),
+        _ => None,
+    }
+}
+
+/// `caught_up`, telling the test replicas' heartbeat interval (5 s, set
+/// in `common::config`).
+fn caught_up_kind() -> Option<Kind> {
+    Some(Kind::CaughtUp(proto::CaughtUp {
+        heartbeat_interval: Some(prost_types::Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
+    }))
+}
 
 fn replicas(backend: Backend) -> usize {
     match backend {
@@ -98,19 +116,18 @@ async fn resume_replays_missed_events_in_order(backend: Backend) {
     send(&mut a, note(&["alice"], "live")).await.unwrap();
     assert_eq!(next_event(&mut stream).await.seq, 7);
 
-    // A position the server never issued is refused, naming the field.
-    let err = b
-        .subscribe(authed(
-            proto::SubscribeRequest {
-                after_seq: Some(99),
-                types: vec![],
-            },
-            &token("alice", "", ""),
-        ))
+    // A position the server never issued (beyond the head) gets resync,
+    // then the stream goes on live: never an error the client cannot get
+    // past.
+    let mut stream = subscribe(&mut b, "alice", Some(99)).await;
+    let resync = next_event(&mut stream).await;
+    assert_eq!(resync_reason(&resync), Some(ResyncReason::BeyondHead));
+    assert_eq!(resync.seq, 7);
+    assert_eq!(next_event(&mut stream).await.kind, caught_up_kind());
+    send(&mut a, note(&["alice"], "after resync"))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("after_seq"), "{}", err.message());
+        .unwrap();
+    assert_eq!(next_event(&mut stream).await.seq, 8);
     d.stop().await;
 }
 
@@ -134,12 +151,74 @@ async fn pruned_resume_position_gets_resync(backend: Backend) {
     }
     let mut stream = subscribe(&mut a, "alice", Some(1)).await;
     let event = next_event(&mut stream).await;
-    assert!(matches!(event.kind, Some(Kind::Resync(_))), "{event:?}");
+    assert_eq!(
+        resync_reason(&event),
+        Some(ResyncReason::Pruned),
+        "{event:?}"
+    );
     assert_eq!(event.seq, 2);
     let caught_up = next_event(&mut stream).await;
     assert!(matches!(caught_up.kind, Some(Kind::CaughtUp(_))));
     send(&mut a, note(&["alice"], "new")).await.unwrap();
     assert_eq!(next_event(&mut stream).await.seq, 3);
+    d.stop().await;
+}
+
+/// Every event carries the stream's epoch; a position of another epoch gets
+/// `resync` (then `caught_up`, then live), and a client that sends no epoch
+/// keeps v1 behaviour. `caught_up` tells the heartbeat interval.
+async fn positions_carry_an_epoch(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut a = d.client(0).await;
+    let mut b = d.client(d.replica(1)).await;
+    for i in 0..3 {
+        send(&mut a, note(&["alice"], &format!("n{i}")))
+            .await
+            .unwrap();
+    }
+    let mut stream = subscribe(&mut b, "alice", Some(0)).await;
+    let mut backlog = Vec::new();
+    let caught_up = loop {
+        let event = next_event(&mut stream).await;
+        if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+            break event;
+        }
+        backlog.push(event);
+    };
+    let epoch = caught_up.epoch;
+    assert_ne!(epoch, 0);
+    assert!(epoch < 1 << 53, "{epoch} must fit a JavaScript number");
+    assert!(backlog.iter().all(|e| e.epoch == epoch), "{backlog:?}");
+    assert_eq!(caught_up.kind, caught_up_kind());
+    send(&mut a, note(&["alice"], "live")).await.unwrap();
+    let live = next_event(&mut stream).await;
+    assert_eq!((live.seq, live.epoch), (4, epoch));
+
+    // The same position in its own epoch continues; in another, resyncs.
+    let resume = |epoch| proto::SubscribeRequest {
+        after_seq: Some(2),
+        epoch,
+        ..Default::default()
+    };
+    let mut same = b
+        .subscribe(authed(resume(epoch), &token("alice", "", "")))
+        .await
+        .unwrap()
+        .into_inner();
+    let (missed, _) = until_caught_up(&mut same).await;
+    assert_eq!(missed.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+    let other = if epoch == 1 { 2 } else { epoch - 1 };
+    let mut stale = b
+        .subscribe(authed(resume(other), &token("alice", "", "")))
+        .await
+        .unwrap()
+        .into_inner();
+    let resync = next_event(&mut stale).await;
+    assert_eq!(resync_reason(&resync), Some(ResyncReason::EpochChanged));
+    assert_eq!((resync.seq, resync.epoch), (4, epoch));
+    assert_eq!(next_event(&mut stale).await.kind, caught_up_kind());
+    send(&mut a, note(&["alice"], "after")).await.unwrap();
+    assert_eq!(next_event(&mut stale).await.seq, 5);
     d.stop().await;
 }
 
@@ -454,6 +533,7 @@ async fn bad_input_is_refused_naming_the_field_and_stores_nothing(backend: Backe
             proto::SubscribeRequest {
                 after_seq: None,
                 types: vec!["bad type".into()],
+                ..Default::default()
             },
             &alice,
         ))
@@ -475,6 +555,7 @@ async fn type_filter_and_heartbeats(backend: Backend) {
             proto::SubscribeRequest {
                 after_seq: Some(0),
                 types: vec!["wanted".into()],
+                ..Default::default()
             },
             &token("alice", "", ""),
         ))
@@ -534,6 +615,7 @@ conformance!(
     fresh_connect_replays_unread_then_caught_up_then_live,
     resume_replays_missed_events_in_order,
     pruned_resume_position_gets_resync,
+    positions_carry_an_epoch,
     racing_senders_exactly_once_in_order,
     mark_read_reaches_other_devices,
     list_pages_newest_first_and_agrees_with_count,

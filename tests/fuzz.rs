@@ -122,7 +122,7 @@ proptest! {
     ]) {
         let hub = Hub::new(StreamLimits::default());
         let _sub = hub.subscribe("t", "alice").unwrap();
-        route(&hub, &text);
+        route(&hub, 1, &text);
     }
 
     #[test]

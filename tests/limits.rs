@@ -111,6 +111,7 @@ async fn stream_limits_per_user_and_per_replica(backend: Backend) {
     let request = || proto::SubscribeRequest {
         after_seq: None,
         types: vec![],
+        ..Default::default()
     };
     let err = a
         .subscribe(authed(request(), &token("alice", "", "")))
@@ -158,6 +159,7 @@ async fn streams_end_when_their_token_expires(backend: Backend) {
             proto::SubscribeRequest {
                 after_seq: Some(0),
                 types: vec![],
+                ..Default::default()
             },
             &short,
         ))

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use herald::proto;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_through_one_replica_reaches_streams_on_every_replica() {
@@ -78,6 +79,78 @@ async fn killing_the_listen_connection_loses_nothing() {
         }
         let seqs = seqs_through(&mut stream, sent).await;
         assert_exactly_once_in_order(&seqs, sent, "subscriber during listener kills");
+        d.stop().await;
+    })
+    .await;
+}
+
+/// The database is "restored" onto another cluster (simulated by changing
+/// the cluster identity recorded with the epoch) and every connection is
+/// lost, as in a restore or a failover: the replicas draw a new epoch, and a
+/// stream that was live in the old history gets `resync` with the new epoch
+/// at once (without waiting for a new event), then goes on live; a client
+/// resuming from an old position gets `resync` too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_database_changes_the_epoch_and_streams_resync() {
+    bounded(async {
+        let d = Deployment::start(Backend::Postgres, 2).await;
+        let mut a = d.client(0).await;
+        let mut b = d.client(1).await;
+        for i in 0..3 {
+            send(&mut a, note(&["alice"], &format!("n{i}")))
+                .await
+                .unwrap();
+        }
+        let mut stream = subscribe(&mut b, "alice", Some(0)).await;
+        let (backlog, _) = until_caught_up(&mut stream).await;
+        let old_epoch = backlog[0].epoch;
+
+        let db = d.db.as_ref().unwrap().connect().await;
+        let name = d.db.as_ref().unwrap().name.clone();
+        db.execute("UPDATE herald_meta SET cluster = 'elsewhere/00000001'", &[])
+            .await
+            .unwrap();
+        db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = $1 AND application_name = 'herald-listener'",
+            &[&name],
+        )
+        .await
+        .unwrap();
+
+        let resync = next_event(&mut stream).await;
+        assert!(
+            matches!(resync.kind, Some(proto::event::Kind::Resync(_))),
+            "{resync:?}"
+        );
+        let new_epoch = resync.epoch;
+        assert_ne!(new_epoch, old_epoch);
+        assert_eq!(resync.seq, 3);
+        let row = db
+            .query_one("SELECT epoch FROM herald_meta", &[])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i64>(0) as u64, new_epoch);
+
+        send(&mut a, note(&["alice"], "after")).await.unwrap();
+        let live = next_event(&mut stream).await;
+        assert_eq!((live.seq, live.epoch), (4, new_epoch));
+
+        let mut old = b
+            .subscribe(authed(
+                proto::SubscribeRequest {
+                    after_seq: Some(2),
+                    epoch: old_epoch,
+                    ..Default::default()
+                },
+                &token("alice", "", ""),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let resync = next_event(&mut old).await;
+        assert!(matches!(resync.kind, Some(proto::event::Kind::Resync(_))));
+        assert_eq!((resync.seq, resync.epoch), (4, new_epoch));
         d.stop().await;
     })
     .await;

@@ -1,7 +1,7 @@
 //! Domain values → wire messages.
 
 use crate::{
-    notification::{Delivery, EventBody, Notification, StreamEvent},
+    notification::{Delivery, Epoch, EventBody, Notification, StreamEvent},
     proto,
 };
 
@@ -33,6 +33,7 @@ impl From<&StreamEvent> for proto::Event {
         Self {
             seq: e.seq,
             kind: Some(kind),
+            epoch: e.epoch,
         }
     }
 }
@@ -47,10 +48,12 @@ impl From<Delivery> for proto::Delivery {
     }
 }
 
-/// A control event (caught-up, heartbeat, resync) at stream position `seq`.
-pub fn control(seq: u64, kind: proto::event::Kind) -> proto::Event {
+/// A control event (caught-up, heartbeat, resync) at stream position
+/// `seq` of `epoch`.
+pub fn control(seq: u64, epoch: Epoch, kind: proto::event::Kind) -> proto::Event {
     proto::Event {
         seq,
         kind: Some(kind),
+        epoch,
     }
 }

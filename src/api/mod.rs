@@ -19,7 +19,7 @@ use crate::{
     },
     proto::{self, notifications_server::Notifications},
     store::{Store, StoreError},
-    subscription::{EventStream, Session, Start, StreamSettings},
+    subscription::{EventStream, Session, Start, StreamSettings, token_deadline},
     telemetry::names,
 };
 
@@ -231,7 +231,7 @@ impl<S: Store> NotificationsService<S> {
             .subscribe(tenant, user)
             .map_err(|e| exhausted(e.to_string(), STREAM_RETRY_AFTER))?;
         let head = self.store.head(tenant, user).await?;
-        let start = Start::new(req.after_seq, head)?;
+        let start = Start::new(req.after_seq, req.epoch, head);
         let (out, rx) = mpsc::channel(OUT_BUFFER);
         let session = Session {
             store: self.store.clone(),
@@ -241,7 +241,7 @@ impl<S: Store> NotificationsService<S> {
             types,
             settings: self.streams,
             shutdown: self.shutdown.clone(),
-            token_expires_at: identity.expires_at,
+            token_deadline: token_deadline(identity.expires_at),
             out,
         };
         tokio::spawn(session.run(start));

@@ -478,7 +478,7 @@ async fn open_subscribers(
         tasks.push(tokio::spawn(async move {
             let request = proto::SubscribeRequest {
                 after_seq: Some(0),
-                types: vec![],
+                ..Default::default()
             };
             let mut stream = NotificationsClient::new(channel)
                 .subscribe(authed(request, &token)?)
@@ -703,7 +703,7 @@ async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyho
             let permit = opening.acquire_owned().await?;
             let request = proto::SubscribeRequest {
                 after_seq: None,
-                types: vec![],
+                ..Default::default()
             };
             let mut stream = NotificationsClient::new(channel)
                 .subscribe(authed(request, &token)?)

@@ -13,8 +13,8 @@ use super::{Store, StoreError, StoreResult};
 use crate::{
     hub::Hub,
     notification::{
-        Delivery, EventBody, MarkOutcome, NewNotification, Notification, PageQuery, ReadChange,
-        ReadTarget, StreamEvent, StreamHead,
+        Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification, PageQuery,
+        ReadChange, ReadTarget, StreamEvent, StreamHead, StreamRange, new_epoch,
     },
 };
 
@@ -30,7 +30,7 @@ struct UserLog {
 impl UserLog {
     fn append(&mut self, body: EventBody, at: SystemTime) -> Arc<StreamEvent> {
         self.head.last_seq += 1;
-        let event = Arc::new(StreamEvent::new(self.head.last_seq, body));
+        let event = Arc::new(StreamEvent::new(self.head.last_seq, self.head.epoch, body));
         self.events.push_back((at, event.clone()));
         event
     }
@@ -47,10 +47,14 @@ struct Inner {
 }
 
 /// Notifications kept in process memory. Lost on restart; one replica only.
+/// Its streams' epoch is drawn at random when the store is created, so a
+/// client resuming after a restart gets `resync`, never a position in the
+/// lost history.
 #[derive(Debug)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     hub: Arc<Hub>,
+    epoch: Epoch,
 }
 
 fn key(tenant: &str, user: &str) -> UserKey {
@@ -63,7 +67,27 @@ impl MemoryStore {
         Self {
             inner: Mutex::default(),
             hub,
+            epoch: new_epoch(),
         }
+    }
+
+    /// The epoch of every stream of this store.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    fn log<'a>(&self, inner: &'a mut Inner, tenant: &str, user: &str) -> &'a mut UserLog {
+        let epoch = self.epoch;
+        inner
+            .users
+            .entry(key(tenant, user))
+            .or_insert_with(|| UserLog {
+                head: StreamHead {
+                    epoch,
+                    ..StreamHead::default()
+                },
+                ..UserLog::default()
+            })
     }
 
     // Every mutation completes before the guard drops and none can panic
@@ -98,10 +122,7 @@ impl Store for MemoryStore {
         for recipient in &n.recipients {
             inner.next_id += 1;
             let id = inner.next_id;
-            let log = inner
-                .users
-                .entry(key(tenant, recipient.as_str()))
-                .or_default();
+            let log = self.log(&mut inner, tenant, recipient.as_str());
             let notification = Notification {
                 id,
                 seq: log.head.last_seq + 1,
@@ -182,11 +203,13 @@ impl Store for MemoryStore {
 
     async fn head(&self, tenant: &str, user: &str) -> StoreResult<StreamHead> {
         let inner = self.lock();
-        Ok(inner
-            .users
-            .get(&key(tenant, user))
-            .map(|l| l.head)
-            .unwrap_or_default())
+        Ok(inner.users.get(&key(tenant, user)).map_or_else(
+            || StreamHead {
+                epoch: self.epoch,
+                ..StreamHead::default()
+            },
+            |l| l.head,
+        ))
     }
 
     async fn events_after(
@@ -195,21 +218,27 @@ impl Store for MemoryStore {
         user: &str,
         after_seq: u64,
         limit: usize,
-    ) -> StoreResult<Vec<StreamEvent>> {
+    ) -> StoreResult<StreamRange> {
         let inner = self.lock();
         let Some(log) = inner.users.get(&key(tenant, user)) else {
-            return Ok(Vec::new());
+            return Ok(StreamRange {
+                epoch: self.epoch,
+                events: Vec::new(),
+            });
         };
         // events[i] has seq pruned_seq + 1 + i.
         let skip = after_seq.saturating_sub(log.head.pruned_seq);
         let skip = usize::try_from(skip).unwrap_or(usize::MAX);
-        Ok(log
-            .events
-            .iter()
-            .skip(skip)
-            .take(limit)
-            .map(|(_, e)| StreamEvent::clone(e))
-            .collect())
+        Ok(StreamRange {
+            epoch: self.epoch,
+            events: log
+                .events
+                .iter()
+                .skip(skip)
+                .take(limit)
+                .map(|(_, e)| StreamEvent::clone(e))
+                .collect(),
+        })
     }
 
     async fn unread_after(

@@ -11,8 +11,8 @@
 use std::{future::Future, time::SystemTime};
 
 use crate::notification::{
-    Delivery, MarkOutcome, NewNotification, Notification, PageQuery, ReadTarget, StreamEvent,
-    StreamHead,
+    Delivery, MarkOutcome, NewNotification, Notification, PageQuery, ReadTarget, StreamHead,
+    StreamRange,
 };
 
 pub mod group_commit;
@@ -69,14 +69,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<StreamHead>> + Send;
 
     /// Up to `limit` events of `user`'s stream with seq > `after_seq`, in
-    /// seq order.
+    /// seq order, with the stream's epoch.
     fn events_after(
         &self,
         tenant: &str,
         user: &str,
         after_seq: u64,
         limit: usize,
-    ) -> impl Future<Output = StoreResult<Vec<StreamEvent>>> + Send;
+    ) -> impl Future<Output = StoreResult<StreamRange>> + Send;
 
     /// Up to `limit` unread notifications of `user` with `after_seq` < seq
     /// <= `up_to_seq`, in seq order (the backlog of a fresh connection).

@@ -16,8 +16,8 @@ use super::{
 use crate::{
     listener::{CHANNEL, Payload, pack},
     notification::{
-        Delivery, EventBody, MarkOutcome, NewNotification, Notification, PageQuery, ReadChange,
-        ReadTarget, StreamEvent, StreamHead,
+        Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification, PageQuery,
+        ReadChange, ReadTarget, StreamEvent, StreamHead, StreamRange,
     },
 };
 
@@ -55,6 +55,75 @@ pub async fn migrate(url: &str) -> StoreResult<Vec<String>> {
         .iter()
         .map(ToString::to_string)
         .collect())
+}
+
+/// What identifies the history this database holds: its cluster's
+/// `system_identifier` (new for a cluster restored from a dump; PostgreSQL
+/// docs, "System Information Functions", `pg_control_system`) and its
+/// current WAL timeline (new after a point-in-time recovery or a standby's
+/// promotion; docs, "Timelines"). NULL on a standby, which cannot write.
+const CLUSTER_IDENTITY: &str = "SELECT CASE WHEN pg_is_in_recovery() THEN NULL \
+     ELSE system_identifier::text || '/' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) \
+     END FROM pg_control_system()";
+
+/// The database's current [`Epoch`], first making sure it was issued on
+/// this cluster and timeline: when the database was restored (from a dump,
+/// or to a point in time) or failed over, seqs after the restore point may
+/// be issued again for other events, so a new epoch is drawn and every
+/// client resuming from the old history gets `resync`. A promotion whose
+/// standby had every commit changes the timeline too: clients then resync
+/// once, needlessly but safely. Run at start-up and whenever the bus
+/// reconnects (a failover drops every connection). Concurrent replicas agree
+/// on one new epoch (the update is conditional on the old identity).
+pub async fn epoch(client: &tokio_postgres::Client) -> StoreResult<Epoch> {
+    let row = client
+        .query_one("SELECT epoch, cluster FROM herald_meta", &[])
+        .await
+        .map_err(pg_error)?;
+    let current: i64 = row.try_get(0).map_err(pg_error)?;
+    let recorded: Option<String> = row.try_get(1).map_err(pg_error)?;
+    let here: Option<String> = match client.query_one(CLUSTER_IDENTITY, &[]).await {
+        Ok(row) => row.try_get(0).map_err(pg_error)?,
+        Err(e) if e.code().is_some() => {
+            // A managed service may refuse these functions: epochs then
+            // change only when the memory store restarts.
+            tracing::warn!(error = %e, "cannot read the cluster identity; epochs will not follow restores");
+            None
+        }
+        Err(e) => return Err(pg_error(e)),
+    };
+    let Some(here) = here else {
+        return Ok(seq(current));
+    };
+    if recorded.as_deref() == Some(here.as_str()) {
+        return Ok(seq(current));
+    }
+    let updated = client
+        .query_opt(
+            "UPDATE herald_meta SET cluster = $1, epoch = CASE WHEN cluster IS NULL THEN epoch \
+               ELSE floor(random() * 9007199254740990)::bigint + 1 END \
+             WHERE cluster IS NOT DISTINCT FROM $2 RETURNING epoch",
+            &[&here, &recorded],
+        )
+        .await
+        .map_err(pg_error)?;
+    let epoch = match updated {
+        Some(row) => row.try_get(0).map_err(pg_error)?,
+        // Another replica recorded this cluster first.
+        None => client
+            .query_one("SELECT epoch FROM herald_meta", &[])
+            .await
+            .map_err(pg_error)?
+            .try_get(0)
+            .map_err(pg_error)?,
+    };
+    if recorded.is_some() && epoch != current {
+        tracing::warn!(
+            was = ?recorded, now = %here, epoch,
+            "the database was restored or failed over: new stream epoch; resuming clients resync"
+        );
+    }
+    Ok(seq(epoch))
 }
 
 /// Classifies a database error: connection-level failures are retryable
@@ -421,20 +490,20 @@ impl Store for PgStore {
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached(
-                "SELECT last_seq, pruned_seq FROM user_streams WHERE tenant = $1 AND user_id = $2",
+                "SELECT m.epoch, COALESCE(s.last_seq, 0), COALESCE(s.pruned_seq, 0) \
+                 FROM herald_meta m \
+                 LEFT JOIN user_streams s ON s.tenant = $1 AND s.user_id = $2",
             )
             .await
             .map_err(pg_error)?;
         let row = client
-            .query_opt(&stmt, &[&tenant, &user])
+            .query_one(&stmt, &[&tenant, &user])
             .await
             .map_err(pg_error)?;
-        Ok(match row {
-            None => StreamHead::default(),
-            Some(row) => StreamHead {
-                last_seq: seq(row.try_get(0).map_err(pg_error)?),
-                pruned_seq: seq(row.try_get(1).map_err(pg_error)?),
-            },
+        Ok(StreamHead {
+            epoch: seq(row.try_get(0).map_err(pg_error)?),
+            last_seq: seq(row.try_get(1).map_err(pg_error)?),
+            pruned_seq: seq(row.try_get(2).map_err(pg_error)?),
         })
     }
 
@@ -444,18 +513,20 @@ impl Store for PgStore {
         user: &str,
         after_seq: u64,
         limit: usize,
-    ) -> StoreResult<Vec<StreamEvent>> {
+    ) -> StoreResult<StreamRange> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
             .prepare_cached(&format!(
-                "SELECT * FROM ( \
-                   SELECT {NOTIFICATION_COLUMNS}, NULL::bigint[] AS ids, 0::bigint AS up_to \
-                   FROM notifications WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
-                   UNION ALL \
-                   SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, \
-                          notification_ids, up_to_seq \
-                   FROM read_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
-                 ) AS e ORDER BY seq LIMIT $4"
+                "SELECT m.epoch, e.* FROM herald_meta m LEFT JOIN LATERAL ( \
+                   SELECT * FROM ( \
+                     SELECT {NOTIFICATION_COLUMNS}, NULL::bigint[] AS ids, 0::bigint AS up_to \
+                     FROM notifications WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
+                     UNION ALL \
+                     SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, \
+                            notification_ids, up_to_seq \
+                     FROM read_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
+                   ) AS u ORDER BY seq LIMIT $4 \
+                 ) AS e ON true ORDER BY e.seq"
             ))
             .await
             .map_err(pg_error)?;
@@ -464,24 +535,30 @@ impl Store for PgStore {
             .query(&stmt, &[&tenant, &user, &pos(after_seq), &limit])
             .await
             .map_err(pg_error)?;
-        rows.iter()
-            .map(|row| {
-                let id: Option<i64> = row.try_get("id")?;
-                let s = seq(row.try_get("seq")?);
-                let body = match id {
-                    Some(_) => EventBody::Notification(Notification {
-                        read: false,
-                        ..notification(row)?
-                    }),
-                    None => EventBody::Read(ReadChange {
-                        ids: row.try_get("ids")?,
-                        up_to_seq: seq(row.try_get("up_to")?),
-                    }),
-                };
-                Ok(StreamEvent::new(s, body))
-            })
-            .collect::<Result<_, tokio_postgres::Error>>()
-            .map_err(pg_error)
+        // One row per event, or one row of NULLs (but the epoch) when the
+        // range is empty.
+        let mut range = StreamRange::default();
+        for row in &rows {
+            range.epoch = seq(row.try_get("epoch").map_err(pg_error)?);
+            let Some(s) = row.try_get::<_, Option<i64>>("seq").map_err(pg_error)? else {
+                continue;
+            };
+            let id: Option<i64> = row.try_get("id").map_err(pg_error)?;
+            let body = match id {
+                Some(_) => EventBody::Notification(Notification {
+                    read: false,
+                    ..notification(row).map_err(pg_error)?
+                }),
+                None => EventBody::Read(ReadChange {
+                    ids: row.try_get("ids").map_err(pg_error)?,
+                    up_to_seq: seq(row.try_get("up_to").map_err(pg_error)?),
+                }),
+            };
+            range
+                .events
+                .push(StreamEvent::new(seq(s), range.epoch, body));
+        }
+        Ok(range)
     }
 
     async fn unread_after(

@@ -296,6 +296,7 @@ pub async fn subscribe(
     let request = proto::SubscribeRequest {
         after_seq,
         types: vec![],
+        ..Default::default()
     };
     client
         .subscribe(authed(request, &token(user, "", "")))
@@ -496,6 +497,7 @@ pub async fn follow_goal(
             let request = proto::SubscribeRequest {
                 after_seq: Some(last),
                 types: vec![],
+                ..Default::default()
             };
             NotificationsClient::new(channel)
                 .subscribe(authed(request, &token))
