@@ -1,6 +1,6 @@
 //! The browser side, end to end: the `@herald/web` inbox demo in a real
 //! headless Chromium, over grpc-web, against two real replicas on a fresh
-//! PostgreSQL database.
+//! PostgreSQL database, and one with the in-memory store.
 //!
 //! The scenario lives in `clients/web/test/browser.mjs` (Node, driving
 //! Chromium with playwright-core); this test creates the database, runs the
@@ -219,7 +219,10 @@ fn run_script(database_url: &str) -> Result<(), String> {
 /// replica B; notifications sent over native gRPC through B show up within
 /// 1 s; mark read on one page updates the other live; replica A restarts
 /// and the page resumes without loss or duplicates; other origins are
-/// refused by CORS; a page without a valid token shows UNAUTHENTICATED.
+/// refused by CORS; a page on an in-memory replica follows the server's
+/// heartbeat interval, and when that replica restarts (a new epoch) shows
+/// the resync and the refetched inbox, without the lost notifications or an
+/// error; a page without a valid token shows UNAUTHENTICATED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbox_page_in_headless_chromium() {
     assert_prerequisites(true);

@@ -7,11 +7,12 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { HeraldClient } from "./client.js";
 import { HeraldError, toHeraldError } from "./errors.js";
-import type { Notification } from "./gen/herald/v1/herald_pb.js";
+import type { Notification, Resync_Reason } from "./gen/herald/v1/herald_pb.js";
 import {
   resolveStreamTiming,
   type ConnectionState,
   type DeliveredEvent,
+  type ResyncInfo,
   type SubscribeOptions,
   type Subscription,
 } from "./subscribe.js";
@@ -36,6 +37,18 @@ export interface InboxItem {
   readonly read: boolean;
 }
 
+/** The inbox's latest `resync`: when the stream could not be continued and the inbox was refetched. */
+export interface InboxResync {
+  /** Why (see `ResyncInfo.reason`). */
+  readonly reason: Resync_Reason;
+  /** The stream's epoch from then on. */
+  readonly epoch: bigint;
+  /** When the inbox received it (client clock). */
+  readonly at: Date;
+  /** True until the refetch it started has been applied (or has failed; see `error`). */
+  readonly refetching: boolean;
+}
+
 /**
  * An immutable view of the inbox. A new object after every change, the same
  * object while nothing changed (as `useSyncExternalStore` requires).
@@ -43,7 +56,11 @@ export interface InboxItem {
 export interface InboxSnapshot {
   /** Newest first (by seq). */
   readonly notifications: readonly InboxItem[];
-  /** How many of `notifications` are unread. */
+  /**
+   * How many notifications are unread: those in `notifications`, plus,
+   * after a `resync` that found more than 10,000 unread, the server's count
+   * of those not listed.
+   */
   readonly unreadCount: number;
   /** True while the stream is live (past its backlog). */
   readonly connected: boolean;
@@ -55,6 +72,12 @@ export interface InboxSnapshot {
    * live again or the next action succeeds.
    */
   readonly error: HeraldError | undefined;
+  /**
+   * The latest `resync`, undefined if there was none. On a resync the inbox
+   * drops everything it showed (it may no longer exist, e.g. after an
+   * in-memory server restarted) and refetches the list and the count.
+   */
+  readonly lastResync: InboxResync | undefined;
 }
 
 /** Options of `createInbox()`. */
@@ -101,7 +124,7 @@ export interface Inbox {
 
 /** Default number of recent notifications loaded at start. */
 export const DEFAULT_HISTORY_SIZE = 20;
-/** Page size used to refetch unread notifications after a `resync`. */
+/** Page size used to refetch the unread notifications after a `resync`. */
 const RESYNC_PAGE_SIZE = 500;
 /** At most this many pages are refetched after a `resync` (10,000 notifications). */
 const RESYNC_MAX_PAGES = 20;
@@ -115,7 +138,8 @@ const MAX_IDS_PER_CALL = 1000;
  * then subscribes (fresh, so the backlog is exactly the unread ones) and
  * keeps the list and the unread count in step with the stream: new
  * notifications, read changes from any device, reconnects (resumed without
- * loss or duplicates) and `resync` (the unread notifications are refetched).
+ * loss or duplicates) and `resync` (everything is dropped and refetched: the
+ * recent notifications, every unread one, the unread count).
  *
  * The unread count is exact: the list always holds every unread
  * notification (of the `types`, when filtered). Read ones stay in the list.
@@ -147,6 +171,13 @@ export function createInbox(options: InboxOptions): Inbox {
   /** While a resync refetch runs: stream events held back, applied after it. */
   let held: DeliveredEvent[] | undefined;
   let resyncGeneration = 0;
+  let lastResync: InboxResync | undefined;
+  /**
+   * Unread notifications the list does not hold: after a resync whose
+   * refetch stopped at `RESYNC_MAX_PAGES`, the server's count minus the
+   * unread ones listed. They are older than every listed one.
+   */
+  let unlisted = 0;
 
   let snapshot: InboxSnapshot | undefined;
   const listeners = new Set<() => void>();
@@ -182,11 +213,16 @@ export function createInbox(options: InboxOptions): Inbox {
     for (const id of ids) {
       const item = items.get(id);
       if (item && !item.read) items.set(id, { ...item, read: true });
+      else if (!item && unlisted > 0) unlisted -= 1; // one of those not listed
     }
     if (upToSeq > 0n) {
+      let oldest: bigint | undefined;
       for (const [id, item] of items) {
+        if (oldest === undefined || item.seq < oldest) oldest = item.seq;
         if (!item.read && item.seq <= upToSeq) items.set(id, { ...item, read: true });
       }
+      // The unlisted ones are older than anything listed.
+      if (oldest !== undefined && upToSeq >= oldest) unlisted = 0;
     }
   };
 
@@ -235,35 +271,54 @@ export function createInbox(options: InboxOptions): Inbox {
     changed();
   };
 
-  /** Unread notifications, all pages (bounded), filtered by type. */
-  const fetchUnread = async (): Promise<Notification[]> => {
-    const out: Notification[] = [];
+  /** The unread notifications, all pages up to `RESYNC_MAX_PAGES`; `complete` unless cut there. */
+  const fetchUnread = async (): Promise<{ unread: Notification[]; complete: boolean }> => {
+    const unread: Notification[] = [];
     let pageToken = "";
     for (let page = 0; page < RESYNC_MAX_PAGES; page++) {
       const response = await client.list({ unreadOnly: true, pageSize: RESYNC_PAGE_SIZE, pageToken });
-      out.push(...response.notifications);
+      unread.push(...response.notifications);
       pageToken = response.nextPageToken;
-      if (!pageToken) break;
+      if (!pageToken) return { unread, complete: true };
     }
-    return out;
+    return { unread, complete: false };
   };
 
-  const onResync = (): void => {
+  /**
+   * The stream could not be continued: what the inbox shows may be of a
+   * history the server no longer has (a restarted in-memory server, a
+   * restored database) and events were missed. Drop it all, then refetch
+   * as at start: the recent notifications (read or not), every unread one,
+   * and the unread count. Stream events that arrive meanwhile are held back
+   * and applied after the refetch.
+   */
+  const onResync = (_position: bigint, info: ResyncInfo): void => {
     const generation = ++resyncGeneration;
-    held ??= [];
+    items.clear();
+    readUpTo = 0n;
+    unlisted = 0;
+    history = undefined;
+    seenBeforeLive.clear();
+    held = [];
+    lastResync = { reason: info.reason, epoch: info.epoch, at: new Date(), refetching: true };
+    changed();
     void (async () => {
       let lastError: HeraldError | undefined;
       for (let attempt = 1; attempt <= RESYNC_ATTEMPTS; attempt++) {
         try {
-          const unread = await fetchUnread();
+          const [recent, { unread, complete }, count] = await Promise.all([
+            historySize > 0 ? client.list({ pageSize: historySize }) : undefined,
+            fetchUnread(),
+            client.unreadCount(),
+          ]);
           if (generation !== resyncGeneration || closed) return;
-          // Everything in the list arrived before the resync position; what
-          // is not unread now has been read meanwhile.
-          const unreadIds = new Set(unread.map((n) => n.id));
-          for (const [id, item] of items) {
-            if (!item.read && !unreadIds.has(id)) items.set(id, { ...item, read: true });
-          }
+          for (const n of recent?.notifications ?? []) put(n, n.read);
           for (const n of unread) put(n, false);
+          // More unread than were fetched: count the rest (the server's
+          // count is of every type, so only without a types filter).
+          if (!complete && types.length === 0) {
+            unlisted = Math.max(0, Number(count.unread) - unread.length);
+          }
           lastError = undefined;
           break;
         } catch (e) {
@@ -273,6 +328,7 @@ export function createInbox(options: InboxOptions): Inbox {
         }
       }
       if (lastError) error = lastError;
+      if (lastResync) lastResync = { ...lastResync, refetching: false };
       // Events that arrived during the refetch are newer than (or already
       // part of) what it returned; applying them again is harmless.
       const pending = held ?? [];
@@ -337,10 +393,11 @@ export function createInbox(options: InboxOptions): Inbox {
         );
         snapshot = {
           notifications,
-          unreadCount: notifications.reduce((count, n) => count + (n.read ? 0 : 1), 0),
+          unreadCount: notifications.reduce((count, n) => count + (n.read ? 0 : 1), unlisted),
           connected: status.kind === "live",
           status,
           error,
+          lastResync,
         };
       }
       return snapshot;

@@ -36,6 +36,7 @@ export {
   type Inbox,
   type InboxItem,
   type InboxOptions,
+  type InboxResync,
   type InboxSnapshot,
 } from "./inbox.js";
 export {
@@ -45,6 +46,7 @@ export {
   DEFAULT_WATCHDOG_MULTIPLIER,
   type ConnectionState,
   type DeliveredEvent,
+  type ResyncInfo,
   type StreamTiming,
   type SubscribeOptions,
   type Subscription,

@@ -15,7 +15,14 @@ import {
 } from "react";
 import type { HeraldClient } from "./client.js";
 import type { HeraldError } from "./errors.js";
-import { createInbox, type Inbox, type InboxItem, type InboxOptions, type InboxSnapshot } from "./inbox.js";
+import {
+  createInbox,
+  type Inbox,
+  type InboxItem,
+  type InboxOptions,
+  type InboxResync,
+  type InboxSnapshot,
+} from "./inbox.js";
 import type { ConnectionState } from "./subscribe.js";
 
 /** The client `useNotifications()` uses when it is not given one. */
@@ -57,6 +64,12 @@ export interface UseNotificationsResult {
   /** The latest error (stream or action), or undefined. */
   error: HeraldError | undefined;
   /**
+   * The latest `resync` (the stream could not be continued, e.g. the server
+   * lost its history), or undefined. The hook re-renders when it happens,
+   * with the list emptied, and again with the refetched list and count.
+   */
+  lastResync: InboxResync | undefined;
+  /**
    * Marks one or several notifications read. Never rejects: a failure shows
    * up in `error`. Resolves when the server has stored it.
    */
@@ -71,6 +84,7 @@ const STARTING: InboxSnapshot = {
   connected: false,
   status: { kind: "connecting", attempt: 1 },
   error: undefined,
+  lastResync: undefined,
 };
 const noSubscription = (): (() => void) => () => {};
 const startingSnapshot = (): InboxSnapshot => STARTING;
@@ -137,6 +151,7 @@ export function useNotifications(options: UseNotificationsOptions = {}): UseNoti
     connected: snapshot.connected,
     status: snapshot.status,
     error: snapshot.error,
+    lastResync: snapshot.lastResync,
     markRead,
     markAllRead,
   };

@@ -2,9 +2,10 @@
  * `subscribe()`: a Herald event stream that survives disconnects.
  *
  * It implements the client side of the stream contract (see the proto):
- * remember the last position, reconnect with backoff and `after_seq`, drop
- * what was already delivered, treat a silent stream as dead, refetch on
- * `resync`.
+ * remember the last position (seq and epoch), reconnect with backoff and
+ * `after_seq` + `epoch`, drop what was already delivered, treat a stream
+ * silent for longer than the server's heartbeat interval allows as dead,
+ * refetch on `resync`.
  */
 import { create } from "@bufbuild/protobuf";
 import { Code, createClient, type Transport } from "@connectrpc/connect";
@@ -20,9 +21,13 @@ import {
   Notifications,
   SubscribeRequestSchema,
   type Event,
+  type Resync_Reason,
 } from "./gen/herald/v1/herald_pb.js";
 
-/** The server's default heartbeat interval (`--heartbeat-interval`), in ms. */
+/**
+ * The server's default heartbeat interval (`--heartbeat-interval`), in ms:
+ * what the watchdog assumes until the server states its own interval.
+ */
 export const DEFAULT_HEARTBEAT_INTERVAL_MS = 15_000;
 /** Default watchdog multiplier: a stream silent for 2 heartbeat intervals is dead. */
 export const DEFAULT_WATCHDOG_MULTIPLIER = 2;
@@ -56,6 +61,22 @@ export type ConnectionState =
   | { kind: "reconnecting"; attempt: number; delayMs: number; error: HeraldError }
   | { kind: "stopped"; error?: HeraldError };
 
+/**
+ * What `onResync` is told besides the new position: the epoch the stream
+ * continues in, and why the old position could not be continued.
+ */
+export interface ResyncInfo {
+  /** The stream's epoch from now on (`Event.epoch`; 0 from a server without epochs). */
+  epoch: bigint;
+  /**
+   * Why: `Resync_Reason.EPOCH_CHANGED` (the server's history was replaced,
+   * e.g. an in-memory server restarted), `PRUNED` (retention deleted the
+   * events), `BEYOND_HEAD` (the position was never issued in this epoch),
+   * or `UNSPECIFIED` (a server that predates reasons).
+   */
+  reason: Resync_Reason;
+}
+
 /** Options of `subscribe()`. Only `transport`, `getToken` and `onEvent` are required. */
 export interface SubscribeOptions {
   /**
@@ -74,6 +95,13 @@ export interface SubscribeOptions {
    */
   afterSeq?: bigint;
   /**
+   * The epoch of `afterSeq` (the `epoch` of an earlier subscription), sent
+   * with it so that the server can tell a position of another history
+   * (answered with `resync`). Absent or 0: taken to be the server's current
+   * epoch. Ignored without `afterSeq`.
+   */
+  epoch?: bigint;
+  /**
    * Called once per notification or read event, in seq order, never twice
    * for the same seq, never for a seq at or below the resume position.
    * An exception thrown here is reported (`reportError`) and the stream
@@ -81,24 +109,29 @@ export interface SubscribeOptions {
    */
   onEvent: (event: DeliveredEvent) => void;
   /**
-   * Called when the server could not replay from the resume position
-   * (its events were pruned): events were missed, so refetch the inbox
-   * (`ListNotifications`, `GetUnreadCount`). The stream goes on live from
-   * `position`.
+   * Called when the server could not continue from the resume position
+   * (another epoch, e.g. an in-memory server restarted; events pruned; a
+   * position beyond the stream's end): what was delivered before may no
+   * longer exist and events were missed, so drop what you cached and
+   * refetch (`ListNotifications`, `GetUnreadCount`). The stream goes on
+   * live from `position` in `info.epoch`; seqs of a new epoch start over,
+   * so they may be lower than those delivered before.
    */
-  onResync?: (position: bigint) => void;
+  onResync?: (position: bigint, info: ResyncInfo) => void;
   /** Called on every connection state change. */
   onState?: (state: ConnectionState) => void;
   /** Reconnect backoff (full jitter), in ms. Defaults: base 500, max 30 000. */
   backoff?: BackoffOptions;
   /**
-   * The server's heartbeat interval (`--heartbeat-interval`), in ms.
-   * Default 15 000.
+   * The heartbeat interval assumed until the server states its own (in
+   * `caught_up`, which servers with epochs send), in ms. Default 15 000.
+   * From the first `caught_up` that carries one, the server's interval is
+   * used, also for later reconnects.
    */
   heartbeatIntervalMs?: number;
   /**
    * A stream (or a connection attempt) that receives nothing for
-   * `heartbeatIntervalMs * watchdogMultiplier` ms is aborted and reopened.
+   * heartbeat interval × `watchdogMultiplier` ms is aborted and reopened.
    * Default 2; must be > 1.
    */
   watchdogMultiplier?: number;
@@ -110,9 +143,11 @@ export interface SubscribeOptions {
 export interface StreamTiming {
   /** Reconnect backoff. */
   backoff: ResolvedBackoff;
-  /** The server's heartbeat interval. */
+  /** The heartbeat interval assumed until the server states its own. */
   heartbeatIntervalMs: number;
-  /** Silence after which a stream is aborted and reopened. */
+  /** The watchdog allows this many heartbeat intervals of silence. */
+  watchdogMultiplier: number;
+  /** Silence after which a stream is aborted and reopened (until the server states its interval). */
   watchdogMs: number;
 }
 
@@ -133,7 +168,12 @@ export function resolveStreamTiming(
   if (!Number.isFinite(multiplier) || multiplier <= 1) {
     throw new RangeError(`watchdogMultiplier must be > 1, got ${multiplier}`);
   }
-  return { backoff, heartbeatIntervalMs, watchdogMs: heartbeatIntervalMs * multiplier };
+  return {
+    backoff,
+    heartbeatIntervalMs,
+    watchdogMultiplier: multiplier,
+    watchdogMs: heartbeatIntervalMs * multiplier,
+  };
 }
 
 /** A running subscription, as returned by `subscribe()`. */
@@ -144,8 +184,19 @@ export interface Subscription {
    * The resume position: the seq of the last event received (including
    * `caught_up` and `heartbeat` positions, which matter with a `types`
    * filter). `undefined` until the first event of a fresh stream.
+   * Persist it with `epoch` to resume later (`afterSeq`, `epoch`).
    */
   readonly position: bigint | undefined;
+  /**
+   * The epoch `position` counts in (`Event.epoch` of the last event).
+   * `undefined` until the first event, and with a server without epochs.
+   */
+  readonly epoch: bigint | undefined;
+  /**
+   * The heartbeat interval the watchdog follows, in ms: the server's (from
+   * `caught_up`) once stated, the option or default before.
+   */
+  readonly heartbeatIntervalMs: number;
   /** The current connection state. */
   readonly state: ConnectionState;
   /** Resolves with the final `stopped` state once the stream has stopped. */
@@ -156,10 +207,14 @@ export interface Subscription {
  * Opens the token user's event stream and keeps it open until `close()`.
  *
  * - Reconnects after any failure with exponential backoff and full jitter,
- *   resuming with `after_seq` = the last position seen, so nothing is missed.
- * - Never delivers an event whose seq is at or below the last one delivered.
- * - Aborts and reopens a stream silent for longer than
- *   `heartbeatIntervalMs * watchdogMultiplier`.
+ *   resuming with `after_seq` and `epoch` = the last position seen, so
+ *   nothing is missed; a position the server cannot continue gets
+ *   `onResync`, and the stream goes on from the server's new position.
+ * - Never delivers an event whose seq is at or below the last one delivered
+ *   (in the same epoch).
+ * - Aborts and reopens a stream silent for longer than the heartbeat
+ *   interval × `watchdogMultiplier`, where the interval is the one the
+ *   server states in `caught_up` (before that, `heartbeatIntervalMs`).
  * - Asks `getToken` for a token on every (re)connect. On UNAUTHENTICATED it
  *   asks once more with `forceRefresh: true` and retries at once; if that
  *   is refused too, it stops with the error.
@@ -170,12 +225,20 @@ export interface Subscription {
  * is reported through `onState`.
  */
 export function subscribe(options: SubscribeOptions): Subscription {
-  const { backoff, watchdogMs } = resolveStreamTiming(options);
+  const timing = resolveStreamTiming(options);
+  const { backoff } = timing;
+  /** The server's interval once `caught_up` has stated it, the option's before. */
+  let heartbeatIntervalMs = timing.heartbeatIntervalMs;
+  let watchdogMs = timing.watchdogMs;
   const random = options.random ?? Math.random;
   const types = [...(options.types ?? [])];
   const client = createClient(Notifications, options.transport);
 
   let position: bigint | undefined = options.afterSeq;
+  let epoch: bigint | undefined =
+    options.afterSeq !== undefined && options.epoch !== undefined && options.epoch !== 0n
+      ? options.epoch
+      : undefined;
   let state: ConnectionState = { kind: "connecting", attempt: 1 };
   let closed = false;
   /** Aborts the current call, or the current backoff sleep. */
@@ -191,8 +254,21 @@ export function subscribe(options: SubscribeOptions): Subscription {
     if (next.kind === "stopped") resolveDone(next);
   };
 
-  const advance = (seq: bigint): void => {
-    if (position === undefined || seq > position) position = seq;
+  /** Moves the position forward to a control event's seq, and takes its epoch. */
+  const advance = (event: Event): void => {
+    if (position === undefined || event.seq > position) position = event.seq;
+    if (event.epoch !== 0n) epoch = event.epoch;
+  };
+
+  /** Follows the interval the server states in `caught_up`, if it does. */
+  const followHeartbeat = (event: Event): void => {
+    if (event.kind.case !== "caughtUp") return;
+    const interval = event.kind.value.heartbeatInterval;
+    if (!interval) return; // a server that predates it
+    const ms = Number(interval.seconds) * 1000 + Math.floor(interval.nanos / 1_000_000);
+    if (!Number.isFinite(ms) || ms <= 0) return;
+    heartbeatIntervalMs = ms;
+    watchdogMs = ms * timing.watchdogMultiplier;
   };
 
   const run = async (): Promise<void> => {
@@ -233,7 +309,10 @@ export function subscribe(options: SubscribeOptions): Subscription {
         forceRefresh = false;
         if (closed) return;
         const request = create(SubscribeRequestSchema, { types });
-        if (position !== undefined) request.afterSeq = position;
+        if (position !== undefined) {
+          request.afterSeq = position;
+          if (epoch !== undefined) request.epoch = epoch;
+        }
         const stream = client.subscribe(request, {
           signal: controller.signal,
           headers: authHeaders(token),
@@ -247,21 +326,29 @@ export function subscribe(options: SubscribeOptions): Subscription {
             case "read":
               if (position !== undefined && event.seq <= position) break; // already delivered
               position = event.seq;
+              if (event.epoch !== 0n) epoch = event.epoch;
               guard(() => options.onEvent(event as DeliveredEvent));
               break;
             case "caughtUp":
-              advance(event.seq);
+              advance(event);
+              followHeartbeat(event);
+              arm(); // with the server's interval from now on
               failures = 0;
               refreshedAfterAuthError = false;
               setState({ kind: "live", position: position ?? event.seq });
               break;
             case "heartbeat":
-              advance(event.seq);
+              advance(event);
               break;
-            case "resync":
-              advance(event.seq);
-              if (options.onResync) guard(() => options.onResync?.(event.seq));
+            case "resync": {
+              // The server's position replaces ours, even when lower: the
+              // old one is of a history the server no longer continues.
+              position = event.seq;
+              if (event.epoch !== 0n) epoch = event.epoch;
+              const info: ResyncInfo = { epoch: event.epoch, reason: event.kind.value.reason };
+              if (options.onResync) guard(() => options.onResync?.(event.seq, info));
               break;
+            }
             default:
               // A kind this client does not know: ignored, and not counted
               // as a position, so an upgraded client can still replay it.
@@ -335,6 +422,12 @@ export function subscribe(options: SubscribeOptions): Subscription {
     },
     get position() {
       return position;
+    },
+    get epoch() {
+      return epoch;
+    },
+    get heartbeatIntervalMs() {
+      return heartbeatIntervalMs;
     },
     get state() {
       return state;

@@ -1,5 +1,6 @@
 // End-to-end browser test of the inbox demo over grpc-web, in a real
-// headless Chromium, against two real Herald replicas on one PostgreSQL.
+// headless Chromium, against two real Herald replicas on one PostgreSQL,
+// and one with the in-memory store (restarted: a new epoch).
 //
 // Driven by tests/browser.rs (`cargo test --test browser`); can be run by
 // hand from clients/web:
@@ -28,6 +29,8 @@ const HOST = "127.0.0.1";
 const BUDGET_MS = Number(process.env.BROWSER_TEST_TIMEOUT_MS ?? 170_000);
 const LATENCY_LIMIT_MS = 1000;
 const HEARTBEAT_MS = 2000;
+/** The in-memory replica's heartbeat interval; its page is told a shorter one. */
+const MEMORY_HEARTBEAT_MS = 3000;
 
 const env = (name) => {
   const value = process.env[name];
@@ -110,10 +113,13 @@ function freePort() {
   });
 }
 
-/** A Herald replica as a child process, restartable on the same port. */
+/**
+ * A Herald replica as a child process, restartable on the same port. Without
+ * `databaseUrl` it keeps everything in memory (and loses it on restart).
+ */
 class Replica {
-  constructor(name, { bin, port, databaseUrl, secret, corsOrigin, logDir }) {
-    Object.assign(this, { name, bin, port, databaseUrl, secret, corsOrigin, logDir });
+  constructor(name, { bin, port, databaseUrl, secret, corsOrigin, logDir, heartbeatMs = HEARTBEAT_MS }) {
+    Object.assign(this, { name, bin, port, databaseUrl, secret, corsOrigin, logDir, heartbeatMs });
     this.url = `http://${HOST}:${port}`;
     this.starts = 0;
   }
@@ -131,12 +137,12 @@ class Replica {
         "--cors-origins",
         this.corsOrigin,
         "--heartbeat-interval",
-        `${HEARTBEAT_MS}ms`,
+        `${this.heartbeatMs}ms`,
       ],
       {
         env: {
           PATH: process.env.PATH ?? "",
-          DATABASE_URL: this.databaseUrl,
+          ...(this.databaseUrl ? { DATABASE_URL: this.databaseUrl } : {}),
           HERALD_JWT_SECRET: this.secret,
           RUST_LOG: process.env.RUST_LOG ?? "info",
         },
@@ -212,6 +218,7 @@ const q = {
   status: '[data-testid="status"]',
   badge: '[data-testid="badge"]',
   error: '[data-testid="error"]',
+  resync: '[data-testid="resync"]',
   item: '[data-testid="notification"]',
 };
 
@@ -220,11 +227,21 @@ async function pageState(page) {
     const status = document.querySelector(sel.status);
     const badge = document.querySelector(sel.badge);
     const error = document.querySelector(sel.error);
+    const resync = document.querySelector(sel.resync);
     return {
       status: status?.getAttribute("data-status") ?? null,
       statusText: status?.textContent ?? null,
       errorCode: status?.getAttribute("data-error-code") ?? "",
+      liveCount: Number(status?.getAttribute("data-live-count") ?? 0),
       error: error?.textContent ?? null,
+      resync: resync
+        ? {
+            reason: resync.getAttribute("data-reason"),
+            epoch: resync.getAttribute("data-epoch"),
+            refetching: resync.getAttribute("data-refetching") === "true",
+            text: resync.textContent ?? "",
+          }
+        : null,
       badge: badge ? Number(badge.getAttribute("data-count")) : null,
       items: [...document.querySelectorAll(sel.item)].map((li) => ({
         id: li.getAttribute("data-id"),
@@ -490,7 +507,70 @@ async function main() {
   check(exposed.grpcStatus === "16", `an unauthenticated grpc-web call from the page: ${JSON.stringify(exposed)}`);
   log(`unauthenticated grpc-web fetch from the allowed page: grpc-status ${exposed.grpcStatus} (${exposed.grpcMessage}) readable`);
 
-  // 5. No token, or a garbage one: UNAUTHENTICATED in the page's state.
+  // 5. A replica with the in-memory store. Its page assumes a 1 s heartbeat
+  //    (a 2 s watchdog), the server states 3 s in caught_up: the page
+  //    follows the server and stays connected between heartbeats. Then the
+  //    replica restarts, losing everything: the page's resume position is
+  //    of the old epoch, the server answers with resync, and the page shows
+  //    that and the refetched inbox — none of the old notifications, no
+  //    error — and goes on live in the new epoch, whose seqs start over.
+  const M = new Replica("M", { ...common, databaseUrl: undefined, port: await freePort(), heartbeatMs: MEMORY_HEARTBEAT_MS });
+  replicas.push(M);
+  M.start();
+  const nativeM = nativeClient(M.url);
+  await waitReady(M, nativeM, alice);
+  const page4 = await open(page.url, { server: M.url, token: alice, heartbeat: "1000" });
+  await waitFor(page4, (s) => s.status === "live", "page 4 (in-memory replica) live");
+  const before4 = ["Before the restart: 1", "Before the restart: 2"];
+  for (const title of before4) await send(nativeM, title);
+  let s4 = await waitFor(page4, (s) => s.badge === 2 && s.items.length === 2, "page 4 to show 2 notifications", 5000);
+  const lives = s4.liveCount;
+  const quietMs = 2 * MEMORY_HEARTBEAT_MS + 1000;
+  await sleep(quietMs);
+  s4 = await pageState(page4);
+  check(
+    s4.status === "live" && s4.liveCount === lives,
+    `page 4 reconnected during ${quietMs} ms of ${MEMORY_HEARTBEAT_MS} ms heartbeats (its watchdog did not follow the server): ${JSON.stringify(s4)}`,
+  );
+  log(`page 4 stayed connected for ${quietMs} ms: its watchdog follows the server's ${MEMORY_HEARTBEAT_MS} ms heartbeat, not the 1000 ms it was given`);
+
+  log(`replica M (in memory) stopped (${await M.stop()})`);
+  await waitFor(page4, (s) => s.status !== "live", "page 4 to notice replica M is gone", 10_000);
+  M.start();
+  await waitReady(M, nativeM, alice);
+  log("replica M restarted on the same port, with an empty store");
+  // Sent while the page may or may not have reconnected yet: it arrives
+  // live, or with the refetch; either way it is shown once.
+  const whileAway = "After the restart: 1";
+  await send(nativeM, whileAway);
+  s4 = await waitFor(
+    page4,
+    (s) => s.status === "live" && s.resync !== null && !s.resync.refetching,
+    "page 4 to resync and refetch",
+    30_000,
+  );
+  check(s4.resync.reason === "EPOCH_CHANGED", `page 4 resync reason: ${JSON.stringify(s4.resync)}`);
+  log(`page 4 shows "${s4.resync.text}" (epoch ${s4.resync.epoch})`);
+  const after = "After the restart: 2";
+  const afterSeq = await send(nativeM, after);
+  s4 = await waitFor(
+    page4,
+    (s) => [whileAway, after].every((title) => s.items.some((i) => i.title === title)),
+    "page 4 to show the new epoch's notifications",
+    5000,
+  );
+  await sleep(300);
+  s4 = await pageState(page4);
+  const titles4 = s4.items.map((i) => i.title);
+  check(!titles4.some((t) => before4.includes(t)), `page 4 still shows notifications the restarted replica lost: ${titles4}`);
+  check(titles4.length === 2, `page 4 shows ${JSON.stringify(titles4)}, expected the two sent after the restart`);
+  check(s4.badge === 2, `page 4 badge ${s4.badge}, expected 2`);
+  check(s4.error === null && s4.errorCode === "", `page 4 shows an error: ${s4.error ?? s4.errorCode}`);
+  check(afterSeq <= 2, `the restarted replica's seqs did not start over (seq ${afterSeq})`);
+  assertOrderedOnce(s4, "page 4 after the resync");
+  log(`page 4 after the restart: ${JSON.stringify(titles4)} (seqs ${s4.items.map((i) => i.seq)}), badge ${s4.badge}, no error`);
+
+  // 6. No token, or a garbage one: UNAUTHENTICATED in the page's state.
   for (const [label, params] of [
     ["no token", { server: A.url }],
     ["garbage token", { server: A.url, token: "not.a.jwt" }],

@@ -3,18 +3,27 @@
  *
  * URL query: `server` (Herald's URL, default http://127.0.0.1:50051),
  * `token` (the user's JWT), optional `types` (comma-separated),
- * `heartbeat` (the server's heartbeat interval in ms, default 15000),
- * `history` (recent notifications to load, default 20).
+ * `heartbeat` (the heartbeat interval in ms assumed until the server states
+ * its own, default 15000), `history` (recent notifications to load,
+ * default 20).
  *
- * Stable `data-testid`s for tests: `status` (with `data-status` and
- * `data-error-code`), `badge` (`data-count`), `error`, `notifications`,
+ * Stable `data-testid`s for tests: `status` (with `data-status`,
+ * `data-error-code` and `data-live-count`: how many times the stream went
+ * live), `badge` (`data-count`), `error`, `resync` (`data-reason`,
+ * `data-epoch`, `data-refetching`), `notifications`,
  * `notification` (`data-id`, `data-seq`, `data-read`, `data-shown-at`: epoch
  * ms when first rendered), `notification-title`, `mark-read`,
  * `mark-all-read`.
  */
-import { useState } from "react";
+import { useRef, useState } from "react";
 import { createRoot } from "react-dom/client";
-import { createHeraldClient, type ConnectionState, type InboxItem } from "../../src/index.js";
+import {
+  createHeraldClient,
+  Resync_Reason,
+  type ConnectionState,
+  type InboxItem,
+  type InboxResync,
+} from "../../src/index.js";
 import { HeraldProvider, useNotifications } from "../../src/react.js";
 
 const params = new URLSearchParams(window.location.search);
@@ -44,6 +53,27 @@ function statusText(status: ConnectionState): string {
     case "stopped":
       return status.error ? `stopped: ${status.error.codeName}` : "stopped";
   }
+}
+
+function resyncText(resync: InboxResync): string {
+  const why =
+    resync.reason === Resync_Reason.EPOCH_CHANGED
+      ? "the server lost its history (e.g. it restarted without a database)"
+      : resync.reason === Resync_Reason.PRUNED
+        ? "what was missed has expired"
+        : resync.reason === Resync_Reason.BEYOND_HEAD
+          ? "the server does not know this page's position"
+          : "the server could not continue the stream";
+  return `${resync.refetching ? "Refetching the inbox" : "Inbox refetched"}: ${why} (${resync.at.toLocaleTimeString()}).`;
+}
+
+/** How many times `status` has become `live` (each status change is a new object). */
+function useLiveCount(status: ConnectionState): number {
+  const seen = useRef<{ status: ConnectionState | null; count: number }>({ status: null, count: 0 });
+  if (seen.current.status !== status) {
+    seen.current = { status, count: seen.current.count + (status.kind === "live" ? 1 : 0) };
+  }
+  return seen.current.count;
 }
 
 function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) => void }) {
@@ -76,12 +106,13 @@ function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) 
 }
 
 function Inbox() {
-  const { notifications, unreadCount, status, error, markRead, markAllRead } = useNotifications({
+  const { notifications, unreadCount, status, error, lastResync, markRead, markAllRead } = useNotifications({
     types,
     heartbeatIntervalMs,
     historySize,
     backoff: { baseMs: 250, maxMs: 5000 },
   });
+  const liveCount = useLiveCount(status);
   return (
     <main className="inbox">
       <header>
@@ -94,6 +125,7 @@ function Inbox() {
           data-testid="status"
           data-status={status.kind}
           data-error-code={error?.codeName ?? ""}
+          data-live-count={liveCount}
         >
           {statusText(status)}
         </span>
@@ -107,6 +139,17 @@ function Inbox() {
       {error && (
         <div className="error" data-testid="error" data-code={error.codeName}>
           {error.codeName}: {error.rawMessage}
+        </div>
+      )}
+      {lastResync && (
+        <div
+          className="resync"
+          data-testid="resync"
+          data-reason={Resync_Reason[lastResync.reason]}
+          data-epoch={lastResync.epoch.toString()}
+          data-refetching={String(lastResync.refetching)}
+        >
+          {resyncText(lastResync)}
         </div>
       )}
       <div className="toolbar">

@@ -4,7 +4,7 @@
  * whose unary calls are recorded and answered by test-provided functions.
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
-import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createRouterTransport, type HandlerContext, type Transport } from "@connectrpc/connect";
 import {
   EventSchema,
@@ -13,6 +13,7 @@ import {
   MarkReadResponseSchema,
   NotificationSchema,
   Notifications,
+  Resync_Reason,
   type Event,
   type GetUnreadCountResponse,
   type ListNotificationsRequest,
@@ -27,6 +28,8 @@ import {
 export interface SubscribeCall {
   /** `after_seq`, undefined when absent. */
   afterSeq: bigint | undefined;
+  /** `epoch` (0 when not sent). */
+  epoch: bigint;
   /** `types`. */
   types: string[];
   /** The `authorization` header, or null. */
@@ -82,6 +85,7 @@ export class FakeHerald {
   private async *subscribe(request: SubscribeRequest, ctx: HandlerContext): AsyncIterable<Event> {
     this.calls.push({
       afterSeq: request.afterSeq,
+      epoch: request.epoch,
       types: [...request.types],
       authorization: ctx.requestHeader.get("authorization"),
       signal: ctx.signal,
@@ -148,18 +152,41 @@ export function notification(id: number, seq: number, extra: Partial<{ type: str
   });
 }
 
-/** Event constructors. */
+/**
+ * Event constructors. `epoch` is the stream's epoch (default 0, as from a
+ * server that predates epochs); `heartbeatMs` is what `caught_up` states as
+ * the server's heartbeat interval (default: nothing stated).
+ */
 export const ev = {
-  notification: (id: number, seq: number, extra: Partial<{ type: string; title: string }> = {}): Event =>
-    create(EventSchema, { seq: BigInt(seq), kind: { case: "notification", value: notification(id, seq, extra) } }),
-  read: (seq: number, ids: number[], upToSeq = 0): Event =>
+  notification: (id: number, seq: number, extra: Partial<{ type: string; title: string; epoch: number }> = {}): Event =>
     create(EventSchema, {
       seq: BigInt(seq),
+      epoch: BigInt(extra.epoch ?? 0),
+      kind: { case: "notification", value: notification(id, seq, extra) },
+    }),
+  read: (seq: number, ids: number[], upToSeq = 0, epoch = 0): Event =>
+    create(EventSchema, {
+      seq: BigInt(seq),
+      epoch: BigInt(epoch),
       kind: { case: "read", value: { notificationIds: ids.map(BigInt), upToSeq: BigInt(upToSeq) } },
     }),
-  caughtUp: (seq: number): Event => create(EventSchema, { seq: BigInt(seq), kind: { case: "caughtUp", value: {} } }),
-  heartbeat: (seq: number): Event => create(EventSchema, { seq: BigInt(seq), kind: { case: "heartbeat", value: {} } }),
-  resync: (seq: number): Event => create(EventSchema, { seq: BigInt(seq), kind: { case: "resync", value: {} } }),
+  caughtUp: (seq: number, extra: Partial<{ epoch: number; heartbeatMs: number }> = {}): Event =>
+    create(EventSchema, {
+      seq: BigInt(seq),
+      epoch: BigInt(extra.epoch ?? 0),
+      kind: {
+        case: "caughtUp",
+        value: extra.heartbeatMs === undefined ? {} : { heartbeatInterval: durationFromMs(extra.heartbeatMs) },
+      },
+    }),
+  heartbeat: (seq: number, epoch = 0): Event =>
+    create(EventSchema, { seq: BigInt(seq), epoch: BigInt(epoch), kind: { case: "heartbeat", value: {} } }),
+  resync: (seq: number, extra: Partial<{ epoch: number; reason: Resync_Reason }> = {}): Event =>
+    create(EventSchema, {
+      seq: BigInt(seq),
+      epoch: BigInt(extra.epoch ?? 0),
+      kind: { case: "resync", value: { reason: extra.reason ?? Resync_Reason.UNSPECIFIED } },
+    }),
 };
 
 /** A script that yields `events`, then fails with `code` (or stays open when `code` is "hang"). */

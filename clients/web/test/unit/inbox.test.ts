@@ -3,6 +3,7 @@ import { afterEach, describe, it } from "node:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { createHeraldClient } from "../../src/client.js";
 import { HeraldError } from "../../src/errors.js";
+import { Resync_Reason } from "../../src/gen/herald/v1/herald_pb.js";
 import { createInbox, type Inbox, type InboxOptions } from "../../src/inbox.js";
 import { ev, FakeHerald, notification, script, sleep, until } from "./fake.js";
 
@@ -202,40 +203,118 @@ describe("createInbox", () => {
     assert.ok(t.snap().error === undefined, "error cleared once live again");
   });
 
-  it("refetches the unread notifications on resync, holding stream events back meanwhile", async () => {
+  it("on resync drops everything, refetches the list and the count, and holds stream events meanwhile", async () => {
     const server = new FakeHerald();
     server.scripts.push(
-      script([ev.notification(1, 1), ev.notification(2, 2), ev.caughtUp(2)], Code.Unavailable),
-      // Resume position 2 was pruned: resync at 10, then a live notification.
-      script([ev.resync(10), ev.caughtUp(10), ev.notification(11, 11)]),
+      // Epoch 1: three notifications, 1 and 2 read by position (up_to_seq 2).
+      script(
+        [
+          ev.notification(1, 1, { epoch: 1 }),
+          ev.notification(2, 2, { epoch: 1 }),
+          ev.notification(3, 3, { epoch: 1 }),
+          ev.caughtUp(3, { epoch: 1 }),
+          ev.read(4, [], 2, 1),
+        ],
+        Code.Unavailable,
+      ),
+      // The server lost that history (epoch 2): resync at its head, then a live notification.
+      script([
+        ev.resync(1, { epoch: 2, reason: Resync_Reason.EPOCH_CHANGED }),
+        ev.caughtUp(1, { epoch: 2 }),
+        ev.notification(21, 2, { epoch: 2 }),
+      ]),
     );
     let releaseList!: () => void;
     const listGate = new Promise<void>((r) => (releaseList = r));
-    // While away: 1 was read, 7 arrived (unread).
-    server.onList = () => ({ notifications: [notification(7, 7), notification(2, 2)] });
-    const client = createHeraldClient({
-      transport: server.transport,
-      getToken: () => "tok",
-    });
+    // What the server has now: 20 (seq 1 of epoch 2), unread.
+    server.onList = () => ({ notifications: [notification(20, 1)] });
+    server.onCount = () => ({ unread: 1n, seq: 1n });
+    const client = createHeraldClient({ transport: server.transport, getToken: () => "tok" });
     const gatedClient = {
       ...client,
       list: async (o?: Parameters<typeof client.list>[0]) => {
-        await listGate;
+        if (server.calls.length >= 2) await listGate; // the start's history load goes through
         return client.list(o);
       },
     };
-    const i = createInbox({ client: gatedClient, historySize: 0, backoff: { baseMs: 5, maxMs: 5 }, random: () => 0 });
+    const i = createInbox({ client: gatedClient, historySize: 5, backoff: { baseMs: 5, maxMs: 5 }, random: () => 0 });
     open.push(i);
-    await server.waitForCalls(2);
+    let renders = 0;
+    i.onChange(() => renders++);
+    const view = () => i.getSnapshot().notifications.map((n) => `${n.id}${n.read ? "r" : "u"}`).join(" ");
+    await until(() => i.getSnapshot().lastResync !== undefined, "the resync");
     await sleep(20);
-    // The live event is held back until the refetch is applied.
-    assert.ok(!i.getSnapshot().notifications.some((n) => n.id === 11n));
+    // Dropped at once; the live event waits for the refetch.
+    assert.equal(view(), "");
+    assert.equal(i.getSnapshot().unreadCount, 0);
+    assert.equal(i.getSnapshot().lastResync?.refetching, true);
+    assert.equal(i.getSnapshot().lastResync?.reason, Resync_Reason.EPOCH_CHANGED);
+    assert.equal(i.getSnapshot().lastResync?.epoch, 2n);
+    const rendersBefore = renders;
     releaseList();
-    await until(() => i.getSnapshot().notifications.length === 4, "4 items");
-    const view = i.getSnapshot().notifications.map((n) => `${n.id}${n.read ? "r" : "u"}`).join(" ");
-    assert.equal(view, "11u 7u 2u 1r");
-    assert.equal(i.getSnapshot().unreadCount, 3);
-    assert.equal(server.lists[0]!.request.unreadOnly, true);
+    await until(() => i.getSnapshot().lastResync?.refetching === false, "the refetch");
+    await sleep(0);
+    assert.ok(renders > rendersBefore, "listeners told about the refetch");
+    // No stale items; 21 (seq 2 of epoch 2) is unread although epoch 1 had read up to seq 2.
+    assert.equal(view(), "21u 20u");
+    assert.equal(i.getSnapshot().unreadCount, 2);
+    assert.equal(i.getSnapshot().error, undefined);
+    assert.equal(i.getSnapshot().connected, true);
+    // Refetched: the recent notifications (as at start), the unread ones, the count.
+    const refetch = server.lists.slice(1).map((l) => [l.request.unreadOnly, l.request.pageSize]);
+    assert.deepEqual(refetch.sort(), [
+      [false, 5],
+      [true, 500],
+    ]);
+    assert.equal(server.counts.length, 1);
+    // Actions use the new epoch's positions.
+    await i.markAllRead();
+    assert.deepEqual(server.markReads[0]!.request.target, { case: "upToSeq", value: 2n });
+  });
+
+  it("after a resync with more unread than it refetches, counts the rest from GetUnreadCount", async () => {
+    const server = new FakeHerald();
+    let releaseSecond!: () => void;
+    const second = new Promise<void>((r) => (releaseSecond = r));
+    server.scripts.push(
+      // Held back during the refetch, applied after it: 1 is not listed, so one of the rest.
+      script([ev.resync(20_000, { epoch: 2 }), ev.caughtUp(20_000, { epoch: 2 }), ev.read(20_001, [1], 0, 2)], Code.Unavailable),
+      async function* () {
+        await second;
+        yield ev.caughtUp(20_001, { epoch: 2 });
+        // Everything up to 10,500 read: that covers every unlisted one (older than the oldest listed, 10,001).
+        yield ev.read(20_002, [], 10_500, 2);
+      },
+    );
+    // 10,000 unread listed (20 pages, each claiming a next one), 10,003 counted.
+    server.onList = (r) => {
+      const first = 20_000 - Number(r.pageToken || "0") * 500;
+      return {
+        notifications: Array.from({ length: 500 }, (_, k) => notification(first - k, first - k)),
+        nextPageToken: String(Number(r.pageToken || "0") + 1),
+      };
+    };
+    server.onCount = () => ({ unread: 10_003n, seq: 20_000n });
+    const t = inbox(server, { random: () => 0 });
+    await until(() => t.snap().lastResync?.refetching === false, "the refetch", 5000);
+    assert.equal(server.lists.length, 20);
+    assert.equal(t.snap().notifications.length, 10_000);
+    assert.equal(t.snap().unreadCount, 10_002);
+    releaseSecond();
+    await until(() => t.snap().unreadCount === 9_500, "up_to_seq 10,500 applied", 5000);
+  });
+
+  it("shows a failed refetch in error, and goes on live", async () => {
+    const server = new FakeHerald();
+    server.scripts.push(script([ev.resync(3, { epoch: 2 }), ev.caughtUp(3, { epoch: 2 }), ev.notification(4, 4, { epoch: 2 })]));
+    server.onCount = () => {
+      throw new ConnectError("database down", Code.Unavailable);
+    };
+    const t = inbox(server);
+    await until(() => t.snap().lastResync?.refetching === false, "the refetch to give up", 5000);
+    assert.equal(server.counts.length, 3, "three attempts");
+    assert.equal(t.snap().error?.codeName, "UNAVAILABLE");
+    assert.equal(t.view(), "4u");
   });
 
   it("close() stops the stream and reports stopped", async () => {

@@ -3,8 +3,15 @@ import { afterEach, describe, it } from "node:test";
 import { Code } from "@connectrpc/connect";
 import { backoffCeiling, backoffDelay, resolveBackoff } from "../../src/backoff.js";
 import { HeraldError } from "../../src/errors.js";
-import { subscribe, type ConnectionState, type DeliveredEvent, type Subscription } from "../../src/subscribe.js";
-import { ev, FakeHerald, script, sleep, until } from "./fake.js";
+import { Resync_Reason } from "../../src/gen/herald/v1/herald_pb.js";
+import {
+  subscribe,
+  type ConnectionState,
+  type DeliveredEvent,
+  type ResyncInfo,
+  type Subscription,
+} from "../../src/subscribe.js";
+import { aborted, ev, FakeHerald, script, sleep, until } from "./fake.js";
 
 const open: Subscription[] = [];
 afterEach(async () => {
@@ -177,6 +184,48 @@ describe("subscribe", () => {
     assert.equal(server.calls[1]!.afterSeq, 4n);
   });
 
+  it("follows a longer heartbeat interval stated in caught_up: no reconnect between heartbeats", async () => {
+    const server = new FakeHerald();
+    server.scripts.push(async function* (_req, ctx) {
+      // The server's interval is 100 ms; the client was told 20 ms (a 40 ms watchdog).
+      yield ev.caughtUp(1, { heartbeatMs: 100 });
+      for (let i = 0; i < 4 && !ctx.signal.aborted; i++) {
+        await sleep(90);
+        yield ev.heartbeat(1);
+      }
+      await aborted(ctx.signal);
+    });
+    const t = start(server, { heartbeatIntervalMs: 20, watchdogMultiplier: 2 });
+    await until(() => t.kinds().includes("live"), "live");
+    assert.equal(t.sub.heartbeatIntervalMs, 100);
+    await sleep(400);
+    assert.equal(server.calls.length, 1, "reconnected although heartbeats came as the server said");
+    assert.deepEqual(t.kinds(), ["connecting", "live"]);
+  });
+
+  it("follows a shorter stated interval, on this stream and the next attempts", async () => {
+    const server = new FakeHerald();
+    // Told 10 s; the server says 30 ms, then goes silent: dead after 60 ms.
+    server.scripts.push(script([ev.caughtUp(2, { heartbeatMs: 30 })], "hang"), script([], "hang"));
+    const t = start(server, { heartbeatIntervalMs: 10_000, watchdogMultiplier: 2, random: () => 0 });
+    await server.waitForCalls(3, 3000);
+    const gaps = server.calls.slice(1).map((c, i) => c.at - server.calls[i]!.at);
+    // The second attempt never got caught_up: the server's interval still applies.
+    for (const gap of gaps) assert.ok(gap >= 58 && gap < 1000, `reconnected after ${gap} ms, expected about 60`);
+    const r = t.states.find((s) => s.kind === "reconnecting");
+    assert.match(r?.kind === "reconnecting" ? r.error.message : "", /no event for 60 ms/);
+  });
+
+  it("uses the option's interval while caught_up states none (an older server)", async () => {
+    const server = new FakeHerald();
+    server.scripts.push(script([ev.caughtUp(1)], "hang"), script([ev.caughtUp(1)], "hang"));
+    const t = start(server, { heartbeatIntervalMs: 40, watchdogMultiplier: 2, random: () => 0 });
+    await server.waitForCalls(2);
+    assert.equal(t.sub.heartbeatIntervalMs, 40);
+    const gap = server.calls[1]!.at - server.calls[0]!.at;
+    assert.ok(gap >= 78, `reconnected after ${gap} ms, before the 80 ms watchdog`);
+  });
+
   it("keeps a stream that gets heartbeats open", async () => {
     const server = new FakeHerald();
     server.scripts.push(async function* (_req, ctx) {
@@ -277,12 +326,88 @@ describe("subscribe", () => {
 
   it("reports resync with the position and goes on live", async () => {
     const server = new FakeHerald();
-    server.scripts.push(script([ev.resync(40), ev.caughtUp(40), ev.notification(7, 41)]));
-    const resyncs: bigint[] = [];
-    const t = start(server, { afterSeq: 3n, onResync: (p) => resyncs.push(p) });
+    server.scripts.push(
+      script([ev.resync(40, { reason: Resync_Reason.PRUNED }), ev.caughtUp(40), ev.notification(7, 41)]),
+    );
+    const resyncs: [bigint, ResyncInfo][] = [];
+    const t = start(server, { afterSeq: 3n, onResync: (p, info) => resyncs.push([p, info]) });
     await until(() => t.events.length === 1, "1 event");
-    assert.deepEqual(resyncs, [40n]);
+    assert.deepEqual(resyncs, [[40n, { epoch: 0n, reason: Resync_Reason.PRUNED }]]);
     assert.deepEqual(t.seqs(), [41]);
+  });
+
+  it("resumes with the seq and the epoch of the last event", async () => {
+    const server = new FakeHerald();
+    server.scripts.push(
+      script([ev.notification(1, 1, { epoch: 7 }), ev.caughtUp(1, { epoch: 7 }), ev.heartbeat(3, 7)], Code.Unavailable),
+      script([ev.caughtUp(3, { epoch: 7 })]),
+    );
+    const t = start(server, { random: () => 0 });
+    await server.waitForCalls(2);
+    assert.deepEqual(
+      server.calls.map((c) => [c.afterSeq, c.epoch]),
+      [
+        [undefined, 0n],
+        [3n, 7n],
+      ],
+    );
+    assert.equal(t.sub.epoch, 7n);
+  });
+
+  it("sends a given epoch with afterSeq, and none without it", async () => {
+    const server = new FakeHerald();
+    server.scripts.push(script([ev.caughtUp(8, { epoch: 3 })]), script([ev.caughtUp(0, { epoch: 3 })]));
+    start(server, { afterSeq: 8n, epoch: 3n });
+    await server.waitForCalls(1);
+    start(server, { epoch: 3n });
+    await server.waitForCalls(2);
+    assert.deepEqual(
+      server.calls.map((c) => [c.afterSeq, c.epoch]),
+      [
+        [8n, 3n],
+        [undefined, 0n],
+      ],
+    );
+  });
+
+  it("after a resync into a new epoch, delivers its seqs although they are lower, and resumes in it", async () => {
+    const server = new FakeHerald();
+    server.scripts.push(
+      script(
+        [ev.notification(1, 1, { epoch: 5 }), ev.notification(2, 2, { epoch: 5 }), ev.notification(3, 3, { epoch: 5 }), ev.caughtUp(3, { epoch: 5 })],
+        Code.Unavailable,
+      ),
+      // The server restarted with an empty in-memory store: a new epoch, whose head is 0.
+      script(
+        [
+          ev.resync(0, { epoch: 9, reason: Resync_Reason.EPOCH_CHANGED }),
+          ev.caughtUp(0, { epoch: 9 }),
+          ev.notification(10, 1, { epoch: 9 }),
+          ev.notification(11, 2, { epoch: 9 }),
+        ],
+        Code.Unavailable,
+      ),
+      script([ev.caughtUp(2, { epoch: 9 })]),
+    );
+    const resyncs: [bigint, ResyncInfo][] = [];
+    const t = start(server, { random: () => 0, onResync: (p, info) => resyncs.push([p, info]) });
+    await server.waitForCalls(3);
+    await until(() => t.states.filter((s) => s.kind === "live").length === 3, "live three times");
+    assert.deepEqual(t.seqs(), [1, 2, 3, 1, 2]);
+    assert.deepEqual(
+      t.events.map((e) => e.epoch),
+      [5n, 5n, 5n, 9n, 9n],
+    );
+    assert.deepEqual(resyncs, [[0n, { epoch: 9n, reason: Resync_Reason.EPOCH_CHANGED }]]);
+    assert.deepEqual(
+      server.calls.map((c) => [c.afterSeq, c.epoch]),
+      [
+        [undefined, 0n],
+        [3n, 5n],
+        [2n, 9n],
+      ],
+    );
+    assert.deepEqual([t.sub.position, t.sub.epoch], [2n, 9n]);
   });
 
   it("sends no authorization header for an empty token", async () => {

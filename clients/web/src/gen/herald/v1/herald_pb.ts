@@ -15,17 +15,17 @@
 // @generated from file herald/v1/herald.proto (package herald.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file herald/v1/herald.proto.
  */
 export const file_herald_v1_herald: GenFile = /*@__PURE__*/
-  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEisQEKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgifwoXU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QSEgoKcmVjaXBpZW50cxgBIAMoCRIMCgR0eXBlGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEZGF0YRgFIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBiABKAkiQwoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQiQwoYU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEicKCmRlbGl2ZXJpZXMYASADKAsyEy5oZXJhbGQudjEuRGVsaXZlcnkiRwoQU3Vic2NyaWJlUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARINCgV0eXBlcxgCIAMoCUIMCgpfYWZ0ZXJfc2VxIvQBCgVFdmVudBILCgNzZXEYASABKAQSLwoMbm90aWZpY2F0aW9uGAIgASgLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbkgAEisKBHJlYWQYAyABKAsyGy5oZXJhbGQudjEuUmVhZFN0YXRlQ2hhbmdlZEgAEigKCWNhdWdodF91cBgEIAEoCzITLmhlcmFsZC52MS5DYXVnaHRVcEgAEikKCWhlYXJ0YmVhdBgFIAEoCzIULmhlcmFsZC52MS5IZWFydGJlYXRIABIjCgZyZXN5bmMYBiABKAsyES5oZXJhbGQudjEuUmVzeW5jSABCBgoEa2luZCI/ChBSZWFkU3RhdGVDaGFuZ2VkEhgKEG5vdGlmaWNhdGlvbl9pZHMYASADKAMSEQoJdXBfdG9fc2VxGAIgASgEIgoKCENhdWdodFVwIjwKCUhlYXJ0YmVhdBIvCgtzZXJ2ZXJfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiCAoGUmVzeW5jIlsKD01hcmtSZWFkUmVxdWVzdBIpCgNpZHMYASABKAsyGi5oZXJhbGQudjEuTm90aWZpY2F0aW9uSWRzSAASEwoJdXBfdG9fc2VxGAIgASgESABCCAoGdGFyZ2V0Ih4KD05vdGlmaWNhdGlvbklkcxILCgNpZHMYASADKAMiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIlYKGExpc3ROb3RpZmljYXRpb25zUmVxdWVzdBITCgt1bnJlYWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCSJkChlMaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlEi4KDW5vdGlmaWNhdGlvbnMYASADKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIXChVHZXRVbnJlYWRDb3VudFJlcXVlc3QiNQoWR2V0VW5yZWFkQ291bnRSZXNwb25zZRIOCgZ1bnJlYWQYASABKAQSCwoDc2VxGAIgASgEMqYDCg1Ob3RpZmljYXRpb25zElsKEFNlbmROb3RpZmljYXRpb24SIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QaIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEjwKCVN1YnNjcmliZRIbLmhlcmFsZC52MS5TdWJzY3JpYmVSZXF1ZXN0GhAuaGVyYWxkLnYxLkV2ZW50MAESQwoITWFya1JlYWQSGi5oZXJhbGQudjEuTWFya1JlYWRSZXF1ZXN0GhsuaGVyYWxkLnYxLk1hcmtSZWFkUmVzcG9uc2USXgoRTGlzdE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USVQoOR2V0VW5yZWFkQ291bnQSIC5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXF1ZXN0GiEuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEisQEKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgifwoXU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QSEgoKcmVjaXBpZW50cxgBIAMoCRIMCgR0eXBlGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEZGF0YRgFIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBiABKAkiQwoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQiQwoYU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEicKCmRlbGl2ZXJpZXMYASADKAsyEy5oZXJhbGQudjEuRGVsaXZlcnkiVgoQU3Vic2NyaWJlUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARINCgV0eXBlcxgCIAMoCRINCgVlcG9jaBgDIAEoBEIMCgpfYWZ0ZXJfc2VxIoMCCgVFdmVudBILCgNzZXEYASABKAQSLwoMbm90aWZpY2F0aW9uGAIgASgLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbkgAEisKBHJlYWQYAyABKAsyGy5oZXJhbGQudjEuUmVhZFN0YXRlQ2hhbmdlZEgAEigKCWNhdWdodF91cBgEIAEoCzITLmhlcmFsZC52MS5DYXVnaHRVcEgAEikKCWhlYXJ0YmVhdBgFIAEoCzIULmhlcmFsZC52MS5IZWFydGJlYXRIABIjCgZyZXN5bmMYBiABKAsyES5oZXJhbGQudjEuUmVzeW5jSAASDQoFZXBvY2gYByABKARCBgoEa2luZCI/ChBSZWFkU3RhdGVDaGFuZ2VkEhgKEG5vdGlmaWNhdGlvbl9pZHMYASADKAMSEQoJdXBfdG9fc2VxGAIgASgEIkEKCENhdWdodFVwEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI8CglIZWFydGJlYXQSLwoLc2VydmVyX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkBCgZSZXN5bmMSKAoGcmVhc29uGAEgASgOMhguaGVyYWxkLnYxLlJlc3luYy5SZWFzb24iZQoGUmVhc29uEhYKElJFQVNPTl9VTlNQRUNJRklFRBAAEhgKFFJFQVNPTl9FUE9DSF9DSEFOR0VEEAESEQoNUkVBU09OX1BSVU5FRBACEhYKElJFQVNPTl9CRVlPTkRfSEVBRBADIlsKD01hcmtSZWFkUmVxdWVzdBIpCgNpZHMYASABKAsyGi5oZXJhbGQudjEuTm90aWZpY2F0aW9uSWRzSAASEwoJdXBfdG9fc2VxGAIgASgESABCCAoGdGFyZ2V0Ih4KD05vdGlmaWNhdGlvbklkcxILCgNpZHMYASADKAMiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIlYKGExpc3ROb3RpZmljYXRpb25zUmVxdWVzdBITCgt1bnJlYWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCSJkChlMaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlEi4KDW5vdGlmaWNhdGlvbnMYASADKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIXChVHZXRVbnJlYWRDb3VudFJlcXVlc3QiNQoWR2V0VW5yZWFkQ291bnRSZXNwb25zZRIOCgZ1bnJlYWQYASABKAQSCwoDc2VxGAIgASgEMqYDCg1Ob3RpZmljYXRpb25zElsKEFNlbmROb3RpZmljYXRpb24SIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QaIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEjwKCVN1YnNjcmliZRIbLmhlcmFsZC52MS5TdWJzY3JpYmVSZXF1ZXN0GhAuaGVyYWxkLnYxLkV2ZW50MAESQwoITWFya1JlYWQSGi5oZXJhbGQudjEuTWFya1JlYWRSZXF1ZXN0GhsuaGVyYWxkLnYxLk1hcmtSZWFkUmVzcG9uc2USXgoRTGlzdE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USVQoOR2V0VW5yZWFkQ291bnQSIC5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXF1ZXN0GiEuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A notification as stored for one recipient.
@@ -220,9 +220,11 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
   /**
    * Resume position: the `seq` of the last event this client processed.
    * Absent: a fresh connection; the backlog is the user's unread
-   * notifications. Present: the backlog is every event after it. A position
-   * beyond the newest event is INVALID_ARGUMENT; one whose events were
-   * pruned gets a `resync` event instead of a backlog.
+   * notifications. Present: the backlog is every event after it. A
+   * position the server cannot continue from (its `epoch` is not the
+   * stream's, it is beyond the stream's newest event, or its events were
+   * pruned) gets a `resync` event instead of a backlog, and the stream goes
+   * on live; it is never an error.
    *
    * @generated from field: optional uint64 after_seq = 1;
    */
@@ -235,6 +237,15 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
    * @generated from field: repeated string types = 2;
    */
   types: string[];
+
+  /**
+   * The `Event.epoch` received with `after_seq`. 0 (or absent, as from a
+   * client that predates epochs): the position is taken to be of the
+   * stream's current epoch.
+   *
+   * @generated from field: uint64 epoch = 3;
+   */
+  epoch: bigint;
 };
 
 /**
@@ -293,6 +304,17 @@ export type Event = Message<"herald.v1.Event"> & {
     value: Resync;
     case: "resync";
   } | { case: undefined; value?: undefined };
+
+  /**
+   * The stream's epoch: which history `seq` counts in. It stays the same
+   * for as long as the server keeps that history, and changes when it
+   * cannot (an in-memory store restarted, a database restored from a backup
+   * or failed over to a standby that lacked the newest transactions). Send
+   * it back as `SubscribeRequest.epoch` with `after_seq`. Never 0.
+   *
+   * @generated from field: uint64 epoch = 7;
+   */
+  epoch: bigint;
 };
 
 /**
@@ -336,6 +358,14 @@ export const ReadStateChangedSchema: GenMessage<ReadStateChanged> = /*@__PURE__*
  * @generated from message herald.v1.CaughtUp
  */
 export type CaughtUp = Message<"herald.v1.CaughtUp"> & {
+  /**
+   * The server's heartbeat interval: an idle stream gets a `heartbeat` at
+   * least this often, so a client that hears nothing for about twice this
+   * long can treat the stream as dead and resume.
+   *
+   * @generated from field: google.protobuf.Duration heartbeat_interval = 1;
+   */
+  heartbeatInterval?: Duration | undefined;
 };
 
 /**
@@ -366,13 +396,18 @@ export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
   messageDesc(file_herald_v1_herald, 8);
 
 /**
- * The requested resume position is older than what the server retains: the
- * client must refetch its inbox (ListNotifications, GetUnreadCount). The
- * stream continues live from `Event.seq`.
+ * The server cannot continue from the requested resume position: the
+ * client must refetch its inbox (ListNotifications, GetUnreadCount) and
+ * drop what it cached of the stream. The stream continues live from
+ * `Event.seq` in `Event.epoch`.
  *
  * @generated from message herald.v1.Resync
  */
 export type Resync = Message<"herald.v1.Resync"> & {
+  /**
+   * @generated from field: herald.v1.Resync.Reason reason = 1;
+   */
+  reason: Resync_Reason;
 };
 
 /**
@@ -381,6 +416,48 @@ export type Resync = Message<"herald.v1.Resync"> & {
  */
 export const ResyncSchema: GenMessage<Resync> = /*@__PURE__*/
   messageDesc(file_herald_v1_herald, 9);
+
+/**
+ * Why the position could not be continued.
+ *
+ * @generated from enum herald.v1.Resync.Reason
+ */
+export enum Resync_Reason {
+  /**
+   * Not given (a server that predates reasons).
+   *
+   * @generated from enum value: REASON_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The position belongs to another epoch (see `Event.epoch`).
+   *
+   * @generated from enum value: REASON_EPOCH_CHANGED = 1;
+   */
+  EPOCH_CHANGED = 1,
+
+  /**
+   * The position's events were deleted by retention.
+   *
+   * @generated from enum value: REASON_PRUNED = 2;
+   */
+  PRUNED = 2,
+
+  /**
+   * The position is beyond the stream's newest event: it was never
+   * issued in this epoch.
+   *
+   * @generated from enum value: REASON_BEYOND_HEAD = 3;
+   */
+  BEYOND_HEAD = 3,
+}
+
+/**
+ * Describes the enum herald.v1.Resync.Reason.
+ */
+export const Resync_ReasonSchema: GenEnum<Resync_Reason> = /*@__PURE__*/
+  enumDesc(file_herald_v1_herald, 9, 0);
 
 /**
  * @generated from message herald.v1.MarkReadRequest
