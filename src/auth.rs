@@ -9,7 +9,7 @@
 //! never select a key. `exp` and `sub` are required; `nbf` is enforced when
 //! present; `iss` and `aud` are checked when configured.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -27,6 +27,13 @@ pub const DEV_SECRET: &str = "herald-dev-secret-insecure-do-not-use-in-productio
 /// Longest token accepted, in bytes; longer ones are refused before any
 /// signature check.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+/// Latest expiry Herald believes, counted from now: 100 years. A token may
+/// claim any `exp` up to 2^64 seconds (RFC 7519 §2 sets no bound), which no
+/// clock can hold; [`Identity::expires_at`] is clamped to this so that
+/// adding `expires_at - now` to any `SystemTime` or `Instant` of the
+/// process cannot overflow.
+pub const MAX_EXPIRY_AHEAD: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The claims Herald reads from (and `herald token` writes into) a JWT.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +67,7 @@ pub struct Identity {
     /// The token's user (`sub`).
     pub user: UserId,
     /// When the token expires (`exp`); streams opened with it end then.
+    /// Never more than [`MAX_EXPIRY_AHEAD`] after the token was verified.
     pub expires_at: SystemTime,
     scopes: Vec<String>,
 }
@@ -253,10 +261,19 @@ impl Verifier {
         Ok(Identity {
             tenant,
             user,
-            expires_at: UNIX_EPOCH + std::time::Duration::from_secs(claims.exp),
+            expires_at: expiry(claims.exp, SystemTime::now()),
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
         })
     }
+}
+
+/// The instant `exp` seconds after the Unix epoch, but at most
+/// [`MAX_EXPIRY_AHEAD`] after `now`.
+fn expiry(exp: u64, now: SystemTime) -> SystemTime {
+    let latest = now.checked_add(MAX_EXPIRY_AHEAD).unwrap_or(now);
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp))
+        .map_or(latest, |at| at.min(latest))
 }
 
 /// `message` as a request carrying `authorization: Bearer <token>` (RFC
@@ -301,4 +318,26 @@ pub fn mint(
         &claims,
         &EncodingKey::from_secret(secret),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expiry_is_exact_up_to_the_clamp() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let latest = now + MAX_EXPIRY_AHEAD;
+        assert_eq!(
+            expiry(1_700_000_600, now),
+            UNIX_EPOCH + Duration::from_secs(1_700_000_600)
+        );
+        assert_eq!(expiry(0, now), UNIX_EPOCH);
+        for exp in [u64::MAX, 1 << 63, 1 << 40] {
+            assert_eq!(expiry(exp, now), latest, "exp {exp}");
+        }
+        // What subscription.rs does with it must not overflow either.
+        let left = expiry(u64::MAX, now).duration_since(now).unwrap();
+        assert!(std::time::Instant::now().checked_add(left).is_some());
+    }
 }

@@ -288,3 +288,45 @@ conformance!(
     users_are_isolated,
     tenants_are_isolated
 );
+
+/// `claims` as given, signed with the test secret: for claims the `Claims`
+/// struct would not write (arrays, fractions, extremes).
+fn hs256_json(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET),
+    )
+    .unwrap()
+}
+
+/// A validly signed token whose `exp` is near 2^64 seconds is accepted
+/// without panicking the worker (`UNIX_EPOCH + exp` used to overflow), and
+/// a stream opened with it runs: its expiry is clamped to something every
+/// later computation can hold.
+#[tokio::test]
+async fn far_future_exp_is_accepted_without_overflow() {
+    bounded(async {
+        let server = replica_with(VerificationKey::Secret(SECRET.to_vec()), None).await;
+        for exp in [u64::MAX, u64::MAX - 60, 1 << 63, 1 << 40] {
+            let token = hs256_json(&serde_json::json!({"sub": "alice", "exp": exp}));
+            let unread = count_with(server.addr, Some(&token)).await;
+            assert_eq!(unread.map_err(|s| s.code()), Ok(0), "exp {exp}");
+            let mut stream = client(server.addr)
+                .await
+                .subscribe(authed(
+                    proto::SubscribeRequest {
+                        after_seq: Some(0),
+                        types: vec![],
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap_or_else(|s| panic!("exp {exp}: {s:?}"))
+                .into_inner();
+            until_caught_up(&mut stream).await;
+        }
+        server.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
