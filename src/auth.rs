@@ -7,7 +7,9 @@
 //! only the algorithm it is for, so a token cannot choose its own (`alg:
 //! none` and HS/RS confusion fail), and header fields such as `kid` or `jku`
 //! never select a key. `exp` and `sub` are required; `nbf` is enforced when
-//! present; `iss` and `aud` are checked when configured.
+//! present; `iss` and `aud` are checked when configured. Claims are read as
+//! RFC 7519 writes them, not only as `herald token` does: `aud` may be an
+//! array (§4.1.3), dates may have fractions (§2).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +38,9 @@ pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 pub const MAX_EXPIRY_AHEAD: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The claims Herald reads from (and `herald token` writes into) a JWT.
+///
+/// Reading accepts what RFC 7519 allows, not only what `herald token`
+/// writes: `aud` as a string or an array, and NumericDates with fractions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user (RFC 7519 §4.1.2).
@@ -46,17 +51,114 @@ pub struct Claims {
     /// Space-separated scopes (RFC 8693 §4.2), e.g. `notifications:send`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,
-    /// Expiry, seconds since the Unix epoch (RFC 7519 §4.1.4).
+    /// Expiry, seconds since the Unix epoch (RFC 7519 §4.1.4); read as a
+    /// NumericDate, whose fraction is dropped.
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: u64,
-    /// Issued-at, seconds since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Issued-at, seconds since the Unix epoch (RFC 7519 §4.1.6); read as a
+    /// NumericDate.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_numeric_date"
+    )]
     pub iat: Option<u64>,
     /// Issuer (RFC 7519 §4.1.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     /// Audience (RFC 7519 §4.1.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// The `aud` claim (RFC 7519 §4.1.3): "an array of case-sensitive strings
+/// [...] In the special case when the JWT has one audience, the `aud` value
+/// MAY be a single case-sensitive string". Checking it against
+/// `--jwt-audience` is jsonwebtoken's: accepted when the configured
+/// audience is among the values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// One audience, written as a JSON string.
+    One(String),
+    /// Any number of audiences, written as a JSON array of strings.
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(audience: &str) -> Self {
+        Self::One(audience.to_owned())
+    }
+}
+
+impl From<String> for Audience {
+    fn from(audience: String) -> Self {
+        Self::One(audience)
+    }
+}
+
+/// Reads a NumericDate (RFC 7519 §2): seconds since the Unix epoch, which
+/// may be non-integer. The fraction is dropped: Herald keeps whole seconds
+/// (jsonwebtoken, which checks `exp` and `nbf`, rounds; the two differ by
+/// under a second). Negative, non-finite and ≥ 2^64 values are refused, as
+/// jsonwebtoken refuses them.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    deserializer.deserialize_any(NumericDate)
+}
+
+/// [`numeric_date`] for an optional claim: absent or `null` is `None`.
+fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    struct Optional;
+    impl<'de> serde::de::Visitor<'de> for Optional {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a NumericDate or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            numeric_date(d).map(Some)
+        }
+    }
+    deserializer.deserialize_option(Optional)
+}
+
+/// Visits a NumericDate; see [`numeric_date`].
+struct NumericDate;
+
+impl serde::de::Visitor<'_> for NumericDate {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a NumericDate: seconds since the Unix epoch, from 0 to 2^64")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<u64, E> {
+        Ok(seconds)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<u64, E> {
+        u64::try_from(seconds).map_err(|_| E::custom("a NumericDate before 1970"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, seconds: f64) -> Result<u64, E> {
+        // 2^64 as f64 is exact; every finite value below it floors to a u64.
+        const LIMIT: f64 = 18_446_744_073_709_551_616.0;
+        if seconds.is_finite() && (0.0..LIMIT).contains(&seconds) {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Ok(seconds.floor() as u64)
+        } else {
+            Err(E::custom(format!(
+                "NumericDate {seconds} is not between 0 and 2^64"
+            )))
+        }
+    }
 }
 
 /// Who is calling, from a verified token.
@@ -323,6 +425,77 @@ pub fn mint(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claims(json: serde_json::Value) -> Result<Claims, serde_json::Error> {
+        serde_json::from_value(json)
+    }
+
+    #[test]
+    fn numeric_dates_may_be_fractional_but_not_out_of_range() {
+        let read = |exp: serde_json::Value| {
+            claims(serde_json::json!({"sub": "a", "exp": exp, "iat": exp})).map(|c| (c.exp, c.iat))
+        };
+        assert_eq!(
+            read(serde_json::json!(1_700_000_000)).unwrap(),
+            (1_700_000_000, Some(1_700_000_000))
+        );
+        assert_eq!(
+            read(serde_json::json!(1_700_000_000.9)).unwrap(),
+            (1_700_000_000, Some(1_700_000_000))
+        );
+        assert_eq!(read(serde_json::json!(u64::MAX)).unwrap().0, u64::MAX);
+        assert_eq!(
+            read(serde_json::json!(1e19)).unwrap().0,
+            10_000_000_000_000_000_000
+        );
+        for bad in [
+            serde_json::json!(-1),
+            serde_json::json!(-0.5),
+            serde_json::json!(1.8446744073709552e19),
+            serde_json::json!(1e300),
+            serde_json::json!("1700000000"),
+            serde_json::json!(null),
+        ] {
+            assert!(read(bad.clone()).is_err(), "{bad}");
+        }
+        let no_iat = claims(serde_json::json!({"sub": "a", "exp": 1, "iat": null})).unwrap();
+        assert_eq!(no_iat.iat, None);
+    }
+
+    #[test]
+    fn audience_is_a_string_or_an_array() {
+        let read = |aud: serde_json::Value| {
+            claims(serde_json::json!({"sub": "a", "exp": 1, "aud": aud})).map(|c| c.aud)
+        };
+        assert_eq!(
+            read(serde_json::json!("h")).unwrap(),
+            Some(Audience::One("h".into()))
+        );
+        assert_eq!(
+            read(serde_json::json!(["h", "i"])).unwrap(),
+            Some(Audience::Many(vec!["h".into(), "i".into()]))
+        );
+        assert!(read(serde_json::json!(["h", 1])).is_err());
+    }
+
+    #[test]
+    fn minted_tokens_are_unchanged() {
+        // The exact claims `mint` wrote before NumericDates and audience
+        // arrays were read: integers, a string `aud`, nothing empty.
+        let claims = Claims {
+            sub: "alice".into(),
+            tenant: String::new(),
+            scope: SEND_SCOPE.into(),
+            exp: 1_700_000_600,
+            iat: Some(1_700_000_000),
+            iss: None,
+            aud: Some("herald".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&claims).unwrap(),
+            r#"{"sub":"alice","scope":"notifications:send","exp":1700000600,"iat":1700000000,"aud":"herald"}"#
+        );
+    }
 
     #[test]
     fn expiry_is_exact_up_to_the_clamp() {

@@ -330,3 +330,81 @@ async fn far_future_exp_is_accepted_without_overflow() {
     })
     .await;
 }
+
+/// `aud` may be an array of strings (RFC 7519 §4.1.3): accepted when the
+/// configured audience is one of them, refused otherwise.
+#[tokio::test]
+async fn audience_may_be_an_array() {
+    bounded(async {
+        let server = replica_with(VerificationKey::Secret(SECRET.to_vec()), Some("herald")).await;
+        let with_aud = |aud: serde_json::Value| {
+            hs256_json(&serde_json::json!({
+                "sub": "alice",
+                "exp": now() + 600,
+                "iss": "https://id.example",
+                "aud": aud,
+            }))
+        };
+        for aud in [
+            serde_json::json!("herald"),
+            serde_json::json!(["herald"]),
+            serde_json::json!(["billing", "herald"]),
+        ] {
+            let result = count_with(server.addr, Some(&with_aud(aud.clone()))).await;
+            assert_eq!(result.map_err(|s| s.code()), Ok(0), "aud {aud}");
+        }
+        for aud in [
+            serde_json::json!("billing"),
+            serde_json::json!(["billing", "reports"]),
+            serde_json::json!([]),
+            serde_json::json!(["herald", 7]),
+        ] {
+            let err = count_with(server.addr, Some(&with_aud(aud.clone())))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "aud {aud}: {err:?}");
+        }
+        server.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
+
+/// `exp`, `nbf` and `iat` are NumericDates, which may be non-integer (RFC
+/// 7519 §2): accepted, and still checked.
+#[tokio::test]
+async fn numeric_dates_may_have_fractions() {
+    bounded(async {
+        let server = replica_with(VerificationKey::Secret(SECRET.to_vec()), None).await;
+        let now = now() as f64;
+        let good = hs256_json(&serde_json::json!({
+            "sub": "alice",
+            "exp": now + 600.5,
+            "nbf": now - 10.25,
+            "iat": now - 10.25,
+        }));
+        let unread = count_with(server.addr, Some(&good)).await;
+        assert_eq!(unread.map_err(|s| s.code()), Ok(0));
+        for (name, claims) in [
+            (
+                "expired",
+                serde_json::json!({"sub": "alice", "exp": now - 3600.5}),
+            ),
+            (
+                "not yet valid",
+                serde_json::json!({"sub": "alice", "exp": now + 7200.5, "nbf": now + 3600.5}),
+            ),
+            ("negative", serde_json::json!({"sub": "alice", "exp": -1.5})),
+            (
+                "beyond 2^64",
+                serde_json::json!({"sub": "alice", "exp": 1e300}),
+            ),
+        ] {
+            let err = count_with(server.addr, Some(&hs256_json(&claims)))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "{name}: {err:?}");
+        }
+        server.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
