@@ -30,6 +30,14 @@ pub const DEV_SECRET: &str = "herald-dev-secret-insecure-do-not-use-in-productio
 /// signature check.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
+/// Clock leeway when none is configured: jsonwebtoken's default, 60 s.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+
+/// Largest clock leeway accepted. Leeway absorbs clock skew between the
+/// token issuer and Herald, "usually no more than a few minutes" (RFC 7519
+/// §4.1.4); an hour of it is a misconfiguration.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+
 /// Latest expiry Herald believes, counted from now: 100 years. A token may
 /// claim any `exp` up to 2^64 seconds (RFC 7519 §2 sets no bound), which no
 /// clock can hold; [`Identity::expires_at`] is clamped to this so that
@@ -214,7 +222,8 @@ impl std::fmt::Debug for VerificationKey {
     }
 }
 
-/// How tokens are verified: the keys plus optional issuer/audience checks.
+/// How tokens are verified: the keys, optional issuer/audience checks and
+/// the clock leeway.
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// The verification keys (at least one); a token is accepted when any
@@ -224,6 +233,12 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
+    /// How far past its `exp`, or before its `nbf`, a token is still
+    /// accepted, for clock skew (RFC 7519 §4.1.4, §4.1.5). Whole seconds
+    /// (fractions are dropped), at most [`MAX_LEEWAY`]. It only widens the
+    /// check at the door: [`Identity::expires_at`] is still `exp`, so a
+    /// stream opened with a token inside its leeway ends at once.
+    pub leeway: Duration,
 }
 
 /// A misconfigured verification key.
@@ -291,6 +306,9 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
+        // `config.rs` refuses a larger leeway; the clamp keeps jsonwebtoken's
+        // `now - leeway` from underflowing whatever the caller passes.
+        validation.leeway = config.leeway.min(MAX_LEEWAY).as_secs();
         match &config.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use common::*;
 use herald::{
-    auth::{AuthConfig, Claims, SEND_SCOPE, VerificationKey},
+    auth::{AuthConfig, Claims, DEFAULT_LEEWAY, SEND_SCOPE, VerificationKey},
     proto::{self, mark_read_request::Target},
     server,
 };
@@ -62,6 +62,7 @@ async fn replica_with(key: VerificationKey, audience: Option<&str>) -> server::R
         keys: vec![key],
         issuer: Some("https://id.example".into()).filter(|_| audience.is_some()),
         audience: audience.map(str::to_owned),
+        leeway: DEFAULT_LEEWAY,
     };
     server::start(config).await.unwrap()
 }
@@ -405,6 +406,46 @@ async fn numeric_dates_may_have_fractions() {
             assert_eq!(err.code(), Code::Unauthenticated, "{name}: {err:?}");
         }
         server.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
+
+/// The clock leeway (`--jwt-leeway`, RFC 7519 §4.1.4) applies to `exp` and
+/// `nbf`: with the default minute, a token expired 30 s ago, or valid in
+/// 30 s, is accepted; with less, refused.
+#[tokio::test]
+async fn clock_leeway_is_configurable() {
+    bounded(async {
+        let expired = hs256_json(&serde_json::json!({"sub": "alice", "exp": now() - 30}));
+        let early = hs256_json(&serde_json::json!({
+            "sub": "alice",
+            "exp": now() + 600,
+            "nbf": now() + 30,
+        }));
+        for (leeway, accepted) in [
+            (DEFAULT_LEEWAY, true),
+            (Duration::ZERO, false),
+            (Duration::from_secs(5), false),
+            (Duration::from_secs(120), true),
+        ] {
+            let mut config = test_config(None);
+            config.auth.leeway = leeway;
+            let server = server::start(config).await.unwrap();
+            for (name, token) in [("exp 30 s ago", &expired), ("nbf in 30 s", &early)] {
+                let result = count_with(server.addr, Some(token)).await;
+                let expected = if accepted {
+                    Ok(0)
+                } else {
+                    Err(Code::Unauthenticated)
+                };
+                assert_eq!(
+                    result.map_err(|s| s.code()),
+                    expected,
+                    "{name}, leeway {leeway:?}"
+                );
+            }
+            server.stop(Duration::from_secs(5)).await.unwrap();
+        }
     })
     .await;
 }
