@@ -10,14 +10,17 @@
 //! present; `iss` and `aud` are checked when configured. Claims are read as
 //! RFC 7519 writes them, not only as `herald token` does: `aud` may be an
 //! array (§4.1.3), dates may have fractions (§2).
+//!
+//! Refusals are [`AuthError`]s; `api::status` turns them into
+//! `UNAUTHENTICATED` or `PERMISSION_DENIED`.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
-use tonic::{Status, metadata::MetadataMap};
+use tonic::metadata::MetadataMap;
 
-use crate::notification::{Tenant, UserId};
+use crate::notification::{InvalidArgument, Tenant, UserId};
 
 /// Scope a token needs to call `SendNotification`.
 pub const SEND_SCOPE: &str = "notifications:send";
@@ -188,14 +191,58 @@ impl Identity {
         self.scopes.iter().any(|s| s == scope)
     }
 
-    /// `Ok` when the token may send notifications, else `PERMISSION_DENIED`.
-    pub fn require_send(&self) -> Result<(), Status> {
+    /// `Ok` when the token may send notifications; else
+    /// [`AuthError::MissingScope`].
+    pub fn require_send(&self) -> Result<(), AuthError> {
         if self.has_scope(SEND_SCOPE) {
             Ok(())
         } else {
-            Err(Status::permission_denied(format!(
-                "token lacks the {SEND_SCOPE} scope"
-            )))
+            Err(AuthError::MissingScope(SEND_SCOPE))
+        }
+    }
+}
+
+/// Why a call's token was refused. Every variant but
+/// [`AuthError::MissingScope`] means the caller is not authenticated; that
+/// one means it is, but may not make the call (the gRPC status-code guide's
+/// `UNAUTHENTICATED` and `PERMISSION_DENIED`; mapped in `api::status`).
+/// Messages reach the client: they say what is wrong without helping to
+/// forge a token.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization` metadata.
+    #[error("missing authorization metadata")]
+    Missing,
+    /// The metadata is longer than a [`MAX_TOKEN_BYTES`] token needs.
+    #[error("token too large")]
+    TooLarge,
+    /// The metadata is not `Bearer <token>` (RFC 6750 §2.1).
+    #[error("authorization is not `Bearer <token>`")]
+    Malformed,
+    /// The token's `alg` is not the algorithm of any configured key.
+    #[error("invalid token: algorithm {0:?} is not accepted")]
+    Algorithm(Algorithm),
+    /// The token's `exp` is past, by more than the leeway.
+    #[error("token expired")]
+    Expired,
+    /// Any other reason the token does not verify: not a JWT, a bad
+    /// signature, `nbf` in the future, the wrong issuer or audience, a
+    /// claim missing or of the wrong type.
+    #[error("invalid token: {0}")]
+    Invalid(#[source] jsonwebtoken::errors::Error),
+    /// The `sub` or `tenant` claim is not a valid user id or tenant.
+    #[error("invalid token: {0}")]
+    Claim(#[source] InvalidArgument),
+    /// A valid token without the scope the call needs.
+    #[error("token lacks the {0} scope")]
+    MissingScope(&'static str),
+}
+
+impl From<jsonwebtoken::errors::Error> for AuthError {
+    fn from(e: jsonwebtoken::errors::Error) -> Self {
+        match e.kind() {
+            ErrorKind::ExpiredSignature => Self::Expired,
+            _ => Self::Invalid(e),
         }
     }
 }
@@ -320,15 +367,12 @@ impl Verifier {
         Ok((alg, key, validation))
     }
 
-    /// Verifies the bearer token in `metadata`. Every failure is
-    /// `UNAUTHENTICATED` (gRPC status-code guide), with a reason that does
-    /// not help forge a token.
-    pub fn verify(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
-        let value = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
+    /// Verifies the bearer token in `metadata` (RFC 6750 §2.1). Fails with
+    /// the [`AuthError`] saying why the caller is not authenticated.
+    pub fn verify(&self, metadata: &MetadataMap) -> Result<Identity, AuthError> {
+        let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
         if value.len() > MAX_TOKEN_BYTES + 7 {
-            return Err(Status::unauthenticated("token too large"));
+            return Err(AuthError::TooLarge);
         }
         let token = value
             .to_str()
@@ -337,7 +381,7 @@ impl Verifier {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-            .ok_or_else(|| Status::unauthenticated("authorization is not `Bearer <token>`"))?;
+            .ok_or(AuthError::Malformed)?;
         let token = token.trim();
         // A poisoned lock only means another call panicked mid-insert of a
         // complete entry; the map is still consistent.
@@ -359,25 +403,19 @@ impl Verifier {
         Ok(identity)
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<Identity, Status> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
-        let mut result = Err(Status::unauthenticated(format!(
-            "invalid token: algorithm {:?} is not accepted",
-            header.alg
-        )));
+    fn verify_uncached(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token)?;
+        let mut result = Err(AuthError::Algorithm(header.alg));
         for (_, key, validation) in self.keys.iter().filter(|(a, _, _)| *a == header.alg) {
-            result = jsonwebtoken::decode::<Claims>(token, key, validation)
-                .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")));
+            result =
+                jsonwebtoken::decode::<Claims>(token, key, validation).map_err(AuthError::from);
             if result.is_ok() {
                 break;
             }
         }
         let claims = result?.claims;
-        let user = UserId::parse("sub", &claims.sub)
-            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
-        let tenant = Tenant::parse(&claims.tenant)
-            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
+        let user = UserId::parse("sub", &claims.sub).map_err(AuthError::Claim)?;
+        let tenant = Tenant::parse(&claims.tenant).map_err(AuthError::Claim)?;
         Ok(Identity {
             tenant,
             user,
@@ -513,6 +551,60 @@ mod tests {
             serde_json::to_string(&claims).unwrap(),
             r#"{"sub":"alice","scope":"notifications:send","exp":1700000600,"iat":1700000000,"aud":"herald"}"#
         );
+    }
+
+    #[test]
+    fn refusals_are_typed() {
+        const SECRET: &[u8] = b"unit-test-secret-0123456789abcdef0123";
+        let verifier = Verifier::new(&AuthConfig {
+            keys: vec![VerificationKey::Secret(SECRET.to_vec())],
+            issuer: None,
+            audience: None,
+            leeway: Duration::ZERO,
+        })
+        .unwrap();
+        let verify = |authorization: Option<&str>| {
+            let mut metadata = MetadataMap::new();
+            if let Some(a) = authorization {
+                metadata.insert("authorization", a.parse().unwrap());
+            }
+            verifier.verify(&metadata)
+        };
+        let now = UNIX_EPOCH.elapsed().unwrap().as_secs();
+        let token = |claims: serde_json::Value| {
+            let key = EncodingKey::from_secret(SECRET);
+            let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key);
+            format!("Bearer {}", token.unwrap())
+        };
+        let valid = token(serde_json::json!({"sub": "alice", "exp": now + 60}));
+        let identity = verify(Some(&valid)).unwrap();
+        assert!(matches!(
+            identity.require_send(),
+            Err(AuthError::MissingScope(SEND_SCOPE))
+        ));
+        assert!(matches!(verify(None), Err(AuthError::Missing)));
+        assert!(matches!(
+            verify(Some("Basic abc")),
+            Err(AuthError::Malformed)
+        ));
+        let expired = token(serde_json::json!({"sub": "alice", "exp": now - 10}));
+        assert!(matches!(verify(Some(&expired)), Err(AuthError::Expired)));
+        let bad_sub = token(serde_json::json!({"sub": "", "exp": now + 60}));
+        assert!(matches!(verify(Some(&bad_sub)), Err(AuthError::Claim(_))));
+        assert!(matches!(
+            verify(Some("Bearer x.y.z")),
+            Err(AuthError::Invalid(_))
+        ));
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &serde_json::json!({"sub": "alice", "exp": now + 60}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(Some(&format!("Bearer {hs384}"))),
+            Err(AuthError::Algorithm(Algorithm::HS384))
+        ));
     }
 
     #[test]

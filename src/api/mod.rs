@@ -1,8 +1,10 @@
 //! The gRPC service `herald.v1.Notifications`: authenticate, parse the
 //! request into domain values, call the store or start a stream, convert
-//! back. No SQL and no delivery logic here.
+//! back. No SQL and no delivery logic here; errors become statuses in
+//! [`status`].
 
 pub mod convert;
+pub mod status;
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -11,14 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
-    auth::{Identity, Verifier},
+    auth::{AuthError, Identity, Verifier},
     hub::Hub,
     limits::{RateLimits, exhausted},
     notification::{
         InvalidArgument, NewNotification, NotificationType, PageQuery, ReadTarget, SendLimits,
     },
     proto::{self, notifications_server::Notifications},
-    store::{Store, StoreError},
+    store::Store,
     subscription::{EventStream, Session, Start, StreamSettings},
     telemetry::names,
 };
@@ -32,28 +34,6 @@ const STREAM_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1
 
 /// Most entries in `SubscribeRequest.types`.
 pub const MAX_TYPE_FILTERS: usize = 64;
-
-impl From<InvalidArgument> for Status {
-    fn from(e: InvalidArgument) -> Self {
-        Status::invalid_argument(e.to_string())
-    }
-}
-
-impl From<StoreError> for Status {
-    /// Maps store errors per the gRPC status-code guide: a database that
-    /// cannot be reached is `UNAVAILABLE` (retryable), a reused idempotency
-    /// key `FAILED_PRECONDITION`, anything else `INTERNAL`.
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
-            StoreError::IdempotencyKeyReused => Status::failed_precondition(e.to_string()),
-            StoreError::Internal(_) => {
-                tracing::error!(error = %e, "store error");
-                Status::internal("internal error")
-            }
-        }
-    }
-}
 
 /// The service implementation, generic over the store.
 pub struct NotificationsService<S> {
@@ -88,7 +68,7 @@ impl<S: Store> NotificationsService<S> {
         }
     }
 
-    fn identify<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+    fn identify<T>(&self, request: &Request<T>) -> Result<Identity, AuthError> {
         self.verifier.verify(request.metadata())
     }
 }
