@@ -15,7 +15,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::{
     auth::{AuthError, Identity, Verifier},
     hub::Hub,
-    limits::{RateLimits, exhausted},
+    limits::RateLimits,
     notification::{
         InvalidArgument, NewNotification, NotificationType, PageQuery, ReadTarget, SendLimits,
     },
@@ -28,9 +28,6 @@ use crate::{
 /// Events buffered between a stream's task and tonic's HTTP/2 writer. Small:
 /// the hub's per-stream queue is the real buffer.
 const OUT_BUFFER: usize = 16;
-
-/// When a client refused for its stream limit should retry.
-const STREAM_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Most entries in `SubscribeRequest.types`.
 pub const MAX_TYPE_FILTERS: usize = 64;
@@ -206,10 +203,7 @@ impl<S: Store> NotificationsService<S> {
         let user = identity.user.as_str();
         // Register first, then read the head: whatever commits after the
         // head was read is already being queued for this stream.
-        let subscription = self
-            .hub
-            .subscribe(tenant, user)
-            .map_err(|e| exhausted(e.to_string(), STREAM_RETRY_AFTER))?;
+        let subscription = self.hub.subscribe(tenant, user)?;
         let head = self.store.head(tenant, user).await?;
         let start = Start::new(req.after_seq, head)?;
         let (out, rx) = mpsc::channel(OUT_BUFFER);

@@ -10,9 +10,19 @@
 //! Matches are exhaustive, without a wildcard: a new error variant does not
 //! compile until someone decides its code.
 
-use tonic::Status;
+use std::{fmt::Display, time::Duration};
 
-use crate::{auth::AuthError, notification::InvalidArgument, store::StoreError};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    auth::AuthError, hub::StreamLimitError, limits::RateLimitError, notification::InvalidArgument,
+    store::StoreError,
+};
+
+/// When a client refused for a stream limit should retry: streams close
+/// all the time, and another replica may have room now.
+const STREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl From<AuthError> for Status {
     /// A token that is missing, malformed, badly signed or expired is
@@ -31,6 +41,33 @@ impl From<AuthError> for Status {
             | AuthError::Claim(..) => Status::unauthenticated(e.to_string()),
         }
     }
+}
+
+impl From<RateLimitError> for Status {
+    /// `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo` detail of when the
+    /// bucket refills (AIP-193).
+    fn from(e: RateLimitError) -> Self {
+        resource_exhausted(&e, e.retry_after())
+    }
+}
+
+impl From<StreamLimitError> for Status {
+    /// `RESOURCE_EXHAUSTED`, retry after [`STREAM_RETRY_AFTER`].
+    fn from(e: StreamLimitError) -> Self {
+        resource_exhausted(&e, STREAM_RETRY_AFTER)
+    }
+}
+
+/// `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo` detail of
+/// `retry_after` (at least 1 ms: a zero delay reads as "no advice"), also
+/// said in the message for clients that do not read details.
+fn resource_exhausted(message: &impl Display, retry_after: Duration) -> Status {
+    let retry_after = retry_after.max(Duration::from_millis(1));
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("{message}; retry in {} ms", retry_after.as_millis()),
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
 }
 
 impl From<InvalidArgument> for Status {
@@ -58,9 +95,37 @@ impl From<StoreError> for Status {
 
 #[cfg(test)]
 mod tests {
-    use tonic::Code;
-
     use super::*;
+    use crate::notification::UserId;
+
+    #[test]
+    fn limits_are_resource_exhausted_with_retry_info() {
+        let recipient = UserId::parse("recipients[0]", "alice").unwrap();
+        let rate = Status::from(RateLimitError::Recipient {
+            recipient,
+            retry_after: Duration::from_millis(250),
+        });
+        assert_eq!(rate.code(), Code::ResourceExhausted);
+        assert_eq!(
+            rate.message(),
+            "recipients: alice is over its notification rate; retry in 250 ms"
+        );
+        let retry = rate.get_details_retry_info().expect("a RetryInfo detail");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(250)));
+        let now = Status::from(RateLimitError::Sender {
+            sender: "svc".into(),
+            retry_after: Duration::ZERO,
+        });
+        let retry = now.get_details_retry_info().expect("a RetryInfo detail");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(1)));
+        let streams = Status::from(StreamLimitError::PerUser(32));
+        assert_eq!(streams.code(), Code::ResourceExhausted);
+        assert!(streams.message().ends_with("; retry in 1000 ms"));
+        let retry = streams
+            .get_details_retry_info()
+            .expect("a RetryInfo detail");
+        assert_eq!(retry.retry_delay, Some(STREAM_RETRY_AFTER));
+    }
 
     #[test]
     fn auth_errors_are_unauthenticated_but_a_missing_scope() {
