@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
-    api::convert::control,
+    api::{convert::control, status},
     hub::{Next, Subscription},
-    notification::{EventBody, StreamEvent, StreamHead},
+    notification::{EventBody, InvalidArgument, StreamEvent, StreamHead},
     proto::{self, event::Kind},
     store::{Store, StoreError},
     telemetry::names,
@@ -81,13 +81,16 @@ impl Start {
     /// Decides where a stream starts, from the client's resume position and
     /// the stream head read *after* the stream was registered in the hub.
     /// A position beyond the head is one this server never issued.
-    pub fn new(after_seq: Option<u64>, head: StreamHead) -> Result<Self, Status> {
+    pub fn new(after_seq: Option<u64>, head: StreamHead) -> Result<Self, InvalidArgument> {
         match after_seq {
             None => Ok(Self::Fresh(head.last_seq)),
-            Some(s) if s > head.last_seq => Err(Status::invalid_argument(format!(
-                "after_seq: {s} is beyond the stream's newest event ({})",
-                head.last_seq
-            ))),
+            Some(s) if s > head.last_seq => Err(InvalidArgument::new(
+                "after_seq",
+                format!(
+                    "{s} is beyond the stream's newest event ({})",
+                    head.last_seq
+                ),
+            )),
             Some(s) if s < head.pruned_seq => Ok(Self::Resync(head.last_seq)),
             Some(s) => Ok(Self::After(s)),
         }
@@ -142,14 +145,12 @@ impl<S: Store> Session<S> {
         let result = self.stream(start).await;
         let status = match result {
             Err(End::Gone) => return,
-            Err(End::Expired(seq)) => Status::unauthenticated(format!(
-                "token expired; reconnect with a fresh token and after_seq {seq}"
-            )),
+            Err(End::Expired(seq)) => status::token_expired(seq),
             Err(End::Store(e)) => {
                 tracing::warn!(error = %e, user = %self.user, "stream ended: store read failed");
-                Status::unavailable(format!("{e}; resume from the last seq received"))
+                status::stream_interrupted(&e)
             }
-            Ok(()) => Status::unavailable("server is shutting down; resume on another replica"),
+            Ok(()) => status::shutting_down(),
         };
         let _ = self.out.send(Err(Box::new(status))).await;
     }

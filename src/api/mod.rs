@@ -195,7 +195,7 @@ impl<S: Store> NotificationsService<S> {
     ) -> Result<Response<EventStream>, Status> {
         let identity = self.identify(&request)?;
         if self.shutdown.is_cancelled() {
-            return Err(Status::unavailable("server is shutting down"));
+            return Err(status::shutting_down());
         }
         let req = request.into_inner();
         let types = parse_types(&req.types)?;

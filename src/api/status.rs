@@ -93,6 +93,32 @@ impl From<StoreError> for Status {
     }
 }
 
+/// How a stream ends when its token expires: `UNAUTHENTICATED`, telling
+/// the client to resume after `last_seq` with a fresh token.
+pub fn token_expired(last_seq: u64) -> Status {
+    Status::unauthenticated(format!(
+        "token expired; reconnect with a fresh token and after_seq {last_seq}"
+    ))
+}
+
+/// How a stream ends when a store read fails: `UNAVAILABLE` whatever the
+/// error, since resuming (here or on another replica) is the remedy. The
+/// caller logs `e`; the client sees its text only when the database was
+/// unavailable, never an internal error's.
+pub fn stream_interrupted(e: &StoreError) -> Status {
+    let cause = match e {
+        StoreError::Unavailable(..) => e.to_string(),
+        StoreError::IdempotencyKeyReused | StoreError::Internal(..) => "internal error".to_owned(),
+    };
+    Status::unavailable(format!("{cause}; resume from the last seq received"))
+}
+
+/// `UNAVAILABLE`: this replica is draining, for a new stream and for the
+/// ones it ends; the client resumes on another replica.
+pub fn shutting_down() -> Status {
+    Status::unavailable("server is shutting down; resume on another replica")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +167,23 @@ mod tests {
         let scope = Status::from(AuthError::MissingScope(crate::auth::SEND_SCOPE));
         assert_eq!(scope.code(), Code::PermissionDenied);
         assert_eq!(scope.message(), "token lacks the notifications:send scope");
+    }
+
+    #[test]
+    fn streams_end_unauthenticated_or_resumable() {
+        let expired = token_expired(7);
+        assert_eq!(expired.code(), Code::Unauthenticated);
+        assert!(expired.message().ends_with("after_seq 7"));
+        let internal = stream_interrupted(&StoreError::Internal("bug".into()));
+        assert_eq!(internal.code(), Code::Unavailable);
+        assert_eq!(
+            internal.message(),
+            "internal error; resume from the last seq received"
+        );
+        let down = stream_interrupted(&StoreError::Unavailable("timeout".into()));
+        assert_eq!(down.code(), Code::Unavailable);
+        assert!(down.message().contains("timeout"));
+        assert_eq!(shutting_down().code(), Code::Unavailable);
     }
 
     #[test]
