@@ -20,8 +20,7 @@ use crate::{
     store::StoreError,
 };
 
-/// When a client refused for a stream limit should retry: streams close
-/// all the time, and another replica may have room now.
+/// When a client refused for a stream limit should retry.
 const STREAM_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl From<AuthError> for Status {
@@ -52,7 +51,8 @@ impl From<RateLimitError> for Status {
 }
 
 impl From<StreamLimitError> for Status {
-    /// `RESOURCE_EXHAUSTED`, retry after [`STREAM_RETRY_AFTER`].
+    /// `RESOURCE_EXHAUSTED`, retry after a second: streams close all the
+    /// time, and another replica may have room now.
     fn from(e: StreamLimitError) -> Self {
         resource_exhausted(&e, STREAM_RETRY_AFTER)
     }
