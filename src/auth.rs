@@ -7,15 +7,20 @@
 //! only the algorithm it is for, so a token cannot choose its own (`alg:
 //! none` and HS/RS confusion fail), and header fields such as `kid` or `jku`
 //! never select a key. `exp` and `sub` are required; `nbf` is enforced when
-//! present; `iss` and `aud` are checked when configured.
+//! present; `iss` and `aud` are checked when configured. Claims are read as
+//! RFC 7519 writes them, not only as `herald token` does: `aud` may be an
+//! array (§4.1.3), dates may have fractions (§2).
+//!
+//! Refusals are [`AuthError`]s; `api::status` turns them into
+//! `UNAUTHENTICATED` or `PERMISSION_DENIED`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation, errors::ErrorKind};
 use serde::{Deserialize, Serialize};
-use tonic::{Status, metadata::MetadataMap};
+use tonic::metadata::MetadataMap;
 
-use crate::notification::{Tenant, UserId};
+use crate::notification::{InvalidArgument, Tenant, UserId};
 
 /// Scope a token needs to call `SendNotification`.
 pub const SEND_SCOPE: &str = "notifications:send";
@@ -28,7 +33,25 @@ pub const DEV_SECRET: &str = "herald-dev-secret-insecure-do-not-use-in-productio
 /// signature check.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
+/// Clock leeway when none is configured: jsonwebtoken's default, 60 s.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+
+/// Largest clock leeway accepted. Leeway absorbs clock skew between the
+/// token issuer and Herald, "usually no more than a few minutes" (RFC 7519
+/// §4.1.4); an hour of it is a misconfiguration.
+pub const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+
+/// Latest expiry Herald believes, counted from now: 100 years. A token may
+/// claim any `exp` up to 2^64 seconds (RFC 7519 §2 sets no bound), which no
+/// clock can hold; [`Identity::expires_at`] is clamped to this so that
+/// adding `expires_at - now` to any `SystemTime` or `Instant` of the
+/// process cannot overflow.
+pub const MAX_EXPIRY_AHEAD: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// The claims Herald reads from (and `herald token` writes into) a JWT.
+///
+/// Reading accepts what RFC 7519 allows, not only what `herald token`
+/// writes: `aud` as a string or an array, and NumericDates with fractions.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Claims {
     /// The user (RFC 7519 §4.1.2).
@@ -39,17 +62,114 @@ pub struct Claims {
     /// Space-separated scopes (RFC 8693 §4.2), e.g. `notifications:send`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub scope: String,
-    /// Expiry, seconds since the Unix epoch (RFC 7519 §4.1.4).
+    /// Expiry, seconds since the Unix epoch (RFC 7519 §4.1.4); read as a
+    /// NumericDate, whose fraction is dropped.
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: u64,
-    /// Issued-at, seconds since the Unix epoch.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Issued-at, seconds since the Unix epoch (RFC 7519 §4.1.6); read as a
+    /// NumericDate.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "optional_numeric_date"
+    )]
     pub iat: Option<u64>,
     /// Issuer (RFC 7519 §4.1.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     /// Audience (RFC 7519 §4.1.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// The `aud` claim (RFC 7519 §4.1.3): "an array of case-sensitive strings
+/// [...] In the special case when the JWT has one audience, the `aud` value
+/// MAY be a single case-sensitive string". Checking it against
+/// `--jwt-audience` is jsonwebtoken's: accepted when the configured
+/// audience is among the values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    /// One audience, written as a JSON string.
+    One(String),
+    /// Any number of audiences, written as a JSON array of strings.
+    Many(Vec<String>),
+}
+
+impl From<&str> for Audience {
+    fn from(audience: &str) -> Self {
+        Self::One(audience.to_owned())
+    }
+}
+
+impl From<String> for Audience {
+    fn from(audience: String) -> Self {
+        Self::One(audience)
+    }
+}
+
+/// Reads a NumericDate (RFC 7519 §2): seconds since the Unix epoch, which
+/// may be non-integer. The fraction is dropped: Herald keeps whole seconds
+/// (jsonwebtoken, which checks `exp` and `nbf`, rounds; the two differ by
+/// under a second). Negative, non-finite and ≥ 2^64 values are refused, as
+/// jsonwebtoken refuses them.
+fn numeric_date<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    deserializer.deserialize_any(NumericDate)
+}
+
+/// [`numeric_date`] for an optional claim: absent or `null` is `None`.
+fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    struct Optional;
+    impl<'de> serde::de::Visitor<'de> for Optional {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a NumericDate or null")
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            numeric_date(d).map(Some)
+        }
+    }
+    deserializer.deserialize_option(Optional)
+}
+
+/// Visits a NumericDate; see [`numeric_date`].
+struct NumericDate;
+
+impl serde::de::Visitor<'_> for NumericDate {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a NumericDate: seconds since the Unix epoch, from 0 to 2^64")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<u64, E> {
+        Ok(seconds)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<u64, E> {
+        u64::try_from(seconds).map_err(|_| E::custom("a NumericDate before 1970"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, seconds: f64) -> Result<u64, E> {
+        // 2^64 as f64 is exact; every finite value below it floors to a u64.
+        const LIMIT: f64 = 18_446_744_073_709_551_616.0;
+        if seconds.is_finite() && (0.0..LIMIT).contains(&seconds) {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Ok(seconds.floor() as u64)
+        } else {
+            Err(E::custom(format!(
+                "NumericDate {seconds} is not between 0 and 2^64"
+            )))
+        }
+    }
 }
 
 /// Who is calling, from a verified token.
@@ -60,6 +180,7 @@ pub struct Identity {
     /// The token's user (`sub`).
     pub user: UserId,
     /// When the token expires (`exp`); streams opened with it end then.
+    /// Never more than [`MAX_EXPIRY_AHEAD`] after the token was verified.
     pub expires_at: SystemTime,
     scopes: Vec<String>,
 }
@@ -70,14 +191,58 @@ impl Identity {
         self.scopes.iter().any(|s| s == scope)
     }
 
-    /// `Ok` when the token may send notifications, else `PERMISSION_DENIED`.
-    pub fn require_send(&self) -> Result<(), Status> {
+    /// `Ok` when the token may send notifications; else
+    /// [`AuthError::MissingScope`].
+    pub fn require_send(&self) -> Result<(), AuthError> {
         if self.has_scope(SEND_SCOPE) {
             Ok(())
         } else {
-            Err(Status::permission_denied(format!(
-                "token lacks the {SEND_SCOPE} scope"
-            )))
+            Err(AuthError::MissingScope(SEND_SCOPE))
+        }
+    }
+}
+
+/// Why a call's token was refused. Every variant but
+/// [`AuthError::MissingScope`] means the caller is not authenticated; that
+/// one means it is, but may not make the call (the gRPC status-code guide's
+/// `UNAUTHENTICATED` and `PERMISSION_DENIED`; mapped in `api::status`).
+/// Messages reach the client: they say what is wrong without helping to
+/// forge a token.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No `authorization` metadata.
+    #[error("missing authorization metadata")]
+    Missing,
+    /// The metadata is longer than a [`MAX_TOKEN_BYTES`] token needs.
+    #[error("token too large")]
+    TooLarge,
+    /// The metadata is not `Bearer <token>` (RFC 6750 §2.1).
+    #[error("authorization is not `Bearer <token>`")]
+    Malformed,
+    /// The token's `alg` is not the algorithm of any configured key.
+    #[error("invalid token: algorithm {0:?} is not accepted")]
+    Algorithm(Algorithm),
+    /// The token's `exp` is past, by more than the leeway.
+    #[error("token expired")]
+    Expired,
+    /// Any other reason the token does not verify: not a JWT, a bad
+    /// signature, `nbf` in the future, the wrong issuer or audience, a
+    /// claim missing or of the wrong type.
+    #[error("invalid token: {0}")]
+    Invalid(#[source] jsonwebtoken::errors::Error),
+    /// The `sub` or `tenant` claim is not a valid user id or tenant.
+    #[error("invalid token: {0}")]
+    Claim(#[source] InvalidArgument),
+    /// A valid token without the scope the call needs.
+    #[error("token lacks the {0} scope")]
+    MissingScope(&'static str),
+}
+
+impl From<jsonwebtoken::errors::Error> for AuthError {
+    fn from(e: jsonwebtoken::errors::Error) -> Self {
+        match e.kind() {
+            ErrorKind::ExpiredSignature => Self::Expired,
+            _ => Self::Invalid(e),
         }
     }
 }
@@ -104,7 +269,8 @@ impl std::fmt::Debug for VerificationKey {
     }
 }
 
-/// How tokens are verified: the keys plus optional issuer/audience checks.
+/// How tokens are verified: the keys, optional issuer/audience checks and
+/// the clock leeway.
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
     /// The verification keys (at least one); a token is accepted when any
@@ -114,6 +280,12 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
+    /// How far past its `exp`, or before its `nbf`, a token is still
+    /// accepted, for clock skew (RFC 7519 §4.1.4, §4.1.5). Whole seconds
+    /// (fractions are dropped), at most [`MAX_LEEWAY`]. It only widens the
+    /// check at the door: [`Identity::expires_at`] is still `exp`, so a
+    /// stream opened with a token inside its leeway ends at once.
+    pub leeway: Duration,
 }
 
 /// A misconfigured verification key.
@@ -181,6 +353,9 @@ impl Verifier {
         let mut validation = Validation::new(alg);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_nbf = true;
+        // `config.rs` refuses a larger leeway; the clamp keeps jsonwebtoken's
+        // `now - leeway` from underflowing whatever the caller passes.
+        validation.leeway = config.leeway.min(MAX_LEEWAY).as_secs();
         match &config.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -192,15 +367,12 @@ impl Verifier {
         Ok((alg, key, validation))
     }
 
-    /// Verifies the bearer token in `metadata`. Every failure is
-    /// `UNAUTHENTICATED` (gRPC status-code guide), with a reason that does
-    /// not help forge a token.
-    pub fn verify(&self, metadata: &MetadataMap) -> Result<Identity, Status> {
-        let value = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization metadata"))?;
+    /// Verifies the bearer token in `metadata` (RFC 6750 §2.1). Fails with
+    /// the [`AuthError`] saying why the caller is not authenticated.
+    pub fn verify(&self, metadata: &MetadataMap) -> Result<Identity, AuthError> {
+        let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
         if value.len() > MAX_TOKEN_BYTES + 7 {
-            return Err(Status::unauthenticated("token too large"));
+            return Err(AuthError::TooLarge);
         }
         let token = value
             .to_str()
@@ -209,7 +381,7 @@ impl Verifier {
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             })
-            .ok_or_else(|| Status::unauthenticated("authorization is not `Bearer <token>`"))?;
+            .ok_or(AuthError::Malformed)?;
         let token = token.trim();
         // A poisoned lock only means another call panicked mid-insert of a
         // complete entry; the map is still consistent.
@@ -231,32 +403,35 @@ impl Verifier {
         Ok(identity)
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<Identity, Status> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
-        let mut result = Err(Status::unauthenticated(format!(
-            "invalid token: algorithm {:?} is not accepted",
-            header.alg
-        )));
+    fn verify_uncached(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token)?;
+        let mut result = Err(AuthError::Algorithm(header.alg));
         for (_, key, validation) in self.keys.iter().filter(|(a, _, _)| *a == header.alg) {
-            result = jsonwebtoken::decode::<Claims>(token, key, validation)
-                .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")));
+            result =
+                jsonwebtoken::decode::<Claims>(token, key, validation).map_err(AuthError::from);
             if result.is_ok() {
                 break;
             }
         }
         let claims = result?.claims;
-        let user = UserId::parse("sub", &claims.sub)
-            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
-        let tenant = Tenant::parse(&claims.tenant)
-            .map_err(|e| Status::unauthenticated(format!("invalid token: {e}")))?;
+        let user = UserId::parse("sub", &claims.sub).map_err(AuthError::Claim)?;
+        let tenant = Tenant::parse(&claims.tenant).map_err(AuthError::Claim)?;
         Ok(Identity {
             tenant,
             user,
-            expires_at: UNIX_EPOCH + std::time::Duration::from_secs(claims.exp),
+            expires_at: expiry(claims.exp, SystemTime::now()),
             scopes: claims.scope.split_whitespace().map(str::to_owned).collect(),
         })
     }
+}
+
+/// The instant `exp` seconds after the Unix epoch, but at most
+/// [`MAX_EXPIRY_AHEAD`] after `now`.
+fn expiry(exp: u64, now: SystemTime) -> SystemTime {
+    let latest = now.checked_add(MAX_EXPIRY_AHEAD).unwrap_or(now);
+    UNIX_EPOCH
+        .checked_add(Duration::from_secs(exp))
+        .map_or(latest, |at| at.min(latest))
 }
 
 /// `message` as a request carrying `authorization: Bearer <token>` (RFC
@@ -301,4 +476,151 @@ pub fn mint(
         &claims,
         &EncodingKey::from_secret(secret),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(json: serde_json::Value) -> Result<Claims, serde_json::Error> {
+        serde_json::from_value(json)
+    }
+
+    #[test]
+    fn numeric_dates_may_be_fractional_but_not_out_of_range() {
+        let read = |exp: serde_json::Value| {
+            claims(serde_json::json!({"sub": "a", "exp": exp, "iat": exp})).map(|c| (c.exp, c.iat))
+        };
+        assert_eq!(
+            read(serde_json::json!(1_700_000_000)).unwrap(),
+            (1_700_000_000, Some(1_700_000_000))
+        );
+        assert_eq!(
+            read(serde_json::json!(1_700_000_000.9)).unwrap(),
+            (1_700_000_000, Some(1_700_000_000))
+        );
+        assert_eq!(read(serde_json::json!(u64::MAX)).unwrap().0, u64::MAX);
+        assert_eq!(
+            read(serde_json::json!(1e19)).unwrap().0,
+            10_000_000_000_000_000_000
+        );
+        for bad in [
+            serde_json::json!(-1),
+            serde_json::json!(-0.5),
+            serde_json::json!(1.8446744073709552e19),
+            serde_json::json!(1e300),
+            serde_json::json!("1700000000"),
+            serde_json::json!(null),
+        ] {
+            assert!(read(bad.clone()).is_err(), "{bad}");
+        }
+        let no_iat = claims(serde_json::json!({"sub": "a", "exp": 1, "iat": null})).unwrap();
+        assert_eq!(no_iat.iat, None);
+    }
+
+    #[test]
+    fn audience_is_a_string_or_an_array() {
+        let read = |aud: serde_json::Value| {
+            claims(serde_json::json!({"sub": "a", "exp": 1, "aud": aud})).map(|c| c.aud)
+        };
+        assert_eq!(
+            read(serde_json::json!("h")).unwrap(),
+            Some(Audience::One("h".into()))
+        );
+        assert_eq!(
+            read(serde_json::json!(["h", "i"])).unwrap(),
+            Some(Audience::Many(vec!["h".into(), "i".into()]))
+        );
+        assert!(read(serde_json::json!(["h", 1])).is_err());
+    }
+
+    #[test]
+    fn minted_tokens_are_unchanged() {
+        // The exact claims `mint` wrote before NumericDates and audience
+        // arrays were read: integers, a string `aud`, nothing empty.
+        let claims = Claims {
+            sub: "alice".into(),
+            tenant: String::new(),
+            scope: SEND_SCOPE.into(),
+            exp: 1_700_000_600,
+            iat: Some(1_700_000_000),
+            iss: None,
+            aud: Some("herald".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&claims).unwrap(),
+            r#"{"sub":"alice","scope":"notifications:send","exp":1700000600,"iat":1700000000,"aud":"herald"}"#
+        );
+    }
+
+    #[test]
+    fn refusals_are_typed() {
+        const SECRET: &[u8] = b"unit-test-secret-0123456789abcdef0123";
+        let verifier = Verifier::new(&AuthConfig {
+            keys: vec![VerificationKey::Secret(SECRET.to_vec())],
+            issuer: None,
+            audience: None,
+            leeway: Duration::ZERO,
+        })
+        .unwrap();
+        let verify = |authorization: Option<&str>| {
+            let mut metadata = MetadataMap::new();
+            if let Some(a) = authorization {
+                metadata.insert("authorization", a.parse().unwrap());
+            }
+            verifier.verify(&metadata)
+        };
+        let now = UNIX_EPOCH.elapsed().unwrap().as_secs();
+        let token = |claims: serde_json::Value| {
+            let key = EncodingKey::from_secret(SECRET);
+            let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key);
+            format!("Bearer {}", token.unwrap())
+        };
+        let valid = token(serde_json::json!({"sub": "alice", "exp": now + 60}));
+        let identity = verify(Some(&valid)).unwrap();
+        assert!(matches!(
+            identity.require_send(),
+            Err(AuthError::MissingScope(SEND_SCOPE))
+        ));
+        assert!(matches!(verify(None), Err(AuthError::Missing)));
+        assert!(matches!(
+            verify(Some("Basic abc")),
+            Err(AuthError::Malformed)
+        ));
+        let expired = token(serde_json::json!({"sub": "alice", "exp": now - 10}));
+        assert!(matches!(verify(Some(&expired)), Err(AuthError::Expired)));
+        let bad_sub = token(serde_json::json!({"sub": "", "exp": now + 60}));
+        assert!(matches!(verify(Some(&bad_sub)), Err(AuthError::Claim(_))));
+        assert!(matches!(
+            verify(Some("Bearer x.y.z")),
+            Err(AuthError::Invalid(_))
+        ));
+        let hs384 = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS384),
+            &serde_json::json!({"sub": "alice", "exp": now + 60}),
+            &EncodingKey::from_secret(SECRET),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify(Some(&format!("Bearer {hs384}"))),
+            Err(AuthError::Algorithm(Algorithm::HS384))
+        ));
+    }
+
+    #[test]
+    fn expiry_is_exact_up_to_the_clamp() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let latest = now + MAX_EXPIRY_AHEAD;
+        assert_eq!(
+            expiry(1_700_000_600, now),
+            UNIX_EPOCH + Duration::from_secs(1_700_000_600)
+        );
+        assert_eq!(expiry(0, now), UNIX_EPOCH);
+        for exp in [u64::MAX, 1 << 63, 1 << 40] {
+            assert_eq!(expiry(exp, now), latest, "exp {exp}");
+        }
+        // What subscription.rs does with it must not overflow either.
+        let left = expiry(u64::MAX, now).duration_since(now).unwrap();
+        assert!(std::time::Instant::now().checked_add(left).is_some());
+    }
 }

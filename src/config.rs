@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 
 use crate::{
-    auth::{AuthConfig, DEV_SECRET, VerificationKey},
+    auth::{AuthConfig, DEV_SECRET, MAX_LEEWAY, VerificationKey},
     bus::postgres::ListenerSettings,
     hub::StreamLimits,
     limits::RateSettings,
@@ -195,12 +195,25 @@ pub struct AuthArgs {
     /// Required `aud` claim.
     #[arg(long, env = "HERALD_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
+    /// How far past `exp` (or before `nbf`) a token is still accepted, for
+    /// clock skew between the token issuer and Herald (RFC 7519 §4.1.4),
+    /// e.g. `60s`; whole seconds, at most 1h.
+    #[arg(long, env = "HERALD_JWT_LEEWAY", default_value = "60s", value_parser = duration)]
+    pub jwt_leeway: Duration,
 }
 
 impl AuthArgs {
     /// The verification configuration for `serve`: HS256 secret(s) or
-    /// public key(s), not both.
+    /// public key(s), not both; a leeway of at most [`MAX_LEEWAY`].
     pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        if self.jwt_leeway > MAX_LEEWAY {
+            return Err(ConfigError::Invalid(format!(
+                "--jwt-leeway: {} is more than {}; leeway only absorbs clock skew between \
+                 the token issuer and Herald, usually seconds (RFC 7519 §4.1.4)",
+                humantime::format_duration(self.jwt_leeway),
+                humantime::format_duration(MAX_LEEWAY),
+            )));
+        }
         let given_secret =
             self.secret.jwt_secret.is_some() || self.secret.jwt_secret_file.is_some();
         if self.secret.jwt_secret.is_some() && self.secret.jwt_secret_file.is_some()
@@ -239,6 +252,7 @@ impl AuthArgs {
             keys,
             issuer: self.jwt_issuer.clone(),
             audience: self.jwt_audience.clone(),
+            leeway: self.jwt_leeway,
         })
     }
 }
@@ -586,6 +600,31 @@ mod tests {
         assert_eq!(
             ok.cors_origins,
             ["https://a.example", "http://127.0.0.1:5173"]
+        );
+    }
+
+    #[test]
+    fn jwt_leeway_defaults_to_a_minute_and_refuses_an_hour_more() {
+        let leeway = |args: &[&str]| {
+            let mut argv = vec!["--dev"];
+            argv.extend_from_slice(args);
+            parse(&argv).map(|c| c.auth.leeway)
+        };
+        if std::env::var_os("HERALD_JWT_LEEWAY").is_none() {
+            assert_eq!(leeway(&[]).unwrap(), crate::auth::DEFAULT_LEEWAY);
+        }
+        assert_eq!(leeway(&["--jwt-leeway", "0s"]).unwrap(), Duration::ZERO);
+        assert_eq!(
+            leeway(&["--jwt-leeway", "5s"]).unwrap(),
+            Duration::from_secs(5)
+        );
+        assert_eq!(leeway(&["--jwt-leeway", "1h"]).unwrap(), MAX_LEEWAY);
+        let err = leeway(&["--jwt-leeway", "1h 1s"]).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("--jwt-leeway: 1h 1s is more than 1h"),
+            "{err}"
         );
     }
 }

@@ -2,9 +2,10 @@
 //! (GCRA, from the `governor` crate), so one misbehaving service cannot
 //! flood the database, and one user cannot be flooded.
 //!
-//! A refused send is `RESOURCE_EXHAUSTED` with a `google.rpc.RetryInfo`
-//! detail saying when to retry (gRPC status-code guide; Google API error
-//! model, AIP-193), and stores nothing.
+//! A refused send is a [`RateLimitError`] saying when to retry, and stores
+//! nothing; `api::status` makes it `RESOURCE_EXHAUSTED` with a
+//! `google.rpc.RetryInfo` detail (gRPC status-code guide; Google API error
+//! model, AIP-193).
 
 use std::{num::NonZeroU32, time::Duration};
 
@@ -12,8 +13,6 @@ use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock, DefaultClock},
 };
-use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::notification::UserId;
 
@@ -42,6 +41,37 @@ impl Default for RateSettings {
 }
 
 type Key = (String, String);
+
+/// A send refused by a rate limit: which bucket is empty, and how long
+/// until it holds a token again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateLimitError {
+    /// The sender is over its send rate.
+    #[error("sender {sender} is over its send rate")]
+    Sender {
+        /// The sender (token `sub`).
+        sender: String,
+        /// When its bucket has a token again.
+        retry_after: Duration,
+    },
+    /// A recipient is over its notification rate.
+    #[error("recipients: {recipient} is over its notification rate")]
+    Recipient {
+        /// The first recipient found over its rate.
+        recipient: UserId,
+        /// When its bucket has a token again.
+        retry_after: Duration,
+    },
+}
+
+impl RateLimitError {
+    /// How long the caller should wait before retrying.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Self::Sender { retry_after, .. } | Self::Recipient { retry_after, .. } => *retry_after,
+        }
+    }
+}
 
 /// The limiters of one replica (limits are per replica).
 pub struct RateLimits {
@@ -78,32 +108,30 @@ impl RateLimits {
     }
 
     /// Charges one send to `sender` and one notification to each of
-    /// `recipients`. `RESOURCE_EXHAUSTED` with retry information when any
-    /// bucket is empty; tokens already taken for this send are not
-    /// returned (the limit errs on the strict side).
+    /// `recipients`. A [`RateLimitError`] when any bucket is empty; tokens
+    /// already taken for this send are not returned (the limit errs on the
+    /// strict side).
     pub fn check_send(
         &self,
         tenant: &str,
         sender: &str,
         recipients: &[UserId],
-    ) -> Result<(), Status> {
+    ) -> Result<(), RateLimitError> {
         if let Some(senders) = &self.senders
             && let Err(not_until) = senders.check_key(&(tenant.to_owned(), sender.to_owned()))
         {
-            let wait = not_until.wait_time_from(self.clock.now());
-            return Err(exhausted(
-                format!("sender {sender} is over its send rate"),
-                wait,
-            ));
+            return Err(RateLimitError::Sender {
+                sender: sender.to_owned(),
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            });
         }
         if let Some(limiter) = &self.recipients {
             for r in recipients {
                 if let Err(not_until) = limiter.check_key(&(tenant.to_owned(), r.to_string())) {
-                    let wait = not_until.wait_time_from(self.clock.now());
-                    return Err(exhausted(
-                        format!("recipients: {r} is over its notification rate"),
-                        wait,
-                    ));
+                    return Err(RateLimitError::Recipient {
+                        recipient: r.clone(),
+                        retry_after: not_until.wait_time_from(self.clock.now()),
+                    });
                 }
             }
         }
@@ -134,16 +162,6 @@ pub async fn forget_idle_keys(
     }
 }
 
-/// `RESOURCE_EXHAUSTED` with a `RetryInfo` detail of `retry_after`.
-pub fn exhausted(message: String, retry_after: Duration) -> Status {
-    let retry_after = retry_after.max(Duration::from_millis(1));
-    Status::with_error_details(
-        Code::ResourceExhausted,
-        format!("{message}; retry in {} ms", retry_after.as_millis()),
-        ErrorDetails::with_retry_info(Some(retry_after)),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,7 +174,7 @@ mod tests {
     }
 
     #[test]
-    fn sender_and_recipient_buckets_refuse_with_retry_info() {
+    fn sender_and_recipient_buckets_refuse_with_when_to_retry() {
         let limits = RateLimits::new(RateSettings {
             per_sender: 1,
             sender_burst: 3,
@@ -167,14 +185,12 @@ mod tests {
         limits.check_send("t", "svc-a", &alice).unwrap();
         limits.check_send("t", "svc-b", &alice).unwrap();
         let err = limits.check_send("t", "svc-c", &alice).unwrap_err();
-        assert_eq!(err.code(), Code::ResourceExhausted);
         assert!(
-            err.message().starts_with("recipients: alice"),
-            "{}",
-            err.message()
+            matches!(&err, RateLimitError::Recipient { recipient, .. } if *recipient == alice[0]),
+            "{err:?}"
         );
-        let retry = err.get_details_retry_info().expect("RetryInfo detail");
-        assert!(retry.retry_delay.is_some_and(|d| d > Duration::ZERO));
+        assert!(err.to_string().starts_with("recipients: alice"), "{err}");
+        assert!(err.retry_after() > Duration::ZERO);
         // Another tenant's alice is another bucket.
         limits.check_send("u", "svc-c", &alice).unwrap();
         for i in 0..2 {
@@ -184,10 +200,11 @@ mod tests {
         }
         let err = limits.check_send("t", "svc-a", &users(&["y"])).unwrap_err();
         assert!(
-            err.message().starts_with("sender svc-a"),
-            "{}",
-            err.message()
+            matches!(&err, RateLimitError::Sender { sender, .. } if sender == "svc-a"),
+            "{err:?}"
         );
+        assert!(err.to_string().starts_with("sender svc-a"), "{err}");
+        assert!(err.retry_after() > Duration::ZERO);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::{
-    api::convert::control,
+    api::{convert::control, status},
     hub::{Next, Subscription},
     notification::{Epoch, EventBody, StreamEvent, StreamHead},
     proto::{self, event::Kind, resync::Reason as ResyncReason},
@@ -190,17 +190,12 @@ impl<S: Store> Session<S> {
         let result = self.stream(start, &mut position).await;
         let status = match result {
             End::Gone => return,
-            End::Expired => Status::unauthenticated(format!(
-                "token expired; reconnect with a fresh token, after_seq {} and epoch {}",
-                position.seq, position.epoch
-            )),
+            End::Expired => status::token_expired(position.seq, position.epoch),
             End::Store(e) => {
                 tracing::warn!(error = %e, user = %self.user, "stream ended: store read failed");
-                Status::unavailable(format!("{e}; resume from the last seq received"))
+                status::stream_interrupted(&e)
             }
-            End::Shutdown => {
-                Status::unavailable("server is shutting down; resume on another replica")
-            }
+            End::Shutdown => status::shutting_down(),
         };
         last_word.send(Err(Box::new(status)));
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use common::*;
 use herald::{
-    auth::{AuthConfig, Claims, SEND_SCOPE, VerificationKey},
+    auth::{AuthConfig, Claims, DEFAULT_LEEWAY, SEND_SCOPE, VerificationKey},
     proto::{self, mark_read_request::Target},
     server,
 };
@@ -62,6 +62,7 @@ async fn replica_with(key: VerificationKey, audience: Option<&str>) -> server::R
         keys: vec![key],
         issuer: Some("https://id.example".into()).filter(|_| audience.is_some()),
         audience: audience.map(str::to_owned),
+        leeway: DEFAULT_LEEWAY,
     };
     server::start(config).await.unwrap()
 }
@@ -289,3 +290,163 @@ conformance!(
     users_are_isolated,
     tenants_are_isolated
 );
+
+/// `claims` as given, signed with the test secret: for claims the `Claims`
+/// struct would not write (arrays, fractions, extremes).
+fn hs256_json(claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET),
+    )
+    .unwrap()
+}
+
+/// A validly signed token whose `exp` is near 2^64 seconds is accepted
+/// without panicking the worker (`UNIX_EPOCH + exp` used to overflow), and
+/// a stream opened with it runs: its expiry is clamped to something every
+/// later computation can hold.
+#[tokio::test]
+async fn far_future_exp_is_accepted_without_overflow() {
+    bounded(async {
+        let server = replica_with(VerificationKey::Secret(SECRET.to_vec()), None).await;
+        for exp in [u64::MAX, u64::MAX - 60, 1 << 63, 1 << 40] {
+            let token = hs256_json(&serde_json::json!({"sub": "alice", "exp": exp}));
+            let unread = count_with(server.addr, Some(&token)).await;
+            assert_eq!(unread.map_err(|s| s.code()), Ok(0), "exp {exp}");
+            let mut stream = client(server.addr)
+                .await
+                .subscribe(authed(
+                    proto::SubscribeRequest {
+                        after_seq: Some(0),
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap_or_else(|s| panic!("exp {exp}: {s:?}"))
+                .into_inner();
+            until_caught_up(&mut stream).await;
+        }
+        server.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
+
+/// `aud` may be an array of strings (RFC 7519 §4.1.3): accepted when the
+/// configured audience is one of them, refused otherwise.
+#[tokio::test]
+async fn audience_may_be_an_array() {
+    bounded(async {
+        let server = replica_with(VerificationKey::Secret(SECRET.to_vec()), Some("herald")).await;
+        let with_aud = |aud: serde_json::Value| {
+            hs256_json(&serde_json::json!({
+                "sub": "alice",
+                "exp": now() + 600,
+                "iss": "https://id.example",
+                "aud": aud,
+            }))
+        };
+        for aud in [
+            serde_json::json!("herald"),
+            serde_json::json!(["herald"]),
+            serde_json::json!(["billing", "herald"]),
+        ] {
+            let result = count_with(server.addr, Some(&with_aud(aud.clone()))).await;
+            assert_eq!(result.map_err(|s| s.code()), Ok(0), "aud {aud}");
+        }
+        for aud in [
+            serde_json::json!("billing"),
+            serde_json::json!(["billing", "reports"]),
+            serde_json::json!([]),
+            serde_json::json!(["herald", 7]),
+        ] {
+            let err = count_with(server.addr, Some(&with_aud(aud.clone())))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "aud {aud}: {err:?}");
+        }
+        server.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
+
+/// `exp`, `nbf` and `iat` are NumericDates, which may be non-integer (RFC
+/// 7519 §2): accepted, and still checked.
+#[tokio::test]
+async fn numeric_dates_may_have_fractions() {
+    bounded(async {
+        let server = replica_with(VerificationKey::Secret(SECRET.to_vec()), None).await;
+        let now = now() as f64;
+        let good = hs256_json(&serde_json::json!({
+            "sub": "alice",
+            "exp": now + 600.5,
+            "nbf": now - 10.25,
+            "iat": now - 10.25,
+        }));
+        let unread = count_with(server.addr, Some(&good)).await;
+        assert_eq!(unread.map_err(|s| s.code()), Ok(0));
+        for (name, claims) in [
+            (
+                "expired",
+                serde_json::json!({"sub": "alice", "exp": now - 3600.5}),
+            ),
+            (
+                "not yet valid",
+                serde_json::json!({"sub": "alice", "exp": now + 7200.5, "nbf": now + 3600.5}),
+            ),
+            ("negative", serde_json::json!({"sub": "alice", "exp": -1.5})),
+            (
+                "beyond 2^64",
+                serde_json::json!({"sub": "alice", "exp": 1e300}),
+            ),
+        ] {
+            let err = count_with(server.addr, Some(&hs256_json(&claims)))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated, "{name}: {err:?}");
+        }
+        server.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}
+
+/// The clock leeway (`--jwt-leeway`, RFC 7519 §4.1.4) applies to `exp` and
+/// `nbf`: with the default minute, a token expired 30 s ago, or valid in
+/// 30 s, is accepted; with less, refused.
+#[tokio::test]
+async fn clock_leeway_is_configurable() {
+    bounded(async {
+        let expired = hs256_json(&serde_json::json!({"sub": "alice", "exp": now() - 30}));
+        let early = hs256_json(&serde_json::json!({
+            "sub": "alice",
+            "exp": now() + 600,
+            "nbf": now() + 30,
+        }));
+        for (leeway, accepted) in [
+            (DEFAULT_LEEWAY, true),
+            (Duration::ZERO, false),
+            (Duration::from_secs(5), false),
+            (Duration::from_secs(120), true),
+        ] {
+            let mut config = test_config(None);
+            config.auth.leeway = leeway;
+            let server = server::start(config).await.unwrap();
+            for (name, token) in [("exp 30 s ago", &expired), ("nbf in 30 s", &early)] {
+                let result = count_with(server.addr, Some(token)).await;
+                let expected = if accepted {
+                    Ok(0)
+                } else {
+                    Err(Code::Unauthenticated)
+                };
+                assert_eq!(
+                    result.map_err(|s| s.code()),
+                    expected,
+                    "{name}, leeway {leeway:?}"
+                );
+            }
+            server.stop(Duration::from_secs(5)).await.unwrap();
+        }
+    })
+    .await;
+}

@@ -203,6 +203,7 @@ async fn key_rotation_and_kid_tricks() {
             ],
             issuer: None,
             audience: None,
+            leeway: herald::auth::DEFAULT_LEEWAY,
         };
         let replica = herald::server::start(config).await.unwrap();
         let c = client(replica.addr).await;

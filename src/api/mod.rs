@@ -1,8 +1,10 @@
 //! The gRPC service `herald.v1.Notifications`: authenticate, parse the
 //! request into domain values, call the store or start a stream, convert
-//! back. No SQL and no delivery logic here.
+//! back. No SQL and no delivery logic here; errors become statuses in
+//! [`status`].
 
 pub mod convert;
+pub mod status;
 
 use std::{collections::HashSet, sync::Arc};
 
@@ -11,15 +13,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
-    auth::{Identity, Verifier},
+    auth::{AuthError, Identity, Verifier},
     hub::Hub,
-    limits::{RateLimits, exhausted},
+    limits::RateLimits,
     notification::{
         InvalidArgument, NewNotification, NotificationType, PageQuery, ReadTarget, SendLimits,
         StreamKey,
     },
     proto::{self, notifications_server::Notifications},
-    store::{Store, StoreError},
+    store::Store,
     subscription::{EventStream, Session, Start, StreamSettings, token_deadline},
     telemetry::names,
 };
@@ -28,33 +30,8 @@ use crate::{
 /// the hub's per-stream queue is the real buffer.
 const OUT_BUFFER: usize = 16;
 
-/// When a client refused for its stream limit should retry.
-const STREAM_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Most entries in `SubscribeRequest.types`.
 pub const MAX_TYPE_FILTERS: usize = 64;
-
-impl From<InvalidArgument> for Status {
-    fn from(e: InvalidArgument) -> Self {
-        Status::invalid_argument(e.to_string())
-    }
-}
-
-impl From<StoreError> for Status {
-    /// Maps store errors per the gRPC status-code guide: a database that
-    /// cannot be reached is `UNAVAILABLE` (retryable), a reused idempotency
-    /// key `FAILED_PRECONDITION`, anything else `INTERNAL`.
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
-            StoreError::IdempotencyKeyReused => Status::failed_precondition(e.to_string()),
-            StoreError::Internal(_) => {
-                tracing::error!(error = %e, "store error");
-                Status::internal("internal error")
-            }
-        }
-    }
-}
 
 /// The service implementation, generic over the store.
 pub struct NotificationsService<S> {
@@ -89,7 +66,7 @@ impl<S: Store> NotificationsService<S> {
         }
     }
 
-    fn identify<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
+    fn identify<T>(&self, request: &Request<T>) -> Result<Identity, AuthError> {
         self.verifier.verify(request.metadata())
     }
 }
@@ -223,7 +200,7 @@ impl<S: Store> NotificationsService<S> {
     ) -> Result<Response<EventStream>, Status> {
         let identity = self.identify(&request)?;
         if self.shutdown.is_cancelled() {
-            return Err(Status::unavailable("server is shutting down"));
+            return Err(status::shutting_down());
         }
         let req = request.into_inner();
         let types = parse_types(&req.types)?;
@@ -231,10 +208,7 @@ impl<S: Store> NotificationsService<S> {
         let user = identity.user.as_str();
         // Register first, then read the head: whatever commits after the
         // head was read is already being queued for this stream.
-        let subscription = self
-            .hub
-            .subscribe(StreamKey::user(tenant, user))
-            .map_err(|e| exhausted(e.to_string(), STREAM_RETRY_AFTER))?;
+        let subscription = self.hub.subscribe(StreamKey::user(tenant, user))?;
         let head = self.store.head(tenant, user).await?;
         let start = Start::new(req.after_seq, req.epoch, head);
         let (out, rx) = mpsc::channel(OUT_BUFFER);

@@ -171,6 +171,7 @@ pub fn test_config(database_url: Option<String>) -> Config {
         keys: vec![VerificationKey::Secret(SECRET.to_vec())],
         issuer: None,
         audience: None,
+        leeway: herald::auth::DEFAULT_LEEWAY,
     };
     let mut config = Config::new(SocketAddr::from(([127, 0, 0, 1], 0)), auth);
     config.database_url = database_url;
