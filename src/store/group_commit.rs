@@ -37,13 +37,13 @@ use tokio::{
 
 use super::{
     StoreError, StoreResult,
-    log::{self, Append, NewEvent},
+    log::{self, Append, NewContent, NewEvent},
     postgres::{bound_statements, pg_error, pool_error, replay_idempotent},
 };
 use crate::{
     bus::Bus,
     jobs::Jobs,
-    notification::{Content, Delivery, NewNotification, Sent},
+    notification::{Delivery, EventBody, NewNotification, Sent},
 };
 
 /// Most recipient rows in one batch, whatever the number of sends.
@@ -261,8 +261,48 @@ async fn try_commit(
 ) -> StoreResult<Vec<StoreResult<Sent>>> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(pg_error)?;
-    bound_statements(&tx, statement_timeout).await?;
+    // The statement timeout is sent first and pipelined with the batch's
+    // statements (the server runs them in order): one round trip less.
+    let ((), (writes, mut deliveries, fingerprints)) = futures_util::future::try_join(
+        bound_statements(&tx, statement_timeout),
+        write_batch(&tx, bus, jobs),
+    )
+    .await?;
+    tx.commit().await.map_err(pg_error)?;
+    drop(client);
 
+    // 4. Answer the jobs that wrote nothing from their key's stored result.
+    let mut outcomes = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter().enumerate() {
+        if writes[i] {
+            outcomes.push(Ok(Sent {
+                deliveries: std::mem::take(&mut deliveries[i]),
+                replayed: false,
+            }));
+        } else {
+            let (t, s, k) = idem_key(job).unwrap_or_default();
+            let fingerprint = fingerprints.get(&i).map_or("", String::as_str);
+            let replayed = replay_idempotent(pool, t, s, k, fingerprint).await;
+            outcomes.push(replayed.map(|deliveries| Sent {
+                deliveries,
+                replayed: true,
+            }));
+        }
+    }
+    Ok(outcomes)
+}
+
+/// What [`write_batch`] did: per job, whether it wrote (false: its key was
+/// used before), its deliveries, and the fingerprints of keyed jobs.
+type Written = (Vec<bool>, Vec<Vec<Delivery>>, HashMap<usize, String>);
+
+/// Steps 1 to 3 of a batch, in `tx`: claim idempotency keys, append every
+/// writing job's notifications, remember the keyed responses.
+async fn write_batch(
+    tx: &deadpool_postgres::Transaction<'_>,
+    bus: &dyn Bus,
+    jobs: &[Job],
+) -> StoreResult<Written> {
     // 1. Claim idempotency keys, in key order. A job whose key is already
     //    stored (or claimed by an earlier job of this batch) writes nothing
     //    and is answered from the stored result after the commit.
@@ -321,39 +361,27 @@ async fn try_commit(
         .map(|j| Vec::with_capacity(j.n.recipients.len()))
         .collect();
     if !writing.is_empty() {
-        let fields: Vec<(&str, &str, &str, &str)> = writing
+        let contents: Vec<NewContent<'_>> = writing
             .iter()
             .map(|&i| {
                 let n = &jobs[i].n;
-                (
-                    n.kind.as_str(),
-                    n.title.as_str(),
-                    n.body.as_str(),
-                    n.data.as_str(),
-                )
+                NewContent {
+                    kind: n.kind.as_str(),
+                    title: &n.title,
+                    body: &n.body,
+                    data: &n.data,
+                }
             })
             .collect();
-        let (content_ids, stored_at) = log::insert_contents(&tx, &fields).await?;
         let mut appends = Vec::new();
-        for (&i, content_id) in writing.iter().zip(content_ids) {
-            let n = &jobs[i].n;
-            let content = Arc::new(Content {
-                kind: n.kind.as_str().to_owned(),
-                title: n.title.clone(),
-                body: n.body.clone(),
-                data: n.data.clone(),
-                created_at: stored_at,
-            });
-            appends.extend(n.recipients.iter().map(|user| Append {
+        for (c, &i) in writing.iter().enumerate() {
+            appends.extend(jobs[i].n.recipients.iter().map(|user| Append {
                 tenant: &jobs[i].tenant,
                 user: user.as_str(),
-                event: NewEvent::Notification {
-                    content_id,
-                    content: content.clone(),
-                },
+                event: NewEvent::Notification(c),
             }));
         }
-        let committed = log::append(&tx, bus, &appends).await?;
+        let committed = log::append(tx, bus, &contents, &appends).await?;
         let mut committed = committed.into_iter();
         for &i in &writing {
             for user in &jobs[i].n.recipients {
@@ -361,8 +389,8 @@ async fn try_commit(
                     .next()
                     .ok_or_else(|| StoreError::internal("append returned too few events"))?;
                 let id = match &c.event.body {
-                    crate::notification::EventBody::Notification(n) => n.id,
-                    crate::notification::EventBody::Read(_) => 0,
+                    EventBody::Notification(n) => n.id,
+                    EventBody::Read(_) => 0,
                 };
                 deliveries[i].push(Delivery {
                     recipient: user.to_string(),
@@ -397,26 +425,5 @@ async fn try_commit(
             .map_err(pg_error)?;
     }
 
-    tx.commit().await.map_err(pg_error)?;
-    drop(client);
-
-    // 4. Answer the jobs that wrote nothing from their key's stored result.
-    let mut outcomes = Vec::with_capacity(jobs.len());
-    for (i, job) in jobs.iter().enumerate() {
-        if writes[i] {
-            outcomes.push(Ok(Sent {
-                deliveries: std::mem::take(&mut deliveries[i]),
-                replayed: false,
-            }));
-        } else {
-            let (t, s, k) = idem_key(job).unwrap_or_default();
-            let fingerprint = fingerprints.get(&i).map_or("", String::as_str);
-            let replayed = replay_idempotent(pool, t, s, k, fingerprint).await;
-            outcomes.push(replayed.map(|deliveries| Sent {
-                deliveries,
-                replayed: true,
-            }));
-        }
-    }
-    Ok(outcomes)
+    Ok((writes, deliveries, fingerprints))
 }

@@ -7,7 +7,8 @@
 //! gap-free and in commit order, and concurrent appends to overlapping
 //! streams cannot deadlock. Then each event kind inserts its rows (one
 //! statement per kind present), and the bus stages the committed events in
-//! the same transaction. Event kinds and their rows:
+//! the same transaction, all pipelined: an append costs two round trips
+//! whatever it holds. Event kinds and their rows:
 //!
 //! | kind | row |
 //! |---|---|
@@ -16,11 +17,13 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
+    pin::Pin,
     sync::Arc,
 };
 
-use deadpool_postgres::GenericClient;
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{GenericClient, Transaction};
+use tokio_postgres::types::ToSql;
 
 use super::{
     StoreError, StoreResult,
@@ -33,17 +36,25 @@ use crate::{
     },
 };
 
+/// A send's content, before it is stored.
+#[derive(Debug, Clone, Copy)]
+pub struct NewContent<'a> {
+    /// Event type.
+    pub kind: &'a str,
+    /// Headline.
+    pub title: &'a str,
+    /// Body text.
+    pub body: &'a str,
+    /// JSON object text.
+    pub data: &'a str,
+}
+
 /// An event to append, before it has a seq.
 #[derive(Debug, Clone)]
 pub enum NewEvent {
-    /// A notification of stored content `content_id` (see
-    /// [`insert_contents`]).
-    Notification {
-        /// The content's row id.
-        content_id: i64,
-        /// The content itself, shared with the send's other recipients.
-        content: Arc<Content>,
-    },
+    /// A notification of the content at this index of `append`'s
+    /// `contents` (the recipients of one send share one).
+    Notification(usize),
     /// A read-state change.
     Read(ReadChange),
 }
@@ -59,193 +70,242 @@ pub struct Append<'a> {
     pub event: NewEvent,
 }
 
+// One row: per stream (arrays in key order) the last seq taken; the epoch;
+// the transaction's time; and the ids drawn for contents and notifications
+// (uncorrelated subqueries, evaluated once).
 const TAKE_SEQS: &str = "WITH taken AS ( \
        INSERT INTO user_streams AS s (tenant, user_id, last_seq) \
        SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS c(tenant, user_id, n) \
        ORDER BY tenant, user_id \
        ON CONFLICT (tenant, user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq \
        RETURNING s.tenant, s.user_id, s.last_seq \
-     ) SELECT taken.*, m.epoch FROM taken CROSS JOIN herald_meta m";
+     ) SELECT array_agg(tenant), array_agg(user_id), array_agg(last_seq), \
+       (SELECT epoch FROM herald_meta), now(), \
+       (SELECT coalesce(array_agg(nextval('contents_id_seq')), '{}') \
+        FROM generate_series(1, $4::int8)), \
+       (SELECT coalesce(array_agg(nextval('notifications_id_seq')), '{}') \
+        FROM generate_series(1, $5::int8)) \
+     FROM taken";
 
-// Ids are drawn in the input CTE (materialized: it is referenced twice and
-// calls a volatile function, PostgreSQL docs "WITH Queries"), so they come
-// back in input order without a lookup.
-const INSERT_NOTIFICATIONS: &str = "WITH input AS ( \
-       SELECT nextval('notifications_id_seq') AS id, r.* \
-       FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) \
-         WITH ORDINALITY AS r(tenant, user_id, seq, content_id, ord) \
-     ), ins AS ( \
-       INSERT INTO notifications (id, tenant, user_id, seq, content_id) \
-       SELECT id, tenant, user_id, seq, content_id FROM input \
-     ) SELECT id FROM input ORDER BY ord";
+// Contents and their notifications in one statement (data-modifying CTEs
+// always run: PostgreSQL docs, "Data-Modifying Statements in WITH").
+const INSERT_NOTIFICATIONS: &str = "WITH c AS ( \
+       INSERT INTO contents (id, type, title, body, data, created_at) \
+       SELECT id, type, title, body, data::json, $11 \
+       FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+         AS c(id, type, title, body, data) \
+     ) INSERT INTO notifications (id, tenant, user_id, seq, content_id, created_at) \
+     SELECT id, tenant, user_id, seq, content_id, $11 \
+     FROM unnest($6::int8[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
+       AS r(id, tenant, user_id, seq, content_id)";
 
 const INSERT_READ_EVENT: &str = "INSERT INTO read_events \
      (tenant, user_id, seq, notification_ids, up_to_seq) VALUES ($1, $2, $3, $4, $5)";
 
-const INSERT_CONTENTS: &str = "WITH input AS ( \
-       SELECT nextval('contents_id_seq') AS id, c.* \
-       FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) \
-         WITH ORDINALITY AS c(type, title, body, data, ord) \
-     ), ins AS ( \
-       INSERT INTO contents (id, type, title, body, data) \
-       SELECT id, type, title, body, data::json FROM input \
-     ) SELECT id, now() AS created_at FROM input ORDER BY ord";
-
-/// Stores the content of sends once each, in `tx`; returns the row ids in
-/// the order given and the store time (the transaction's).
-pub async fn insert_contents(
+/// Runs `statement` in `tx`.
+async fn execute(
     tx: &Transaction<'_>,
-    contents: &[(&str, &str, &str, &str)],
-) -> StoreResult<(Vec<i64>, std::time::SystemTime)> {
-    let kinds: Vec<&str> = contents.iter().map(|c| c.0).collect();
-    let titles: Vec<&str> = contents.iter().map(|c| c.1).collect();
-    let bodies: Vec<&str> = contents.iter().map(|c| c.2).collect();
-    let data: Vec<&str> = contents.iter().map(|c| c.3).collect();
-    let stmt = tx.prepare_cached(INSERT_CONTENTS).await.map_err(pg_error)?;
-    let rows = tx
-        .query(&stmt, &[&kinds, &titles, &bodies, &data])
-        .await
-        .map_err(pg_error)?;
-    let mut at = std::time::SystemTime::now();
-    let ids = rows
-        .iter()
-        .map(|r| {
-            at = r.try_get(1)?;
-            r.try_get(0)
-        })
-        .collect::<Result<Vec<i64>, _>>()
-        .map_err(pg_error)?;
-    if ids.len() != contents.len() {
-        return Err(StoreError::internal("content insert returned too few rows"));
-    }
-    Ok((ids, at))
+    statement: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> StoreResult<()> {
+    let stmt = tx.prepare_cached(statement).await.map_err(pg_error)?;
+    tx.execute(&stmt, params).await.map_err(pg_error)?;
+    Ok(())
 }
 
-/// Appends `appends` to their streams in `tx` and stages them on `bus`;
-/// returns the events in the order given (per stream, seq order). Nothing
-/// is visible to anyone until `tx` commits; on rollback the seqs are not
-/// used.
-pub async fn append(
+/// What taking seqs returned: per stream the next seq to hand out, the
+/// epoch, the transaction's time (every row's store time), and the ids
+/// drawn for contents and notifications.
+struct Taken {
+    next: HashMap<(String, String), i64>,
+    epoch: Epoch,
+    at: std::time::SystemTime,
+    content_ids: Vec<i64>,
+    note_ids: Vec<i64>,
+}
+
+/// Takes `counts[stream]` seqs on each stream, streams locked in key
+/// order, and draws `contents` content ids and `notes` notification ids:
+/// one statement, one row.
+async fn take_seqs(
     tx: &Transaction<'_>,
-    bus: &dyn Bus,
-    appends: &[Append<'_>],
-) -> StoreResult<Vec<Committed>> {
-    if appends.is_empty() {
-        return Ok(Vec::new());
-    }
-    // 1. Seqs: one statement for every stream, locked in key order.
-    let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
-    for a in appends {
-        *counts.entry((a.tenant, a.user)).or_default() += 1;
-    }
+    counts: &BTreeMap<(&str, &str), i64>,
+    contents: usize,
+    notes: usize,
+) -> StoreResult<Taken> {
     let tenants: Vec<&str> = counts.keys().map(|(t, _)| *t).collect();
     let users: Vec<&str> = counts.keys().map(|(_, u)| *u).collect();
     let ns: Vec<i64> = counts.values().copied().collect();
+    let contents = i64::try_from(contents).unwrap_or(i64::MAX);
+    let notes = i64::try_from(notes).unwrap_or(i64::MAX);
     let stmt = tx.prepare_cached(TAKE_SEQS).await.map_err(pg_error)?;
-    let rows = tx
-        .query(&stmt, &[&tenants, &users, &ns])
+    let row = tx
+        .query_one(&stmt, &[&tenants, &users, &ns, &contents, &notes])
         .await
         .map_err(pg_error)?;
-    let mut epoch: Epoch = 0;
-    // Per stream: the next seq to hand out.
-    let mut next: HashMap<(String, String), i64> = HashMap::with_capacity(rows.len());
-    for row in &rows {
-        let tenant: String = row.try_get(0).map_err(pg_error)?;
-        let user: String = row.try_get(1).map_err(pg_error)?;
-        let last: i64 = row.try_get(2).map_err(pg_error)?;
-        epoch = seq(row.try_get(3).map_err(pg_error)?);
+    let t: Vec<String> = row.try_get(0).map_err(pg_error)?;
+    let u: Vec<String> = row.try_get(1).map_err(pg_error)?;
+    let last: Vec<i64> = row.try_get(2).map_err(pg_error)?;
+    let mut next = HashMap::with_capacity(t.len());
+    for ((tenant, user), last) in t.into_iter().zip(u).zip(last) {
         let n = counts
             .get(&(tenant.as_str(), user.as_str()))
             .copied()
             .unwrap_or_default();
         next.insert((tenant, user), last - n + 1);
     }
+    Ok(Taken {
+        next,
+        epoch: seq(row.try_get(3).map_err(pg_error)?),
+        at: row.try_get(4).map_err(pg_error)?,
+        content_ids: row.try_get(5).map_err(pg_error)?,
+        note_ids: row.try_get(6).map_err(pg_error)?,
+    })
+}
+
+/// A write of step 2 of [`append`], boxed so writes of any kind pipeline
+/// together.
+type Write<'a> = Pin<Box<dyn Future<Output = StoreResult<()>> + Send + 'a>>;
+
+/// Appends `appends` to their streams in `tx`, storing each of `contents`
+/// once, and stages them on `bus`; returns the events in the order given
+/// (per stream, seq order). Nothing is visible to anyone until `tx`
+/// commits; on rollback the seqs are not used.
+///
+/// Two round trips: one statement takes the seqs (every stream, locked in
+/// key order) and draws the row ids; then every kind's rows (contents and
+/// notifications in one statement) and the bus's statement go as one
+/// pipeline (tokio-postgres sends the requests of futures polled together
+/// without waiting for each answer).
+pub async fn append(
+    tx: &Transaction<'_>,
+    bus: &dyn Bus,
+    contents: &[NewContent<'_>],
+    appends: &[Append<'_>],
+) -> StoreResult<Vec<Committed>> {
+    if appends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    for a in appends {
+        *counts.entry((a.tenant, a.user)).or_default() += 1;
+    }
+    let notes: Vec<usize> = (0..appends.len())
+        .filter(|&i| matches!(appends[i].event, NewEvent::Notification(_)))
+        .collect();
+
+    // 1. Seqs and ids.
+    let mut taken = take_seqs(tx, &counts, contents.len(), notes.len()).await?;
+    let content_ids = std::mem::take(&mut taken.content_ids);
+    let note_ids = std::mem::take(&mut taken.note_ids);
+    if content_ids.len() != contents.len() || note_ids.len() != notes.len() {
+        return Err(StoreError::internal("too few ids drawn"));
+    }
     let mut seqs = Vec::with_capacity(appends.len());
     for a in appends {
-        let s = next
+        let s = taken
+            .next
             .get_mut(&(a.tenant.to_owned(), a.user.to_owned()))
             .ok_or_else(|| StoreError::internal("a stream got no seq"))?;
         seqs.push(*s);
         *s += 1;
     }
-
-    // 2. Each kind's rows, one statement per kind present.
-    let mut ids = vec![0i64; appends.len()];
-    let notes: Vec<usize> = (0..appends.len())
-        .filter(|&i| matches!(appends[i].event, NewEvent::Notification { .. }))
-        .collect();
-    if !notes.is_empty() {
-        let t: Vec<&str> = notes.iter().map(|&i| appends[i].tenant).collect();
-        let u: Vec<&str> = notes.iter().map(|&i| appends[i].user).collect();
-        let s: Vec<i64> = notes.iter().map(|&i| seqs[i]).collect();
-        let c: Vec<i64> = notes
-            .iter()
-            .map(|&i| match &appends[i].event {
-                NewEvent::Notification { content_id, .. } => *content_id,
-                NewEvent::Read(_) => 0,
-            })
-            .collect();
-        let stmt = tx
-            .prepare_cached(INSERT_NOTIFICATIONS)
-            .await
-            .map_err(pg_error)?;
-        let rows = tx.query(&stmt, &[&t, &u, &s, &c]).await.map_err(pg_error)?;
-        if rows.len() != notes.len() {
-            return Err(StoreError::internal(
-                "notification insert returned too few rows",
-            ));
-        }
-        for (&i, row) in notes.iter().zip(&rows) {
-            ids[i] = row.try_get(0).map_err(pg_error)?;
-        }
-    }
-    // Read events come one per mark (a handful per transaction at most).
-    for (i, a) in appends.iter().enumerate() {
-        if let NewEvent::Read(r) = &a.event {
-            let stmt = tx
-                .prepare_cached(INSERT_READ_EVENT)
-                .await
-                .map_err(pg_error)?;
-            tx.execute(
-                &stmt,
-                &[&a.tenant, &a.user, &seqs[i], &r.ids, &pos(r.up_to_seq)],
-            )
-            .await
-            .map_err(pg_error)?;
-        }
-    }
-
-    // 3. The committed events, staged on the bus in this transaction.
-    let committed: Vec<Committed> = appends
+    let shared: Vec<Arc<Content>> = contents
         .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let s = seq(seqs[i]);
-            let body = match &a.event {
-                NewEvent::Notification { content, .. } => EventBody::Notification(Notification {
-                    id: ids[i],
-                    seq: s,
-                    recipient: a.user.to_owned(),
-                    content: content.clone(),
-                    read: false,
-                }),
-                NewEvent::Read(r) => EventBody::Read(r.clone()),
-            };
-            Committed {
-                key: StreamKey::user(a.tenant, a.user),
-                event: Arc::new(StreamEvent::new(s, epoch, body)),
-            }
+        .map(|c| {
+            Arc::new(Content {
+                kind: c.kind.to_owned(),
+                title: c.title.to_owned(),
+                body: c.body.to_owned(),
+                data: c.data.to_owned(),
+                created_at: taken.at,
+            })
         })
         .collect();
-    if let Some(staged) = bus.stage(&committed) {
-        let stmt = tx
-            .prepare_cached(staged.statement)
-            .await
-            .map_err(pg_error)?;
-        tx.execute(&stmt, &[&staged.texts])
-            .await
-            .map_err(pg_error)?;
+    let mut ids = vec![0i64; appends.len()];
+    let mut note_contents = Vec::with_capacity(notes.len());
+    for (&i, id) in notes.iter().zip(&note_ids) {
+        ids[i] = *id;
+        if let NewEvent::Notification(c) = appends[i].event {
+            let content_id = content_ids
+                .get(c)
+                .ok_or_else(|| StoreError::internal("no such content"))?;
+            note_contents.push(*content_id);
+        }
     }
+
+    // 2. The committed events; their rows and bus messages, pipelined.
+    let mut committed = Vec::with_capacity(appends.len());
+    for (i, a) in appends.iter().enumerate() {
+        let s = seq(seqs[i]);
+        let body = match &a.event {
+            NewEvent::Notification(c) => EventBody::Notification(Notification {
+                id: ids[i],
+                seq: s,
+                recipient: a.user.to_owned(),
+                content: shared
+                    .get(*c)
+                    .ok_or_else(|| StoreError::internal("no such content"))?
+                    .clone(),
+                read: false,
+            }),
+            NewEvent::Read(r) => EventBody::Read(r.clone()),
+        };
+        committed.push(Committed {
+            key: StreamKey::user(a.tenant, a.user),
+            event: Arc::new(StreamEvent::new(s, taken.epoch, body)),
+        });
+    }
+    let c_kinds: Vec<&str> = contents.iter().map(|c| c.kind).collect();
+    let c_titles: Vec<&str> = contents.iter().map(|c| c.title).collect();
+    let c_bodies: Vec<&str> = contents.iter().map(|c| c.body).collect();
+    let c_data: Vec<&str> = contents.iter().map(|c| c.data).collect();
+    let n_tenants: Vec<&str> = notes.iter().map(|&i| appends[i].tenant).collect();
+    let n_users: Vec<&str> = notes.iter().map(|&i| appends[i].user).collect();
+    let n_seqs: Vec<i64> = notes.iter().map(|&i| seqs[i]).collect();
+    let reads: Vec<(&Append<'_>, i64, &ReadChange, i64)> = appends
+        .iter()
+        .zip(&seqs)
+        .filter_map(|(a, s)| match &a.event {
+            NewEvent::Read(r) => Some((a, *s, r, pos(r.up_to_seq))),
+            NewEvent::Notification(_) => None,
+        })
+        .collect();
+    let staged = bus.stage(&committed);
+
+    let mut writes: Vec<Write<'_>> = Vec::new();
+    if !notes.is_empty() {
+        let params: [&(dyn ToSql + Sync); 11] = [
+            &content_ids,
+            &c_kinds,
+            &c_titles,
+            &c_bodies,
+            &c_data,
+            &note_ids,
+            &n_tenants,
+            &n_users,
+            &n_seqs,
+            &note_contents,
+            &taken.at,
+        ];
+        writes.push(Box::pin(async move {
+            execute(tx, INSERT_NOTIFICATIONS, &params).await
+        }));
+    }
+    // Read events come one per mark (a handful per transaction at most).
+    for (a, s, r, up_to) in &reads {
+        let params: [&(dyn ToSql + Sync); 5] = [&a.tenant, &a.user, s, &r.ids, up_to];
+        writes.push(Box::pin(async move {
+            execute(tx, INSERT_READ_EVENT, &params).await
+        }));
+    }
+    if let Some(staged) = &staged {
+        let params: [&(dyn ToSql + Sync); 1] = [&staged.texts];
+        writes.push(Box::pin(async move {
+            execute(tx, staged.statement, &params).await
+        }));
+    }
+    futures_util::future::try_join_all(writes).await?;
     Ok(committed)
 }
 

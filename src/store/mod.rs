@@ -162,3 +162,28 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database error's own text is only "db error"; what PostgreSQL
+    /// said is its source. A store error must carry and show both.
+    #[test]
+    fn a_store_error_says_what_its_cause_said() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("db error")]
+        struct Outer(#[source] Inner);
+        #[derive(Debug, thiserror::Error)]
+        #[error("ERROR: payload string too long")]
+        struct Inner;
+
+        let e = StoreError::internal(Outer(Inner));
+        assert_eq!(
+            e.to_string(),
+            "store error: db error: ERROR: payload string too long"
+        );
+        let source = std::error::Error::source(&e).expect("the cause is kept");
+        assert!(source.to_string().ends_with("payload string too long"));
+    }
+}

@@ -521,6 +521,7 @@ impl Store for PgStore {
         let committed = log::append(
             &tx,
             self.bus.as_ref(),
+            &[],
             &[Append {
                 tenant,
                 user,
