@@ -55,19 +55,12 @@ async fn killing_the_listen_connection_loses_nothing() {
         let mut stream = subscribe(&mut b, "alice", Some(0)).await;
         until_caught_up(&mut stream).await;
 
-        let db = d.db.as_ref().unwrap().connect().await;
-        let name = d.db.as_ref().unwrap().name.clone();
         let mut sent = 0u64;
         for burst in [40, 40, 40, 40, 3] {
-            let killed = db
-                .query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE datname = $1 AND application_name = 'herald-listener'",
-                    &[&name],
-                )
-                .await
-                .unwrap();
-            assert!(!killed.is_empty(), "no listener connection to kill");
+            assert!(
+                d.kill_listeners().await > 0,
+                "no listener connection to kill"
+            );
             for _ in 0..burst {
                 send(&mut a, note(&["alice"], &format!("n{sent}")))
                     .await
@@ -106,17 +99,10 @@ async fn a_restored_database_changes_the_epoch_and_streams_resync() {
         let old_epoch = backlog[0].epoch;
 
         let db = d.db.as_ref().unwrap().connect().await;
-        let name = d.db.as_ref().unwrap().name.clone();
         db.execute("UPDATE herald_meta SET cluster = 'elsewhere/00000001'", &[])
             .await
             .unwrap();
-        db.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = $1 AND application_name = 'herald-listener'",
-            &[&name],
-        )
-        .await
-        .unwrap();
+        d.kill_listeners().await;
 
         let resync = next_event(&mut stream).await;
         assert!(
@@ -187,16 +173,8 @@ async fn a_reconnect_catch_up_storm_does_not_exhaust_the_pool() {
             streams.extend(futures_util::future::join_all(opened).await);
         }
 
-        let db = d.db.as_ref().unwrap().connect().await;
-        let name = d.db.as_ref().unwrap().name.clone();
         for _ in 0..2 {
-            db.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = $1 AND application_name = 'herald-listener'",
-                &[&name],
-            )
-            .await
-            .unwrap();
+            d.kill_listeners().await;
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
 

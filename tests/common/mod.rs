@@ -235,6 +235,22 @@ impl Deployment {
         }
     }
 
+    /// Ends every replica's LISTEN connection (`pg_terminate_backend`), as
+    /// a network fault would; returns how many were ended.
+    pub async fn kill_listeners(&self) -> usize {
+        let db = self.db.as_ref().expect("a PostgreSQL deployment");
+        db.connect()
+            .await
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND application_name = 'herald-listener'",
+                &[&db.name],
+            )
+            .await
+            .expect("end the LISTEN connections")
+            .len()
+    }
+
     /// A client of replica `i`.
     pub async fn client(&self, i: usize) -> NotificationsClient<Channel> {
         client(self.replicas[i].addr).await
