@@ -74,21 +74,12 @@ where
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        U::decode(src).map(Some).map_err(invalid_message)
+        U::decode(src)
+            .map(Some)
+            .map_err(crate::api::status::undecodable)
     }
 
     fn buffer_settings(&self) -> BufferSettings {
         settings()
     }
-}
-
-/// INVALID_ARGUMENT for bytes prost could not decode. prost words its error
-/// as `failed to decode Protobuf message: Message.field: problem`; the
-/// status keeps the field path and the problem.
-fn invalid_message(error: prost::DecodeError) -> Status {
-    let text = error.to_string();
-    let detail = text
-        .strip_prefix("failed to decode Protobuf message: ")
-        .unwrap_or(&text);
-    Status::invalid_argument(format!("invalid protobuf message: {detail}"))
 }

@@ -96,6 +96,19 @@ impl From<StoreError> for Status {
     }
 }
 
+/// INVALID_ARGUMENT for a request body prost could not decode (truncated,
+/// invalid UTF-8 in a string field, a bad wire type): it is the caller's
+/// input. prost words its error as `failed to decode Protobuf message:
+/// Message.field: problem`; the status keeps the field path and the
+/// problem.
+pub fn undecodable(error: prost::DecodeError) -> Status {
+    let text = error.to_string();
+    let detail = text
+        .strip_prefix("failed to decode Protobuf message: ")
+        .unwrap_or(&text);
+    Status::invalid_argument(format!("invalid protobuf message: {detail}"))
+}
+
 /// How a stream ends when its token expires: `UNAUTHENTICATED`, telling
 /// the client to resume after `last_seq` of `epoch` with a fresh token.
 pub fn token_expired(last_seq: u64, epoch: Epoch) -> Status {
