@@ -243,3 +243,49 @@ async fn retention_on_every_replica_races_sends_without_deadlock_or_holes() {
     })
     .await;
 }
+
+/// The liveness probe runs beside routing: when the probe's own request
+/// cannot get through (the listener's requests are lost, while what the
+/// server pushes still arrives), events keep being routed at once, and as
+/// long as notifications keep arriving the connection is not declared deaf
+/// (a reconnect would make every stream re-read the store). Sends go on
+/// for three probe timeouts; each must arrive promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_probe_stalls_neither_routing_nor_the_connection() {
+    bounded(async {
+        let db = TestDb::create().await;
+        let proxy = proxy::TcpProxy::start(db.server_addr()).await;
+        let mut config = test_config(Some(db.url.clone()));
+        config.listener_database_url = Some(db.url_via(proxy.addr));
+        config.listener.ping_interval = Duration::from_millis(100);
+        config.listener.ping_timeout = Duration::from_millis(600);
+        let replica = herald::server::start(config).await.unwrap();
+        let mut c = client(replica.addr).await;
+        let mut stream = subscribe(&mut c, "alice", Some(0)).await;
+        until_caught_up(&mut stream).await;
+
+        proxy.silence_requests();
+        let connections = proxy.accepted();
+        for i in 1..=36u64 {
+            let sent = tokio::time::Instant::now();
+            send(&mut c, note(&["alice"], &format!("n{i}")))
+                .await
+                .unwrap();
+            let event = next_event(&mut stream).await;
+            assert_eq!(event.seq, i);
+            let took = sent.elapsed();
+            assert!(
+                took < Duration::from_millis(300),
+                "event {i} took {took:?}: routing waited for the probe"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            proxy.accepted(),
+            connections,
+            "the listener reconnected although notifications kept arriving"
+        );
+        replica.stop(Duration::from_secs(5)).await.unwrap();
+    })
+    .await;
+}

@@ -3,8 +3,8 @@
 //! (close every connection and every new one), or go silent (keep
 //! connections open but forward nothing, like a half-open socket) — for all
 //! connections, only for those open now (new ones forward: a reconnect gets
-//! through), or only in the server-to-client direction (requests arrive,
-//! replies are lost).
+//! through), or only in one direction (requests arrive and replies are
+//! lost, or requests are lost and what the server pushes arrives).
 
 use std::{
     net::SocketAddr,
@@ -37,6 +37,9 @@ struct State {
     /// Server-to-client bytes of every connection, new ones too, are
     /// swallowed.
     replies_silent: Arc<AtomicBool>,
+    /// Client-to-server bytes of every connection, new ones too, are
+    /// swallowed.
+    requests_silent: Arc<AtomicBool>,
     accepted: AtomicUsize,
     connections: Mutex<Vec<Conn>>,
 }
@@ -69,8 +72,13 @@ impl TcpProxy {
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
                 let half_open = Arc::new(AtomicBool::new(false));
-                let never = Arc::new(AtomicBool::new(false));
-                let up = tokio::spawn(pump(cr, sw, st.clone(), half_open.clone(), never));
+                let up = tokio::spawn(pump(
+                    cr,
+                    sw,
+                    st.clone(),
+                    half_open.clone(),
+                    st.requests_silent.clone(),
+                ));
                 let down = tokio::spawn(pump(
                     sr,
                     cw,
@@ -131,6 +139,13 @@ impl TcpProxy {
     /// server acts on a call, its reply is lost.
     pub fn silence_replies(&self) {
         self.state.replies_silent.store(true, Ordering::Release);
+    }
+
+    /// Swallows everything clients send, on every connection (new ones
+    /// too), while the server's messages still reach them: a client's
+    /// requests go unanswered, what the server pushes (NOTIFYs) arrives.
+    pub fn silence_requests(&self) {
+        self.state.requests_silent.store(true, Ordering::Release);
     }
 
     /// Connections accepted (and forwarded to the server) so far.
