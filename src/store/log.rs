@@ -70,14 +70,17 @@ pub struct Append<'a> {
     pub event: NewEvent,
 }
 
+// Also adds each stream's new notifications to its unread counter.
 // One row: per stream (arrays in key order) the last seq taken; the epoch;
 // the transaction's time; and the ids drawn for contents and notifications
 // (uncorrelated subqueries, evaluated once).
 const TAKE_SEQS: &str = "WITH taken AS ( \
-       INSERT INTO user_streams AS s (tenant, user_id, last_seq) \
-       SELECT * FROM unnest($1::text[], $2::text[], $3::int8[]) AS c(tenant, user_id, n) \
+       INSERT INTO user_streams AS s (tenant, user_id, last_seq, unread) \
+       SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $6::int8[]) \
+         AS c(tenant, user_id, n, unread) \
        ORDER BY tenant, user_id \
-       ON CONFLICT (tenant, user_id) DO UPDATE SET last_seq = s.last_seq + EXCLUDED.last_seq \
+       ON CONFLICT (tenant, user_id) DO UPDATE \
+         SET last_seq = s.last_seq + EXCLUDED.last_seq, unread = s.unread + EXCLUDED.unread \
        RETURNING s.tenant, s.user_id, s.last_seq \
      ) SELECT array_agg(tenant), array_agg(user_id), array_agg(last_seq), \
        (SELECT epoch FROM herald_meta), now(), \
@@ -124,23 +127,25 @@ struct Taken {
     note_ids: Vec<i64>,
 }
 
-/// Takes `counts[stream]` seqs on each stream, streams locked in key
-/// order, and draws `contents` content ids and `notes` notification ids:
-/// one statement, one row.
+/// Takes `counts[stream].0` seqs on each stream, streams locked in key
+/// order, adds `counts[stream].1` new notifications to its unread counter,
+/// and draws `contents` content ids and `notes` notification ids: one
+/// statement, one row.
 async fn take_seqs(
     tx: &Transaction<'_>,
-    counts: &BTreeMap<(&str, &str), i64>,
+    counts: &BTreeMap<(&str, &str), (i64, i64)>,
     contents: usize,
     notes: usize,
 ) -> StoreResult<Taken> {
     let tenants: Vec<&str> = counts.keys().map(|(t, _)| *t).collect();
     let users: Vec<&str> = counts.keys().map(|(_, u)| *u).collect();
-    let ns: Vec<i64> = counts.values().copied().collect();
+    let ns: Vec<i64> = counts.values().map(|(n, _)| *n).collect();
+    let unread: Vec<i64> = counts.values().map(|(_, u)| *u).collect();
     let contents = i64::try_from(contents).unwrap_or(i64::MAX);
     let notes = i64::try_from(notes).unwrap_or(i64::MAX);
     let stmt = tx.prepare_cached(TAKE_SEQS).await.map_err(pg_error)?;
     let row = tx
-        .query_one(&stmt, &[&tenants, &users, &ns, &contents, &notes])
+        .query_one(&stmt, &[&tenants, &users, &ns, &contents, &notes, &unread])
         .await
         .map_err(pg_error)?;
     let t: Vec<String> = row.try_get(0).map_err(pg_error)?;
@@ -148,7 +153,7 @@ async fn take_seqs(
     let last: Vec<i64> = row.try_get(2).map_err(pg_error)?;
     let mut next = HashMap::with_capacity(t.len());
     for ((tenant, user), last) in t.into_iter().zip(u).zip(last) {
-        let n = counts
+        let (n, _) = counts
             .get(&(tenant.as_str(), user.as_str()))
             .copied()
             .unwrap_or_default();
@@ -186,9 +191,14 @@ pub async fn append(
     if appends.is_empty() {
         return Ok(Vec::new());
     }
-    let mut counts: BTreeMap<(&str, &str), i64> = BTreeMap::new();
+    // Per stream: events, and new (unread) notifications.
+    let mut counts: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
     for a in appends {
-        *counts.entry((a.tenant, a.user)).or_default() += 1;
+        let c = counts.entry((a.tenant, a.user)).or_default();
+        c.0 += 1;
+        if matches!(a.event, NewEvent::Notification(_)) {
+            c.1 += 1;
+        }
     }
     let notes: Vec<usize> = (0..appends.len())
         .filter(|&i| matches!(appends[i].event, NewEvent::Notification(_)))

@@ -372,9 +372,10 @@ pub const PRUNE_BATCH_ROWS: i64 = 10_000;
 /// stream is always pruned up to a seq and never gets a hole (an event can
 /// be a few milliseconds younger than the cutoff yet have a lower seq: seq
 /// is commit order, `created_at` the transaction's start). `pruned_seq`
-/// records how far. The streams' rows are locked first, in key order like
-/// every writer, so retention cannot deadlock with sends or marks. Returns
-/// the number of events deleted.
+/// records how far, and the unread counter loses the unread notifications
+/// deleted. The streams' rows are locked first, in key order like every
+/// writer, so retention cannot deadlock with sends or marks. Returns the
+/// number of events deleted.
 const PRUNE_EVENTS: &str = "WITH sample AS ( \
        (SELECT tenant, user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2) \
        UNION ALL \
@@ -387,14 +388,19 @@ const PRUNE_EVENTS: &str = "WITH sample AS ( \
      ), n AS ( \
        DELETE FROM notifications d USING locked \
        WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
-       RETURNING 1 \
+       RETURNING d.tenant, d.user_id, d.read_at IS NULL AS unread \
      ), r AS ( \
        DELETE FROM read_events d USING locked \
        WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
        RETURNING 1 \
+     ), gone AS ( \
+       SELECT tenant, user_id, count(*) FILTER (WHERE unread) AS unread \
+       FROM n GROUP BY tenant, user_id \
      ), s AS ( \
-       UPDATE user_streams s SET pruned_seq = GREATEST(s.pruned_seq, locked.seq) FROM locked \
-       WHERE s.tenant = locked.tenant AND s.user_id = locked.user_id \
+       UPDATE user_streams s SET pruned_seq = GREATEST(s.pruned_seq, l.seq), \
+         unread = s.unread - COALESCE(g.unread, 0) \
+       FROM locked l LEFT JOIN gone g USING (tenant, user_id) \
+       WHERE s.tenant = l.tenant AND s.user_id = l.user_id \
      ) SELECT ((SELECT count(*) FROM n) + (SELECT count(*) FROM r))::int8";
 
 const PRUNE_CONTENTS: &str = "WITH d AS ( \
@@ -518,6 +524,17 @@ impl Store for PgStore {
         if marked == 0 {
             return Ok(MarkOutcome::default()); // dropping `tx` rolls back
         }
+        let uncount = tx
+            .prepare_cached(
+                "UPDATE user_streams SET unread = unread - $3 \
+                 WHERE tenant = $1 AND user_id = $2",
+            )
+            .await
+            .map_err(pg_error)?;
+        let marked_count = i64::try_from(marked).unwrap_or(i64::MAX);
+        tx.execute(&uncount, &[&tenant, &user, &marked_count])
+            .await
+            .map_err(pg_error)?;
         let committed = log::append(
             &tx,
             self.bus.as_ref(),
@@ -640,14 +657,12 @@ impl Store for PgStore {
 
     async fn unread_count(&self, tenant: &str, user: &str) -> StoreResult<(u64, u64)> {
         let client = self.pool.get().await.map_err(pool_error)?;
-        // One statement, one snapshot: the count and the head agree.
+        // One row: the count and the head agree (both change in the
+        // transactions that change what they count).
         let stmt = client
             .prepare_cached(
-                "SELECT \
-                   (SELECT count(*) FROM notifications \
-                    WHERE tenant = $1 AND user_id = $2 AND read_at IS NULL), \
-                   COALESCE((SELECT last_seq FROM user_streams \
-                             WHERE tenant = $1 AND user_id = $2), 0)",
+                "SELECT COALESCE(max(unread), 0), COALESCE(max(last_seq), 0) \
+                 FROM user_streams WHERE tenant = $1 AND user_id = $2",
             )
             .await
             .map_err(pg_error)?;
