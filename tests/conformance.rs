@@ -46,19 +46,7 @@ async fn fresh_connect_replays_unread_then_caught_up_then_live(backend: Backend)
             .unwrap();
     }
     // Read the first one so the fresh backlog is the unread two.
-    let first = a
-        .list_notifications(authed(
-            proto::ListNotificationsRequest {
-                unread_only: false,
-                page_size: 10,
-                page_token: String::new(),
-            },
-            &token("alice", "", ""),
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .notifications;
+    let first = list(&mut a, "alice", false, 10).await;
     assert_eq!(first.len(), 3);
     let oldest = first.iter().min_by_key(|n| n.seq).unwrap();
     a.mark_read(authed(

@@ -96,19 +96,7 @@ async fn a_v1_database_is_upgraded_with_nothing_lost() {
             other => panic!("expected the read event, got {other:?}"),
         }
         // Listing and counts keep read state.
-        let listed = a
-            .list_notifications(authed(
-                proto::ListNotificationsRequest {
-                    unread_only: false,
-                    page_size: 10,
-                    page_token: String::new(),
-                },
-                &token("alice", "", ""),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .notifications;
+        let listed = list(&mut a, "alice", false, 10).await;
         let summary: Vec<_> = listed.iter().map(|n| (n.id, n.seq, n.read)).collect();
         assert_eq!(summary, [(fourth, 4, false), (keyed, 2, false), (first, 1, true)]);
         assert_eq!(unread(&mut a, "alice").await, 2);

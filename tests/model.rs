@@ -212,19 +212,7 @@ async fn run(backend: Backend, ops: Vec<Op>) {
             "{}'s count",
             USERS[u]
         );
-        let listed = c
-            .list_notifications(authed(
-                proto::ListNotificationsRequest {
-                    unread_only: false,
-                    page_size: 500,
-                    page_token: String::new(),
-                },
-                &token(USERS[u], "", ""),
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .notifications;
+        let listed = list(&mut c, USERS[u], false, 500).await;
         let got: Vec<(i64, u64, bool)> = listed.iter().map(|n| (n.id, n.seq, n.read)).collect();
         let mut want: Vec<(i64, u64, bool)> = s
             .notes

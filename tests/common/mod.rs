@@ -416,6 +416,29 @@ pub async fn unread(client: &mut NotificationsClient<Channel>, user: &str) -> u6
         .unread
 }
 
+/// The first page (up to `page_size`) of `user`'s notifications, newest
+/// first.
+pub async fn list(
+    client: &mut NotificationsClient<Channel>,
+    user: &str,
+    unread_only: bool,
+    page_size: u32,
+) -> Vec<proto::Notification> {
+    client
+        .list_notifications(authed(
+            proto::ListNotificationsRequest {
+                unread_only,
+                page_size,
+                page_token: String::new(),
+            },
+            &token(user, "", ""),
+        ))
+        .await
+        .expect("list notifications")
+        .into_inner()
+        .notifications
+}
+
 /// Asserts `events` carry exactly seqs `1..=n`, in order.
 pub fn assert_exactly_once_in_order(seqs: &[u64], n: u64, who: &str) {
     let want: Vec<u64> = (1..=n).collect();
