@@ -412,7 +412,7 @@ impl<S: Store> Session<S> {
 }
 
 /// When a stream opened with a token expiring at `expires_at` must end:
-/// the token's remaining life from now, at most [`MAX_TOKEN_LIFE`], so that
+/// the token's remaining life from now, at most 100 years, so that
 /// a token claiming to live 2^64 seconds cannot overflow the clock.
 pub fn token_deadline(expires_at: SystemTime) -> Instant {
     let remaining = expires_at
