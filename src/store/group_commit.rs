@@ -25,7 +25,10 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -37,8 +40,8 @@ use tokio::{
 
 use super::{
     StoreError, StoreResult,
-    log::{self, Append, NewContent, NewEvent},
-    postgres::{bound_statements, pg_error, pool_error, replay_idempotent},
+    log::{self, Append, NewContent, NewEvent, Pipeline},
+    postgres::{pg_error, pool_error, replay_idempotent},
 };
 use crate::{
     bus::Bus,
@@ -253,25 +256,50 @@ fn idem_key(job: &Job) -> Option<IdemKey<'_>> {
 
 /// One transaction for `jobs`. `Ok` holds one outcome per job; `Err` means
 /// nothing was committed.
+///
+/// Two round trips (three when a job has an idempotency key): `BEGIN`
+/// (with the statement timeout) goes in one pipeline with the first
+/// statement, and `COMMIT` in one with the rows and the bus message (see
+/// [`write_batch`]). A transaction begun by hand is
+/// not `tokio_postgres::Transaction`, which would roll back on drop, so the
+/// connection is guarded by [`Begun`].
 async fn try_commit(
     pool: &Pool,
     bus: &dyn Bus,
     jobs: &[Job],
     statement_timeout: Option<Duration>,
 ) -> StoreResult<Vec<StoreResult<Sent>>> {
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(pg_error)?;
-    // The statement timeout is sent first and pipelined with the batch's
-    // statements (the server runs them in order): one round trip less.
-    let ((), (writes, mut deliveries, fingerprints)) = futures_util::future::try_join(
-        bound_statements(&tx, statement_timeout),
-        write_batch(&tx, bus, jobs),
-    )
-    .await?;
-    tx.commit().await.map_err(pg_error)?;
-    drop(client);
+    let mut begun = Begun(Some(pool.get().await.map_err(pool_error)?));
+    let client = begun.client()?;
+    let begin = match statement_timeout {
+        // 0 would mean "no limit".
+        Some(t) => format!(
+            "BEGIN; SET LOCAL statement_timeout = {}",
+            t.as_millis().max(1)
+        ),
+        None => "BEGIN".to_owned(),
+    };
+    let ended = AtomicBool::new(false);
+    // `biased`: BEGIN is polled, so sent, before the batch's first
+    // statement. A failed BEGIN fails every statement after it on this
+    // connection (only a broken connection makes it fail).
+    let (began, written) = tokio::join!(
+        biased;
+        client.batch_execute(&begin),
+        write_batch(client, bus, jobs, &ended),
+    );
+    // Over once COMMIT was answered; otherwise roll back by hand, and if
+    // even that fails, dropping `begun` closes the connection.
+    if ended.load(Ordering::Acquire)
+        || (began.is_ok() && client.batch_execute("ROLLBACK").await.is_ok())
+    {
+        begun.release();
+    }
+    drop(begun);
+    began.map_err(pg_error)?;
+    let (writes, mut deliveries, fingerprints) = written?;
 
-    // 4. Answer the jobs that wrote nothing from their key's stored result.
+    // 5. Answer the jobs that wrote nothing from their key's stored result.
     let mut outcomes = Vec::with_capacity(jobs.len());
     for (i, job) in jobs.iter().enumerate() {
         if writes[i] {
@@ -292,16 +320,49 @@ async fn try_commit(
     Ok(outcomes)
 }
 
+/// A pooled connection with a transaction begun on it by hand. Dropped
+/// before [`Begun::release`] (the transaction may still be open: an error
+/// left it so, or the future was cancelled), it closes the connection
+/// instead of returning it to the pool, so no open transaction is handed to
+/// another caller; the server then rolls it back.
+struct Begun(Option<deadpool_postgres::Client>);
+
+impl Begun {
+    fn client(&self) -> StoreResult<&deadpool_postgres::Client> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| StoreError::internal("connection already released"))
+    }
+
+    /// The transaction is over: the connection goes back to the pool.
+    fn release(&mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for Begun {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// What [`write_batch`] did: per job, whether it wrote (false: its key was
 /// used before), its deliveries, and the fingerprints of keyed jobs.
 type Written = (Vec<bool>, Vec<Vec<Delivery>>, HashMap<usize, String>);
 
-/// Steps 1 to 3 of a batch, in `tx`: claim idempotency keys, append every
-/// writing job's notifications, remember the keyed responses.
+/// Steps 1 to 4 of a batch, in the transaction begun on `tx`: claim
+/// idempotency keys, append every writing job's notifications, remember the
+/// keyed responses, commit. The rows, the bus message, the responses and
+/// `COMMIT` go as one pipeline; `ended` is set once `COMMIT` was answered
+/// (the transaction is then over: committed, or rolled back if a statement
+/// before it failed).
 async fn write_batch(
-    tx: &deadpool_postgres::Transaction<'_>,
+    tx: &deadpool_postgres::Client,
     bus: &dyn Bus,
     jobs: &[Job],
+    ended: &AtomicBool,
 ) -> StoreResult<Written> {
     // 1. Claim idempotency keys, in key order. A job whose key is already
     //    stored (or claimed by an earlier job of this batch) writes nothing
@@ -360,69 +421,77 @@ async fn write_batch(
         .iter()
         .map(|j| Vec::with_capacity(j.n.recipients.len()))
         .collect();
-    if !writing.is_empty() {
-        let contents: Vec<NewContent<'_>> = writing
-            .iter()
-            .map(|&i| {
-                let n = &jobs[i].n;
-                NewContent {
-                    kind: n.kind.as_str(),
-                    title: &n.title,
-                    body: &n.body,
-                    data: &n.data,
-                }
-            })
-            .collect();
-        let mut appends = Vec::new();
-        for (c, &i) in writing.iter().enumerate() {
-            appends.extend(jobs[i].n.recipients.iter().map(|user| Append {
-                tenant: &jobs[i].tenant,
-                user: user.as_str(),
-                event: NewEvent::Notification(c),
-            }));
-        }
-        let committed = log::append(tx, bus, &contents, &appends).await?;
-        let mut committed = committed.into_iter();
-        for &i in &writing {
-            for user in &jobs[i].n.recipients {
-                let c = committed
-                    .next()
-                    .ok_or_else(|| StoreError::internal("append returned too few events"))?;
-                let id = match &c.event.body {
-                    EventBody::Notification(n) => n.id,
-                    EventBody::Read(_) => 0,
-                };
-                deliveries[i].push(Delivery {
-                    recipient: user.to_string(),
-                    notification_id: id,
-                    seq: c.event.seq,
-                });
+    let contents: Vec<NewContent<'_>> = writing
+        .iter()
+        .map(|&i| {
+            let n = &jobs[i].n;
+            NewContent {
+                kind: n.kind.as_str(),
+                title: &n.title,
+                body: &n.body,
+                data: &n.data,
             }
+        })
+        .collect();
+    let mut appends = Vec::new();
+    for (c, &i) in writing.iter().enumerate() {
+        appends.extend(jobs[i].n.recipients.iter().map(|user| Append {
+            tenant: &jobs[i].tenant,
+            user: user.as_str(),
+            event: NewEvent::Notification(c),
+        }));
+    }
+    let appending = log::take(tx, bus, &contents, &appends).await?;
+    let mut committed = appending.committed().iter();
+    for &i in &writing {
+        for user in &jobs[i].n.recipients {
+            let c = committed
+                .next()
+                .ok_or_else(|| StoreError::internal("append returned too few events"))?;
+            let id = match &c.event.body {
+                EventBody::Notification(n) => n.id,
+                EventBody::Read(_) => 0,
+            };
+            deliveries[i].push(Delivery {
+                recipient: user.to_string(),
+                notification_id: id,
+                seq: c.event.seq,
+            });
         }
     }
 
-    // 3. Remember the responses under their keys.
+    // 3. The responses to remember under their keys.
     let saving: Vec<usize> = writing
         .iter()
         .copied()
         .filter(|&i| jobs[i].n.idempotency_key.is_some())
         .collect();
+    let tenants: Vec<&str> = saving.iter().map(|&i| jobs[i].tenant.as_str()).collect();
+    let senders: Vec<&str> = saving.iter().map(|&i| jobs[i].sender.as_str()).collect();
+    let keys: Vec<&str> = saving
+        .iter()
+        .map(|&i| jobs[i].n.idempotency_key.as_deref().unwrap_or_default())
+        .collect();
+    let responses = saving
+        .iter()
+        .map(|&i| serde_json::to_string(&deliveries[i]))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::internal)?;
+
+    // 4. The rows, the bus message, the responses and COMMIT: one round
+    //    trip.
+    let mut pipeline = Pipeline::default();
+    appending.push_writes(&mut pipeline);
     if !saving.is_empty() {
-        let tenants: Vec<&str> = saving.iter().map(|&i| jobs[i].tenant.as_str()).collect();
-        let senders: Vec<&str> = saving.iter().map(|&i| jobs[i].sender.as_str()).collect();
-        let keys: Vec<&str> = saving
-            .iter()
-            .map(|&i| jobs[i].n.idempotency_key.as_deref().unwrap_or_default())
-            .collect();
-        let responses = saving
-            .iter()
-            .map(|&i| serde_json::to_string(&deliveries[i]))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(StoreError::internal)?;
-        let stmt = tx.prepare_cached(SAVE_RESPONSES).await.map_err(pg_error)?;
-        tx.execute(&stmt, &[&tenants, &senders, &keys, &responses])
-            .await
-            .map_err(pg_error)?;
+        pipeline.push(SAVE_RESPONSES, vec![&tenants, &senders, &keys, &responses]);
+    }
+    pipeline.push("COMMIT", Vec::new());
+    let outcomes = pipeline.run(tx).await;
+    if matches!(outcomes.last(), Some(Ok(()))) {
+        ended.store(true, Ordering::Release);
+    }
+    for outcome in outcomes {
+        outcome?;
     }
 
     Ok((writes, deliveries, fingerprints))

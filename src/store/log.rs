@@ -17,12 +17,12 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    future::Future,
-    pin::Pin,
     sync::Arc,
+    task::Poll,
+    time::SystemTime,
 };
 
-use deadpool_postgres::{GenericClient, Transaction};
+use deadpool_postgres::GenericClient;
 use tokio_postgres::types::ToSql;
 
 use super::{
@@ -30,7 +30,7 @@ use super::{
     postgres::{pg_error, pos, seq},
 };
 use crate::{
-    bus::{Bus, Committed},
+    bus::{Bus, Committed, Staged},
     notification::{
         Content, Epoch, EventBody, Notification, ReadChange, StreamEvent, StreamKey, StreamRange,
     },
@@ -105,15 +105,69 @@ const INSERT_NOTIFICATIONS: &str = "WITH c AS ( \
 const INSERT_READ_EVENT: &str = "INSERT INTO read_events \
      (tenant, user_id, seq, notification_ids, up_to_seq) VALUES ($1, $2, $3, $4, $5)";
 
-/// Runs `statement` in `tx`.
-async fn execute(
-    tx: &Transaction<'_>,
-    statement: &str,
-    params: &[&(dyn ToSql + Sync)],
-) -> StoreResult<()> {
-    let stmt = tx.prepare_cached(statement).await.map_err(pg_error)?;
-    tx.execute(&stmt, params).await.map_err(pg_error)?;
-    Ok(())
+/// Statements sent to the server together, in the order pushed, and
+/// answered together: one round trip for all of them. [`Pipeline::run`]
+/// prepares every statement first (from the connection's cache, normally),
+/// then polls the executions in push order; tokio-postgres sends a request
+/// when its future is first polled, so the server receives and runs them in
+/// that order. Each carries its own Sync: after one fails, the others of
+/// its transaction fail too ("current transaction is aborted") and a
+/// `COMMIT` among them rolls the transaction back (PostgreSQL docs,
+/// "Extended Query" and "COMMIT").
+#[derive(Default)]
+pub struct Pipeline<'a> {
+    statements: Vec<(&'static str, Vec<&'a (dyn ToSql + Sync)>)>,
+}
+
+impl<'a> Pipeline<'a> {
+    /// Adds `statement` with `params` after the statements already pushed.
+    pub fn push(&mut self, statement: &'static str, params: Vec<&'a (dyn ToSql + Sync)>) {
+        self.statements.push((statement, params));
+    }
+
+    /// Runs the statements on `client`; returns each one's outcome, in push
+    /// order. When a statement cannot be prepared, none is sent and every
+    /// outcome is that error.
+    pub async fn run(self, client: &impl GenericClient) -> Vec<StoreResult<()>> {
+        let mut prepared = Vec::with_capacity(self.statements.len());
+        for (statement, _) in &self.statements {
+            match client.prepare_cached(statement).await {
+                Ok(s) => prepared.push(s),
+                Err(e) => {
+                    let e = pg_error(e);
+                    return self.statements.iter().map(|_| Err(e.clone())).collect();
+                }
+            }
+        }
+        let mut running: Vec<_> = prepared
+            .iter()
+            .zip(&self.statements)
+            .map(|(statement, (_, params))| Some(client.execute(statement, params)))
+            .collect();
+        let mut outcomes: Vec<Option<StoreResult<()>>> = running.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            let mut done = true;
+            for (slot, outcome) in running.iter_mut().zip(outcomes.iter_mut()) {
+                if let Some(execution) = slot {
+                    match execution.as_mut().poll(cx) {
+                        Poll::Ready(result) => {
+                            *outcome = Some(result.map(drop).map_err(pg_error));
+                            *slot = None;
+                        }
+                        Poll::Pending => done = false,
+                    }
+                }
+            }
+            if done { Poll::Ready(()) } else { Poll::Pending }
+        })
+        .await;
+        outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| Err(StoreError::internal("a pipelined statement did not run")))
+            })
+            .collect()
+    }
 }
 
 /// What taking seqs returned: per stream the next seq to hand out, the
@@ -122,7 +176,7 @@ async fn execute(
 struct Taken {
     next: HashMap<(String, String), i64>,
     epoch: Epoch,
-    at: std::time::SystemTime,
+    at: SystemTime,
     content_ids: Vec<i64>,
     note_ids: Vec<i64>,
 }
@@ -132,7 +186,7 @@ struct Taken {
 /// and draws `contents` content ids and `notes` notification ids: one
 /// statement, one row.
 async fn take_seqs(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     counts: &BTreeMap<(&str, &str), (i64, i64)>,
     contents: usize,
     notes: usize,
@@ -168,29 +222,138 @@ async fn take_seqs(
     })
 }
 
-/// A write of step 2 of [`append`], boxed so writes of any kind pipeline
-/// together.
-type Write<'a> = Pin<Box<dyn Future<Output = StoreResult<()>> + Send + 'a>>;
+/// A read event's row.
+struct ReadRow<'c> {
+    tenant: &'c str,
+    user: &'c str,
+    seq: i64,
+    ids: &'c Vec<i64>,
+    up_to: i64,
+}
+
+/// An append whose seqs are taken ([`take`]): the events it commits, and
+/// the rows and bus message it still has to write, in the same
+/// transaction, with [`Appending::push_writes`].
+pub struct Appending<'c> {
+    committed: Vec<Committed>,
+    at: SystemTime,
+    content_ids: Vec<i64>,
+    c_kinds: Vec<&'c str>,
+    c_titles: Vec<&'c str>,
+    c_bodies: Vec<&'c str>,
+    c_data: Vec<&'c str>,
+    note_ids: Vec<i64>,
+    n_tenants: Vec<&'c str>,
+    n_users: Vec<&'c str>,
+    n_seqs: Vec<i64>,
+    note_contents: Vec<i64>,
+    reads: Vec<ReadRow<'c>>,
+    staged: Option<Staged>,
+}
+
+impl<'c> Appending<'c> {
+    /// An append of nothing: no events, nothing to write.
+    fn empty() -> Self {
+        Appending {
+            committed: Vec::new(),
+            at: SystemTime::UNIX_EPOCH,
+            content_ids: Vec::new(),
+            c_kinds: Vec::new(),
+            c_titles: Vec::new(),
+            c_bodies: Vec::new(),
+            c_data: Vec::new(),
+            note_ids: Vec::new(),
+            n_tenants: Vec::new(),
+            n_users: Vec::new(),
+            n_seqs: Vec::new(),
+            note_contents: Vec::new(),
+            reads: Vec::new(),
+            staged: None,
+        }
+    }
+
+    /// The events, in the order given to [`take`] (per stream, seq order).
+    /// They are committed once the transaction is.
+    pub fn committed(&self) -> &[Committed] {
+        &self.committed
+    }
+
+    /// The events, consumed.
+    pub fn into_committed(self) -> Vec<Committed> {
+        self.committed
+    }
+
+    /// Adds the writes still to do to `pipeline`: every kind's rows
+    /// (contents and notifications in one statement) and the bus's
+    /// statement.
+    pub fn push_writes<'a>(&'a self, pipeline: &mut Pipeline<'a>)
+    where
+        'c: 'a,
+    {
+        if !self.note_ids.is_empty() {
+            pipeline.push(
+                INSERT_NOTIFICATIONS,
+                vec![
+                    &self.content_ids,
+                    &self.c_kinds,
+                    &self.c_titles,
+                    &self.c_bodies,
+                    &self.c_data,
+                    &self.note_ids,
+                    &self.n_tenants,
+                    &self.n_users,
+                    &self.n_seqs,
+                    &self.note_contents,
+                    &self.at,
+                ],
+            );
+        }
+        // Read events come one per mark (a handful per transaction at most).
+        for r in &self.reads {
+            pipeline.push(
+                INSERT_READ_EVENT,
+                vec![&r.tenant, &r.user, &r.seq, r.ids, &r.up_to],
+            );
+        }
+        if let Some(staged) = &self.staged {
+            pipeline.push(staged.statement, vec![&staged.texts]);
+        }
+    }
+}
 
 /// Appends `appends` to their streams in `tx`, storing each of `contents`
 /// once, and stages them on `bus`; returns the events in the order given
 /// (per stream, seq order). Nothing is visible to anyone until `tx`
 /// commits; on rollback the seqs are not used.
 ///
-/// Two round trips: one statement takes the seqs (every stream, locked in
-/// key order) and draws the row ids; then every kind's rows (contents and
-/// notifications in one statement) and the bus's statement go as one
-/// pipeline (tokio-postgres sends the requests of futures polled together
-/// without waiting for each answer).
+/// Two round trips: [`take`], then the writes as one [`Pipeline`].
 pub async fn append(
-    tx: &Transaction<'_>,
+    tx: &impl GenericClient,
     bus: &dyn Bus,
     contents: &[NewContent<'_>],
     appends: &[Append<'_>],
 ) -> StoreResult<Vec<Committed>> {
-    if appends.is_empty() {
-        return Ok(Vec::new());
+    let appending = take(tx, bus, contents, appends).await?;
+    let mut pipeline = Pipeline::default();
+    appending.push_writes(&mut pipeline);
+    for outcome in pipeline.run(tx).await {
+        outcome?;
     }
+    Ok(appending.into_committed())
+}
+
+/// Step 1 of an append, in `tx`: takes the seqs (one statement: every
+/// stream, locked in key order) and draws the row ids; builds the events
+/// and stages them on `bus`. The caller then sends
+/// [`Appending::push_writes`] in a [`Pipeline`] with whatever else its
+/// transaction writes (its `COMMIT` included), so the rest of a write is
+/// one more round trip.
+pub async fn take<'c>(
+    tx: &impl GenericClient,
+    bus: &dyn Bus,
+    contents: &'c [NewContent<'c>],
+    appends: &'c [Append<'c>],
+) -> StoreResult<Appending<'c>> {
     // Per stream: events, and new (unread) notifications.
     let mut counts: BTreeMap<(&str, &str), (i64, i64)> = BTreeMap::new();
     for a in appends {
@@ -203,6 +366,10 @@ pub async fn append(
     let notes: Vec<usize> = (0..appends.len())
         .filter(|&i| matches!(appends[i].event, NewEvent::Notification(_)))
         .collect();
+
+    if appends.is_empty() {
+        return Ok(Appending::empty());
+    }
 
     // 1. Seqs and ids.
     let mut taken = take_seqs(tx, &counts, contents.len(), notes.len()).await?;
@@ -276,57 +443,37 @@ pub async fn append(
             event: Arc::new(StreamEvent::new(s, taken.epoch, body)),
         });
     }
-    let c_kinds: Vec<&str> = contents.iter().map(|c| c.kind).collect();
-    let c_titles: Vec<&str> = contents.iter().map(|c| c.title).collect();
-    let c_bodies: Vec<&str> = contents.iter().map(|c| c.body).collect();
-    let c_data: Vec<&str> = contents.iter().map(|c| c.data).collect();
-    let n_tenants: Vec<&str> = notes.iter().map(|&i| appends[i].tenant).collect();
-    let n_users: Vec<&str> = notes.iter().map(|&i| appends[i].user).collect();
-    let n_seqs: Vec<i64> = notes.iter().map(|&i| seqs[i]).collect();
-    let reads: Vec<(&Append<'_>, i64, &ReadChange, i64)> = appends
+    let reads = appends
         .iter()
         .zip(&seqs)
         .filter_map(|(a, s)| match &a.event {
-            NewEvent::Read(r) => Some((a, *s, r, pos(r.up_to_seq))),
+            NewEvent::Read(r) => Some(ReadRow {
+                tenant: a.tenant,
+                user: a.user,
+                seq: *s,
+                ids: &r.ids,
+                up_to: pos(r.up_to_seq),
+            }),
             NewEvent::Notification(_) => None,
         })
         .collect();
     let staged = bus.stage(&committed);
-
-    let mut writes: Vec<Write<'_>> = Vec::new();
-    if !notes.is_empty() {
-        let params: [&(dyn ToSql + Sync); 11] = [
-            &content_ids,
-            &c_kinds,
-            &c_titles,
-            &c_bodies,
-            &c_data,
-            &note_ids,
-            &n_tenants,
-            &n_users,
-            &n_seqs,
-            &note_contents,
-            &taken.at,
-        ];
-        writes.push(Box::pin(async move {
-            execute(tx, INSERT_NOTIFICATIONS, &params).await
-        }));
-    }
-    // Read events come one per mark (a handful per transaction at most).
-    for (a, s, r, up_to) in &reads {
-        let params: [&(dyn ToSql + Sync); 5] = [&a.tenant, &a.user, s, &r.ids, up_to];
-        writes.push(Box::pin(async move {
-            execute(tx, INSERT_READ_EVENT, &params).await
-        }));
-    }
-    if let Some(staged) = &staged {
-        let params: [&(dyn ToSql + Sync); 1] = [&staged.texts];
-        writes.push(Box::pin(async move {
-            execute(tx, staged.statement, &params).await
-        }));
-    }
-    futures_util::future::try_join_all(writes).await?;
-    Ok(committed)
+    Ok(Appending {
+        committed,
+        at: taken.at,
+        content_ids,
+        c_kinds: contents.iter().map(|c| c.kind).collect(),
+        c_titles: contents.iter().map(|c| c.title).collect(),
+        c_bodies: contents.iter().map(|c| c.body).collect(),
+        c_data: contents.iter().map(|c| c.data).collect(),
+        n_tenants: notes.iter().map(|&i| appends[i].tenant).collect(),
+        n_users: notes.iter().map(|&i| appends[i].user).collect(),
+        n_seqs: notes.iter().map(|&i| seqs[i]).collect(),
+        note_ids,
+        note_contents,
+        reads,
+        staged,
+    })
 }
 
 /// Columns of a notification joined with its content, as [`notification`]
