@@ -22,7 +22,7 @@ use tonic::metadata::MetadataMap;
 
 use crate::notification::{InvalidArgument, Tenant, UserId};
 
-/// Scope a token needs to call `SendNotification`.
+/// Scope a token needs to call `SendNotification` and `SendNotifications`.
 pub const SEND_SCOPE: &str = "notifications:send";
 
 /// The HS256 secret `--dev` uses. Public knowledge: anyone can mint tokens

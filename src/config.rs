@@ -319,6 +319,9 @@ pub struct ServeArgs {
     /// Most distinct recipients of one send.
     #[arg(long, env = "HERALD_MAX_RECIPIENTS", default_value_t = 1_000)]
     pub max_recipients: usize,
+    /// Most items of one `SendNotifications` call (each is a whole send).
+    #[arg(long, env = "HERALD_MAX_BULK_ITEMS", default_value_t = 1_000)]
+    pub max_bulk_items: usize,
     /// Longest notification body, bytes.
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
     pub max_body_bytes: usize,
@@ -429,6 +432,7 @@ impl ServeArgs {
         }
         if [
             self.max_recipients,
+            self.max_bulk_items,
             self.pool_size,
             self.stream_queue,
             self.max_data_depth,
@@ -441,7 +445,7 @@ impl ServeArgs {
         .contains(&0)
         {
             return Err(ConfigError::Invalid(
-                "--max-recipients, --pool-size, --stream-queue, --max-data-depth, \
+                "--max-recipients, --max-bulk-items, --pool-size, --stream-queue, --max-data-depth, \
                  --max-request-bytes, --max-streams-per-user, --max-streams, \
                  --group-commit-writers and --group-commit-max-sends must be positive"
                     .into(),
@@ -476,6 +480,7 @@ impl ServeArgs {
             },
             limits: SendLimits {
                 max_recipients: self.max_recipients,
+                max_bulk_items: self.max_bulk_items,
                 max_body_bytes: self.max_body_bytes,
                 max_data_bytes: self.max_data_bytes,
                 max_data_depth: self.max_data_depth,

@@ -37,6 +37,8 @@ impl InvalidArgument {
 pub struct SendLimits {
     /// Most distinct recipients of one send.
     pub max_recipients: usize,
+    /// Most items of one `SendNotifications` call.
+    pub max_bulk_items: usize,
     /// Longest `body`, in bytes.
     pub max_body_bytes: usize,
     /// Longest `data` JSON text, in bytes.
@@ -50,6 +52,7 @@ impl Default for SendLimits {
     fn default() -> Self {
         Self {
             max_recipients: 1_000,
+            max_bulk_items: 1_000,
             max_body_bytes: 16 * 1024,
             max_data_bytes: 16 * 1024,
             max_data_depth: 16,

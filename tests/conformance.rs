@@ -615,6 +615,115 @@ async fn slow_subscriber_catches_up_from_the_store(backend: Backend) {
     d.stop().await;
 }
 
+async fn bulk_send_answers_each_item_and_a_bad_one_fails_alone(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let mut a = d.client(0).await;
+    let mut b = d.client(d.replica(1)).await;
+    let mut alice = subscribe(&mut b, "alice", Some(0)).await;
+    until_caught_up(&mut alice).await;
+
+    let mut keyed = note(&["bob"], "keyed");
+    keyed.idempotency_key = "batch-7".into();
+    send(&mut a, keyed.clone()).await.unwrap();
+    let mut bad_type = note(&["alice"], "bad type");
+    bad_type.r#type = "has space".into();
+    let mut misused_key = note(&["bob"], "other request");
+    misused_key.idempotency_key = "batch-7".into();
+    let items = vec![
+        note(&["alice", "bob"], "one"),
+        bad_type,
+        note(&["alice"], "two"),
+        keyed,       // a replay: the earlier deliveries, nothing stored
+        misused_key, // the key of another request
+        note(&[], "no recipients"),
+        note(&["carol"], "three"),
+    ];
+    let results = a
+        .send_notifications(authed(
+            proto::SendNotificationsRequest {
+                notifications: items,
+            },
+            &sender_token(),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let codes: Vec<(u32, Code)> = results
+        .iter()
+        .map(|r| (r.index, Code::from_i32(r.code)))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (0, Code::Ok),
+            (1, Code::InvalidArgument),
+            (2, Code::Ok),
+            (3, Code::Ok),
+            (4, Code::FailedPrecondition),
+            (5, Code::InvalidArgument),
+            (6, Code::Ok),
+        ]
+    );
+    assert!(
+        results[1].message.starts_with("notifications[1].type:"),
+        "{:?}",
+        results[1].message
+    );
+    assert!(
+        results[5]
+            .message
+            .starts_with("notifications[5].recipients"),
+        "{:?}",
+        results[5].message
+    );
+    assert_eq!(results[0].deliveries.len(), 2);
+    assert!(results[1].deliveries.is_empty());
+    // The replay answers with the first send's delivery: bob's seq 1.
+    assert_eq!(results[3].deliveries.len(), 1);
+    assert_eq!(results[3].deliveries[0].seq, 1);
+
+    // alice got both of her items, live on the other replica, and nothing
+    // of the failed ones was stored.
+    let mut titles = Vec::new();
+    for _ in 0..2 {
+        titles.push(notification(&next_event(&mut alice).await).title.clone());
+    }
+    titles.sort();
+    assert_eq!(titles, ["one", "two"]);
+    assert_eq!(unread(&mut a, "alice").await, 2);
+    assert_eq!(unread(&mut a, "bob").await, 2);
+    assert_eq!(unread(&mut a, "carol").await, 1);
+
+    // No items, or more than the limit (1,000): the call is refused.
+    for n in [0, 1_001] {
+        let err = a
+            .send_notifications(authed(
+                proto::SendNotificationsRequest {
+                    notifications: vec![note(&["alice"], "x"); n],
+                },
+                &sender_token(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with("notifications:"), "{err:?}");
+    }
+    // Without the send scope: refused as a whole.
+    let err = a
+        .send_notifications(authed(
+            proto::SendNotificationsRequest {
+                notifications: vec![note(&["alice"], "x")],
+            },
+            &token("alice", "", ""),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(unread(&mut a, "alice").await, 2);
+    d.stop().await;
+}
+
 async fn server_stop_ends_streams_with_unavailable(backend: Backend) {
     let d = Deployment::start(backend, 1).await;
     let mut a = d.client(0).await;
@@ -639,4 +748,5 @@ conformance!(
     type_filter_and_heartbeats,
     slow_subscriber_catches_up_from_the_store,
     server_stop_ends_streams_with_unavailable,
+    bulk_send_answers_each_item_and_a_bad_one_fails_alone,
 );

@@ -130,6 +130,13 @@ impl<S: Store> Notifications for NotificationsService<S> {
         result
     }
 
+    async fn send_notifications(
+        &self,
+        request: Request<proto::SendNotificationsRequest>,
+    ) -> Result<Response<proto::SendNotificationsResponse>, Status> {
+        observe("SendNotifications", self.send_many(request).await)
+    }
+
     type SubscribeStream = EventStream;
 
     async fn subscribe(
@@ -192,6 +199,92 @@ impl<S: Store> NotificationsService<S> {
         Ok(Response::new(proto::SendNotificationResponse {
             deliveries: deliveries.into_iter().map(Into::into).collect(),
         }))
+    }
+
+    /// `SendNotifications`: every valid item within the rate limits goes to
+    /// the store at once (concurrently, so group commit batches them), each
+    /// answered with its own outcome.
+    async fn send_many(
+        &self,
+        request: Request<proto::SendNotificationsRequest>,
+    ) -> Result<Response<proto::SendNotificationsResponse>, Status> {
+        let identity = self.identify(&request)?;
+        identity.require_send()?;
+        let items = request.into_inner().notifications;
+        if items.is_empty() || items.len() > self.limits.max_bulk_items {
+            return Err(InvalidArgument::new(
+                "notifications",
+                format!(
+                    "must hold 1 to {} items, not {}",
+                    self.limits.max_bulk_items,
+                    items.len()
+                ),
+            )
+            .into());
+        }
+        let (tenant, sender) = (identity.tenant.as_str(), identity.user.as_str());
+        // Parse and rate-check each item; those that pass are stored
+        // concurrently.
+        let checked: Vec<Result<NewNotification, Status>> = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let new = NewNotification::parse(item, &self.limits).map_err(|e| {
+                    Status::from(InvalidArgument::new(
+                        format!("notifications[{i}].{}", e.field),
+                        e.reason,
+                    ))
+                })?;
+                self.rates.check_send(tenant, sender, &new.recipients)?;
+                Ok(new)
+            })
+            .collect();
+        let outcomes = futures_util::future::join_all(checked.iter().map(|c| async move {
+            match c {
+                Ok(new) => self
+                    .store
+                    .send(tenant, sender, new)
+                    .await
+                    .map_err(Status::from),
+                Err(status) => Err(status.clone()),
+            }
+        }))
+        .await;
+        let mut stored = 0;
+        let results = outcomes
+            .into_iter()
+            .enumerate()
+            .map(|(i, outcome)| {
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                match outcome {
+                    Ok(sent) => {
+                        if !sent.replayed {
+                            stored += sent.deliveries.len();
+                        }
+                        proto::SendNotificationsResult {
+                            index,
+                            code: Code::Ok as i32,
+                            message: String::new(),
+                            deliveries: sent.deliveries.into_iter().map(Into::into).collect(),
+                        }
+                    }
+                    Err(status) => proto::SendNotificationsResult {
+                        index,
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                        deliveries: Vec::new(),
+                    },
+                }
+            })
+            .collect::<Vec<_>>();
+        metrics::counter!(names::NOTIFICATIONS_STORED).increment(stored as u64);
+        tracing::debug!(
+            sender = %identity.user,
+            items = results.len(),
+            failed = results.iter().filter(|r| r.code != 0).count(),
+            "bulk send done"
+        );
+        Ok(Response::new(proto::SendNotificationsResponse { results }))
     }
 
     async fn open_stream(

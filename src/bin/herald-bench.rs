@@ -116,6 +116,15 @@ enum Scenario {
     },
     /// Sends with K recipients each; every recipient has a stream.
     Fanout(Load),
+    /// `SendNotifications` calls of `--items` single-recipient items each,
+    /// to random subscribers; `--rate` is calls/s. Latency is per item.
+    Bulk {
+        #[command(flatten)]
+        load: Load,
+        /// Items per call.
+        #[arg(long, default_value_t = 100)]
+        items: usize,
+    },
     /// Open S idle streams on replica A over N HTTP/2 connections; report
     /// RSS per stream and time to open them.
     Streams {
@@ -541,12 +550,13 @@ async fn open_subscribers(
 }
 
 /// Sends at `rate`/s for `duration` from `callers` callers through replica
-/// A, each send to `recipients` users chosen by `pick`. Returns sends
-/// acknowledged.
+/// A, each send to users chosen by `pick`. With `items` > 1 each call is a
+/// `SendNotifications` of that many sends. Returns sends acknowledged.
 async fn drive(
     bench: &Bench,
     load: &Load,
     rate: u64,
+    items: usize,
     expected: Arc<Expected>,
     pick: impl Fn(&mut fastrand::Rng) -> Vec<usize> + Send + Sync + Clone + 'static,
 ) -> anyhow::Result<u64> {
@@ -575,14 +585,13 @@ async fn drive(
                 if tokio::time::Instant::now() >= end {
                     return Ok::<_, anyhow::Error>(acked);
                 }
-                let users = pick(&mut rng);
                 // "w:" marks a warm-up send: checked, but not timed.
                 let mark = if tokio::time::Instant::now() < warm_until {
                     "w"
                 } else {
                     "t"
                 };
-                let request = proto::SendNotificationRequest {
+                let request = |users: &[usize]| proto::SendNotificationRequest {
                     recipients: users.iter().map(|u| format!("u{u}")).collect(),
                     r#type: "bench".into(),
                     title: format!("{mark}:{}", now_ns()),
@@ -590,11 +599,39 @@ async fn drive(
                     data: String::new(),
                     idempotency_key: String::new(),
                 };
-                client.send_notification(authed(request, &token)?).await?;
-                for u in users {
-                    expected.0[u].fetch_add(1, Ordering::AcqRel);
+                if items <= 1 {
+                    let users = pick(&mut rng);
+                    client
+                        .send_notification(authed(request(&users), &token)?)
+                        .await?;
+                    for u in users {
+                        expected.0[u].fetch_add(1, Ordering::AcqRel);
+                    }
+                    acked += 1;
+                    continue;
                 }
-                acked += 1;
+                let batch: Vec<Vec<usize>> = (0..items).map(|_| pick(&mut rng)).collect();
+                let notifications = batch.iter().map(|users| request(users)).collect();
+                let results = client
+                    .send_notifications(authed(
+                        proto::SendNotificationsRequest { notifications },
+                        &token,
+                    )?)
+                    .await?
+                    .into_inner()
+                    .results;
+                for r in results {
+                    let users = batch
+                        .get(r.index as usize)
+                        .context("a result for no item")?;
+                    if r.code != 0 {
+                        bail!("item {} failed: {} {}", r.index, r.code, r.message);
+                    }
+                    for &u in users {
+                        expected.0[u].fetch_add(1, Ordering::AcqRel);
+                    }
+                    acked += 1;
+                }
             }
         }));
     }
@@ -620,6 +657,7 @@ async fn run_load(
     load: &Load,
     rate: u64,
     fanout: bool,
+    items: usize,
 ) -> anyhow::Result<Row> {
     let users = load.subscribers.max(1);
     let expected = Arc::new(Expected((0..users).map(|_| AtomicU64::new(0)).collect()));
@@ -628,12 +666,12 @@ async fn run_load(
     let before = bench.usage();
     let started = Instant::now();
     let sent = if fanout {
-        drive(bench, load, rate, expected.clone(), move |_| {
+        drive(bench, load, rate, items, expected.clone(), move |_| {
             (0..users).collect()
         })
         .await?
     } else {
-        drive(bench, load, rate, expected.clone(), move |rng| {
+        drive(bench, load, rate, items, expected.clone(), move |rng| {
             vec![rng.usize(0..users)]
         })
         .await?
@@ -800,12 +838,17 @@ async fn run(bench: &Bench, scenario: &Scenario) -> anyhow::Result<Vec<Row>> {
     Row::print_header();
     match scenario {
         Scenario::Latency(load) => {
-            let row = run_load(bench, "latency", load, load.rate, false).await?;
+            let row = run_load(bench, "latency", load, load.rate, false, 1).await?;
             row.print();
             rows.push(row);
         }
         Scenario::Fanout(load) => {
-            let row = run_load(bench, "fanout", load, load.rate, true).await?;
+            let row = run_load(bench, "fanout", load, load.rate, true, 1).await?;
+            row.print();
+            rows.push(row);
+        }
+        Scenario::Bulk { load, items } => {
+            let row = run_load(bench, "bulk", load, load.rate, false, *items).await?;
             row.print();
             rows.push(row);
         }
@@ -818,7 +861,7 @@ async fn run(bench: &Bench, scenario: &Scenario) -> anyhow::Result<Vec<Row>> {
             let mut held = None;
             let mut rate = load.rate;
             while rate <= *max_rate {
-                let row = run_load(bench, "throughput", load, rate, false).await?;
+                let row = run_load(bench, "throughput", load, rate, false, 1).await?;
                 row.print();
                 let achieved = row.sent as f64 / load.duration.as_secs_f64();
                 let ok = row.p99_ms <= *p99_limit_ms

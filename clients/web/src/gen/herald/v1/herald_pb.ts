@@ -25,7 +25,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file herald/v1/herald.proto.
  */
 export const file_herald_v1_herald: GenFile = /*@__PURE__*/
-  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEisQEKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgifwoXU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QSEgoKcmVjaXBpZW50cxgBIAMoCRIMCgR0eXBlGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEZGF0YRgFIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBiABKAkiQwoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQiQwoYU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEicKCmRlbGl2ZXJpZXMYASADKAsyEy5oZXJhbGQudjEuRGVsaXZlcnkiVgoQU3Vic2NyaWJlUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARINCgV0eXBlcxgCIAMoCRINCgVlcG9jaBgDIAEoBEIMCgpfYWZ0ZXJfc2VxIoMCCgVFdmVudBILCgNzZXEYASABKAQSLwoMbm90aWZpY2F0aW9uGAIgASgLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbkgAEisKBHJlYWQYAyABKAsyGy5oZXJhbGQudjEuUmVhZFN0YXRlQ2hhbmdlZEgAEigKCWNhdWdodF91cBgEIAEoCzITLmhlcmFsZC52MS5DYXVnaHRVcEgAEikKCWhlYXJ0YmVhdBgFIAEoCzIULmhlcmFsZC52MS5IZWFydGJlYXRIABIjCgZyZXN5bmMYBiABKAsyES5oZXJhbGQudjEuUmVzeW5jSAASDQoFZXBvY2gYByABKARCBgoEa2luZCI/ChBSZWFkU3RhdGVDaGFuZ2VkEhgKEG5vdGlmaWNhdGlvbl9pZHMYASADKAMSEQoJdXBfdG9fc2VxGAIgASgEIkEKCENhdWdodFVwEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI8CglIZWFydGJlYXQSLwoLc2VydmVyX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkBCgZSZXN5bmMSKAoGcmVhc29uGAEgASgOMhguaGVyYWxkLnYxLlJlc3luYy5SZWFzb24iZQoGUmVhc29uEhYKElJFQVNPTl9VTlNQRUNJRklFRBAAEhgKFFJFQVNPTl9FUE9DSF9DSEFOR0VEEAESEQoNUkVBU09OX1BSVU5FRBACEhYKElJFQVNPTl9CRVlPTkRfSEVBRBADIlsKD01hcmtSZWFkUmVxdWVzdBIpCgNpZHMYASABKAsyGi5oZXJhbGQudjEuTm90aWZpY2F0aW9uSWRzSAASEwoJdXBfdG9fc2VxGAIgASgESABCCAoGdGFyZ2V0Ih4KD05vdGlmaWNhdGlvbklkcxILCgNpZHMYASADKAMiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIlYKGExpc3ROb3RpZmljYXRpb25zUmVxdWVzdBITCgt1bnJlYWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCSJkChlMaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlEi4KDW5vdGlmaWNhdGlvbnMYASADKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIXChVHZXRVbnJlYWRDb3VudFJlcXVlc3QiNQoWR2V0VW5yZWFkQ291bnRSZXNwb25zZRIOCgZ1bnJlYWQYASABKAQSCwoDc2VxGAIgASgEMqYDCg1Ob3RpZmljYXRpb25zElsKEFNlbmROb3RpZmljYXRpb24SIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QaIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEjwKCVN1YnNjcmliZRIbLmhlcmFsZC52MS5TdWJzY3JpYmVSZXF1ZXN0GhAuaGVyYWxkLnYxLkV2ZW50MAESQwoITWFya1JlYWQSGi5oZXJhbGQudjEuTWFya1JlYWRSZXF1ZXN0GhsuaGVyYWxkLnYxLk1hcmtSZWFkUmVzcG9uc2USXgoRTGlzdE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USVQoOR2V0VW5yZWFkQ291bnQSIC5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXF1ZXN0GiEuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEisQEKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgifwoXU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QSEgoKcmVjaXBpZW50cxgBIAMoCRIMCgR0eXBlGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEZGF0YRgFIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBiABKAkiQwoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQiQwoYU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEicKCmRlbGl2ZXJpZXMYASADKAsyEy5oZXJhbGQudjEuRGVsaXZlcnkiVQoYU2VuZE5vdGlmaWNhdGlvbnNSZXF1ZXN0EjkKDW5vdGlmaWNhdGlvbnMYASADKAsyIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QicAoXU2VuZE5vdGlmaWNhdGlvbnNSZXN1bHQSDQoFaW5kZXgYASABKA0SDAoEY29kZRgCIAEoBRIPCgdtZXNzYWdlGAMgASgJEicKCmRlbGl2ZXJpZXMYBCADKAsyEy5oZXJhbGQudjEuRGVsaXZlcnkiUAoZU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRIzCgdyZXN1bHRzGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVzdWx0IlYKEFN1YnNjcmliZVJlcXVlc3QSFgoJYWZ0ZXJfc2VxGAEgASgESACIAQESDQoFdHlwZXMYAiADKAkSDQoFZXBvY2gYAyABKARCDAoKX2FmdGVyX3NlcSKDAgoFRXZlbnQSCwoDc2VxGAEgASgEEi8KDG5vdGlmaWNhdGlvbhgCIAEoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb25IABIrCgRyZWFkGAMgASgLMhsuaGVyYWxkLnYxLlJlYWRTdGF0ZUNoYW5nZWRIABIoCgljYXVnaHRfdXAYBCABKAsyEy5oZXJhbGQudjEuQ2F1Z2h0VXBIABIpCgloZWFydGJlYXQYBSABKAsyFC5oZXJhbGQudjEuSGVhcnRiZWF0SAASIwoGcmVzeW5jGAYgASgLMhEuaGVyYWxkLnYxLlJlc3luY0gAEg0KBWVwb2NoGAcgASgEQgYKBGtpbmQiPwoQUmVhZFN0YXRlQ2hhbmdlZBIYChBub3RpZmljYXRpb25faWRzGAEgAygDEhEKCXVwX3RvX3NlcRgCIAEoBCJBCghDYXVnaHRVcBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPAoJSGVhcnRiZWF0Ei8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKZAQoGUmVzeW5jEigKBnJlYXNvbhgBIAEoDjIYLmhlcmFsZC52MS5SZXN5bmMuUmVhc29uImUKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUFTT05fRVBPQ0hfQ0hBTkdFRBABEhEKDVJFQVNPTl9QUlVORUQQAhIWChJSRUFTT05fQkVZT05EX0hFQUQQAyJbCg9NYXJrUmVhZFJlcXVlc3QSKQoDaWRzGAEgASgLMhouaGVyYWxkLnYxLk5vdGlmaWNhdGlvbklkc0gAEhMKCXVwX3RvX3NlcRgCIAEoBEgAQggKBnRhcmdldCIeCg9Ob3RpZmljYXRpb25JZHMSCwoDaWRzGAEgAygDIi8KEE1hcmtSZWFkUmVzcG9uc2USDgoGbWFya2VkGAEgASgNEgsKA3NlcRgCIAEoBCJWChhMaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QSEwoLdW5yZWFkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiZAoZTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRIuCg1ub3RpZmljYXRpb25zGAEgAygLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiFwoVR2V0VW5yZWFkQ291bnRSZXF1ZXN0IjUKFkdldFVucmVhZENvdW50UmVzcG9uc2USDgoGdW5yZWFkGAEgASgEEgsKA3NlcRgCIAEoBDKGBAoNTm90aWZpY2F0aW9ucxJbChBTZW5kTm90aWZpY2F0aW9uEiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0GiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXNwb25zZRJeChFTZW5kTm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRI8CglTdWJzY3JpYmUSGy5oZXJhbGQudjEuU3Vic2NyaWJlUmVxdWVzdBoQLmhlcmFsZC52MS5FdmVudDABEkMKCE1hcmtSZWFkEhouaGVyYWxkLnYxLk1hcmtSZWFkUmVxdWVzdBobLmhlcmFsZC52MS5NYXJrUmVhZFJlc3BvbnNlEl4KEUxpc3ROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlElUKDkdldFVucmVhZENvdW50EiAuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVxdWVzdBohLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A notification as stored for one recipient.
@@ -214,6 +214,92 @@ export const SendNotificationResponseSchema: GenMessage<SendNotificationResponse
   messageDesc(file_herald_v1_herald, 3);
 
 /**
+ * @generated from message herald.v1.SendNotificationsRequest
+ */
+export type SendNotificationsRequest = Message<"herald.v1.SendNotificationsRequest"> & {
+  /**
+   * The notifications: 1 to the server's limit (default 1,000) items. The
+   * whole message is bounded by the server's request size limit (default
+   * 256 KiB; larger: RESOURCE_EXHAUSTED).
+   *
+   * @generated from field: repeated herald.v1.SendNotificationRequest notifications = 1;
+   */
+  notifications: SendNotificationRequest[];
+};
+
+/**
+ * Describes the message herald.v1.SendNotificationsRequest.
+ * Use `create(SendNotificationsRequestSchema)` to create a new message.
+ */
+export const SendNotificationsRequestSchema: GenMessage<SendNotificationsRequest> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 4);
+
+/**
+ * The outcome of one item of a SendNotificationsRequest.
+ *
+ * @generated from message herald.v1.SendNotificationsResult
+ */
+export type SendNotificationsResult = Message<"herald.v1.SendNotificationsResult"> & {
+  /**
+   * The item's index in SendNotificationsRequest.notifications.
+   *
+   * @generated from field: uint32 index = 1;
+   */
+  index: number;
+
+  /**
+   * The item's gRPC status code (the numeric values of the status-code
+   * guide; 0 = OK): what SendNotification would have answered for it.
+   *
+   * @generated from field: int32 code = 2;
+   */
+  code: number;
+
+  /**
+   * Why the item failed, empty when it did not. For bad input it starts
+   * with the field, e.g. `notifications[3].title: must not be empty`.
+   *
+   * @generated from field: string message = 3;
+   */
+  message: string;
+
+  /**
+   * When code is 0: one per distinct recipient, as in
+   * SendNotificationResponse.deliveries (a replay under an idempotency key
+   * returns the earlier deliveries).
+   *
+   * @generated from field: repeated herald.v1.Delivery deliveries = 4;
+   */
+  deliveries: Delivery[];
+};
+
+/**
+ * Describes the message herald.v1.SendNotificationsResult.
+ * Use `create(SendNotificationsResultSchema)` to create a new message.
+ */
+export const SendNotificationsResultSchema: GenMessage<SendNotificationsResult> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 5);
+
+/**
+ * @generated from message herald.v1.SendNotificationsResponse
+ */
+export type SendNotificationsResponse = Message<"herald.v1.SendNotificationsResponse"> & {
+  /**
+   * One per item, in request order (results[i].index == i).
+   *
+   * @generated from field: repeated herald.v1.SendNotificationsResult results = 1;
+   */
+  results: SendNotificationsResult[];
+};
+
+/**
+ * Describes the message herald.v1.SendNotificationsResponse.
+ * Use `create(SendNotificationsResponseSchema)` to create a new message.
+ */
+export const SendNotificationsResponseSchema: GenMessage<SendNotificationsResponse> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 6);
+
+/**
  * @generated from message herald.v1.SubscribeRequest
  */
 export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
@@ -253,7 +339,7 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 4);
+  messageDesc(file_herald_v1_herald, 7);
 
 /**
  * One event of a user's stream.
@@ -322,7 +408,7 @@ export type Event = Message<"herald.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 5);
+  messageDesc(file_herald_v1_herald, 8);
 
 /**
  * Some of the user's notifications were marked read.
@@ -350,7 +436,7 @@ export type ReadStateChanged = Message<"herald.v1.ReadStateChanged"> & {
  * Use `create(ReadStateChangedSchema)` to create a new message.
  */
 export const ReadStateChangedSchema: GenMessage<ReadStateChanged> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 6);
+  messageDesc(file_herald_v1_herald, 9);
 
 /**
  * The backlog has been sent; what follows is live.
@@ -373,7 +459,7 @@ export type CaughtUp = Message<"herald.v1.CaughtUp"> & {
  * Use `create(CaughtUpSchema)` to create a new message.
  */
 export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 7);
+  messageDesc(file_herald_v1_herald, 10);
 
 /**
  * Sent when the stream has been idle for the heartbeat interval, so proxies
@@ -393,7 +479,7 @@ export type Heartbeat = Message<"herald.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 8);
+  messageDesc(file_herald_v1_herald, 11);
 
 /**
  * The server cannot continue from the requested resume position: the
@@ -415,7 +501,7 @@ export type Resync = Message<"herald.v1.Resync"> & {
  * Use `create(ResyncSchema)` to create a new message.
  */
 export const ResyncSchema: GenMessage<Resync> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 9);
+  messageDesc(file_herald_v1_herald, 12);
 
 /**
  * Why the position could not be continued.
@@ -457,7 +543,7 @@ export enum Resync_Reason {
  * Describes the enum herald.v1.Resync.Reason.
  */
 export const Resync_ReasonSchema: GenEnum<Resync_Reason> = /*@__PURE__*/
-  enumDesc(file_herald_v1_herald, 9, 0);
+  enumDesc(file_herald_v1_herald, 12, 0);
 
 /**
  * @generated from message herald.v1.MarkReadRequest
@@ -493,7 +579,7 @@ export type MarkReadRequest = Message<"herald.v1.MarkReadRequest"> & {
  * Use `create(MarkReadRequestSchema)` to create a new message.
  */
 export const MarkReadRequestSchema: GenMessage<MarkReadRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 10);
+  messageDesc(file_herald_v1_herald, 13);
 
 /**
  * @generated from message herald.v1.NotificationIds
@@ -510,7 +596,7 @@ export type NotificationIds = Message<"herald.v1.NotificationIds"> & {
  * Use `create(NotificationIdsSchema)` to create a new message.
  */
 export const NotificationIdsSchema: GenMessage<NotificationIds> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 11);
+  messageDesc(file_herald_v1_herald, 14);
 
 /**
  * @generated from message herald.v1.MarkReadResponse
@@ -536,7 +622,7 @@ export type MarkReadResponse = Message<"herald.v1.MarkReadResponse"> & {
  * Use `create(MarkReadResponseSchema)` to create a new message.
  */
 export const MarkReadResponseSchema: GenMessage<MarkReadResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 12);
+  messageDesc(file_herald_v1_herald, 15);
 
 /**
  * @generated from message herald.v1.ListNotificationsRequest
@@ -569,7 +655,7 @@ export type ListNotificationsRequest = Message<"herald.v1.ListNotificationsReque
  * Use `create(ListNotificationsRequestSchema)` to create a new message.
  */
 export const ListNotificationsRequestSchema: GenMessage<ListNotificationsRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 13);
+  messageDesc(file_herald_v1_herald, 16);
 
 /**
  * @generated from message herald.v1.ListNotificationsResponse
@@ -595,7 +681,7 @@ export type ListNotificationsResponse = Message<"herald.v1.ListNotificationsResp
  * Use `create(ListNotificationsResponseSchema)` to create a new message.
  */
 export const ListNotificationsResponseSchema: GenMessage<ListNotificationsResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 14);
+  messageDesc(file_herald_v1_herald, 17);
 
 /**
  * @generated from message herald.v1.GetUnreadCountRequest
@@ -608,7 +694,7 @@ export type GetUnreadCountRequest = Message<"herald.v1.GetUnreadCountRequest"> &
  * Use `create(GetUnreadCountRequestSchema)` to create a new message.
  */
 export const GetUnreadCountRequestSchema: GenMessage<GetUnreadCountRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 15);
+  messageDesc(file_herald_v1_herald, 18);
 
 /**
  * @generated from message herald.v1.GetUnreadCountResponse
@@ -632,7 +718,7 @@ export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse">
  * Use `create(GetUnreadCountResponseSchema)` to create a new message.
  */
 export const GetUnreadCountResponseSchema: GenMessage<GetUnreadCountResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 16);
+  messageDesc(file_herald_v1_herald, 19);
 
 /**
  * The notification service. One per deployment; any replica serves any call.
@@ -651,6 +737,26 @@ export const Notifications: GenService<{
     methodKind: "unary";
     input: typeof SendNotificationRequestSchema;
     output: typeof SendNotificationResponseSchema;
+  },
+  /**
+   * Stores many independent notifications in one call, for batch jobs:
+   * each item is a SendNotificationRequest (its own recipients, content and
+   * idempotency key) stored and pushed exactly as SendNotification would,
+   * and answered separately. An item that is invalid, over a rate limit or
+   * cannot be stored fails alone (its result names the status and, for bad
+   * input, the field as `notifications[i].field`); the others are stored.
+   * Items are independent: a recipient of several gets them in commit
+   * order, which need not be item order. The call itself fails only when no
+   * item can be tried: UNAUTHENTICATED, PERMISSION_DENIED, or
+   * INVALID_ARGUMENT for no items or more than the server's limit. Needs
+   * the `notifications:send` scope.
+   *
+   * @generated from rpc herald.v1.Notifications.SendNotifications
+   */
+  sendNotifications: {
+    methodKind: "unary";
+    input: typeof SendNotificationsRequestSchema;
+    output: typeof SendNotificationsResponseSchema;
   },
   /**
    * Opens the token user's event stream. The server first replays the
