@@ -11,6 +11,8 @@ use std::{env, fs, path::PathBuf};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/herald/v1/herald.proto";
     println!("cargo:rerun-if-changed={proto}");
+    // The migrations are embedded at compile time: a new file must rebuild.
+    println!("cargo:rerun-if-changed=migrations");
     let fds = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(
