@@ -14,6 +14,7 @@ use crate::{
     notification::SendLimits,
     store::{group_commit::GroupCommitSettings, postgres::DEFAULT_STATEMENT_TIMEOUT},
     telemetry::LogFormat,
+    transport::TransportSettings,
 };
 
 /// Shortest HS256 secret accepted outside `--dev`: 256 bits, the hash size
@@ -68,6 +69,8 @@ pub struct Config {
     pub rates: RateSettings,
     /// Largest request message accepted, bytes.
     pub max_request_bytes: usize,
+    /// Bounds on each connection and call of the gRPC port.
+    pub transport: TransportSettings,
 }
 
 impl Config {
@@ -99,6 +102,7 @@ impl Config {
             streams: StreamLimits::default(),
             rates: RateSettings::default(),
             max_request_bytes: 256 * 1024,
+            transport: TransportSettings::default(),
         }
     }
 }
@@ -382,6 +386,42 @@ pub struct ServeArgs {
     /// transaction); `0s`: the server's own setting.
     #[arg(long, env = "HERALD_STATEMENT_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub statement_timeout: Duration,
+    /// Time a new connection has, from accept, to complete protocol
+    /// detection (the HTTP/2 preface, RFC 9113 §3.4) and send the headers
+    /// of its first request, e.g. `10s`; then it is closed. Long enough for
+    /// a slow network's first round trips; a client that connects ahead of
+    /// its first call and waits longer reconnects when it makes the call.
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Time a call has, from its headers, to send its whole request body,
+    /// e.g. `10s`; then it ends with DEADLINE_EXCEEDED. Every request is one
+    /// message of at most --max-request-bytes, so this only needs to cover
+    /// the slowest legitimate upload of one.
+    #[arg(long, env = "HERALD_REQUEST_BODY_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub request_body_timeout: Duration,
+    /// Longest a call other than a stream (Subscribe, health Watch) may
+    /// take, from its headers to its response, e.g. `30s`; then it ends
+    /// with DEADLINE_EXCEEDED. A client's shorter `grpc-timeout` applies
+    /// first. Keep it above --statement-timeout plus --pool-timeout, so
+    /// calls that wait on the database fail with their own status first.
+    #[arg(long, env = "HERALD_CALL_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub call_timeout: Duration,
+    /// Most concurrent calls (streams included) on one HTTP/2 connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS, RFC 9113 §5.1.2). A client or
+    /// proxy multiplexing more streams over one connection must open more
+    /// connections (compliant clients wait for a free slot).
+    #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = 1_000)]
+    pub max_concurrent_streams: u32,
+    /// Streams the server may reset for a client's protocol errors
+    /// (refused streams included) on one HTTP/2 connection before it sends
+    /// GOAWAY ENHANCE_YOUR_CALM and closes it; counted over the
+    /// connection's life.
+    #[arg(
+        long,
+        env = "HERALD_MAX_RESETS_PER_CONNECTION",
+        default_value_t = 1_024
+    )]
+    pub max_resets_per_connection: usize,
     /// Log format: `text` or `json`.
     #[arg(long, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -425,6 +465,9 @@ impl ServeArgs {
             ("--pool-timeout", self.pool_timeout),
             ("--shutdown-grace", self.shutdown_grace),
             ("--health-check-interval", self.health_check_interval),
+            ("--handshake-timeout", self.handshake_timeout),
+            ("--request-body-timeout", self.request_body_timeout),
+            ("--call-timeout", self.call_timeout),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::Invalid(format!("{name} must be positive")));
@@ -441,13 +484,16 @@ impl ServeArgs {
             self.max_streams,
             self.group_commit_writers,
             self.group_commit_max_sends,
+            self.max_resets_per_connection,
+            self.max_concurrent_streams as usize,
         ]
         .contains(&0)
         {
             return Err(ConfigError::Invalid(
                 "--max-recipients, --max-bulk-items, --pool-size, --stream-queue, --max-data-depth, \
                  --max-request-bytes, --max-streams-per-user, --max-streams, \
-                 --group-commit-writers and --group-commit-max-sends must be positive"
+                 --group-commit-writers, --group-commit-max-sends, --max-resets-per-connection \
+                 and --max-concurrent-streams must be positive"
                     .into(),
             ));
         }
@@ -497,6 +543,13 @@ impl ServeArgs {
                 recipient_burst: self.rate_recipient_burst,
             },
             max_request_bytes: self.max_request_bytes,
+            transport: TransportSettings {
+                handshake_timeout: self.handshake_timeout,
+                request_body_timeout: self.request_body_timeout,
+                call_timeout: self.call_timeout,
+                max_concurrent_streams: self.max_concurrent_streams,
+                max_resets_per_connection: self.max_resets_per_connection,
+            },
             statement_timeout: Some(self.statement_timeout).filter(|d| !d.is_zero()),
             cors_origins: self
                 .cors_origins

@@ -34,4 +34,5 @@ pub mod health;
 pub mod server;
 pub mod subscription;
 pub mod telemetry;
+pub mod transport;
 pub mod wire;

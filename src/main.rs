@@ -9,7 +9,7 @@ use herald::{
     auth::{self, SEND_SCOPE},
     config::{SecretArgs, ServeArgs},
     proto::{self, event::Kind, notifications_client::NotificationsClient},
-    server, store, telemetry,
+    server, store, telemetry, transport,
 };
 use serde_json::json;
 use tonic::{Request, transport::Channel};
@@ -199,6 +199,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     let config = args.into_config()?;
+    raise_open_files_limit();
     let grace = config.shutdown_grace;
     let running = server::start(config).await?;
     let token = running.shutdown_token();
@@ -209,6 +210,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     running.wait(grace).await?;
     Ok(())
+}
+
+/// Every connection holds a file descriptor: take all the operator allows
+/// (the soft limit is often 1,024 while the hard one is far higher), and
+/// say what it is.
+fn raise_open_files_limit() {
+    match transport::raise_open_files_limit() {
+        Ok(limit) if limit.soft > limit.soft_before => tracing::info!(
+            soft_before = limit.soft_before,
+            soft = limit.soft,
+            hard = limit.hard,
+            "raised the open-files limit (RLIMIT_NOFILE) to its hard limit"
+        ),
+        Ok(limit) => tracing::info!(
+            soft = limit.soft,
+            hard = limit.hard,
+            "open-files limit (RLIMIT_NOFILE) already at its hard limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,6 +1,7 @@
 //! Builds and runs a replica: the store (Postgres or in-memory), the hub,
-//! the LISTEN loop, retention, health and metrics, and the tonic server —
-//! native gRPC and grpc-web on one port — all stopped by one
+//! the LISTEN loop, retention, health and metrics, and the gRPC services —
+//! native gRPC and grpc-web on one port, served with the connection and
+//! call bounds of [`crate::transport`] — all stopped by one
 //! [`CancellationToken`].
 //!
 //! Stopping (SIGTERM) drains: health turns NOT_SERVING, no new connections
@@ -16,8 +17,8 @@ use std::{
 
 use http::{HeaderName, HeaderValue, Method};
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 use tower::util::MapResponseLayer;
 use tower_http::{
     cors::{AllowOrigin, CorsLayer},
@@ -43,6 +44,7 @@ use crate::{
     },
     subscription::StreamSettings,
     telemetry,
+    transport::{self, CallBoundsLayer},
 };
 
 pub use crate::health::LIVENESS_SERVICE;
@@ -71,9 +73,6 @@ pub enum ServerError {
     /// The LISTEN connection could not be established.
     #[error("cannot LISTEN: {0}")]
     Listen(#[from] ListenError),
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
     /// gRPC reflection could not be built from the descriptor set.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -249,6 +248,7 @@ async fn start_metrics(addr: SocketAddr, jobs: &Jobs) -> Result<SocketAddr, Serv
     let (listener, local) = bind(addr).await?;
     match telemetry::metrics_handle() {
         Some(handle) => {
+            tracing::info!(addr = %local, "serving metrics at /metrics");
             let shutdown = jobs.shutdown().clone();
             jobs.spawn(
                 "metrics endpoint",
@@ -351,7 +351,15 @@ impl Replica<'_> {
             shutdown.clone(),
         );
         let request_id = HeaderName::from_static(REQUEST_ID);
-        let layers = tower::ServiceBuilder::new()
+        let routes = Routes::new(health)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(
+                NotificationsServer::new(service)
+                    .max_decoding_message_size(config.max_request_bytes),
+            )
+            .prepare();
+        let service = tower::ServiceBuilder::new()
             .layer(cors(&config.cors_origins))
             .layer(tonic_web::GrpcWebLayer::new())
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
@@ -369,39 +377,26 @@ impl Replica<'_> {
                     .on_failure(()),
             )
             .layer(PropagateRequestIdLayer::new(request_id))
-            .layer(MapResponseLayer::new(grpc_status_fixups));
-        let server = tonic::transport::Server::builder()
-            .accept_http1(true)
-            .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(layers)
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(
-                NotificationsServer::new(service)
-                    .max_decoding_message_size(config.max_request_bytes),
-            );
+            .layer(MapResponseLayer::new(grpc_status_fixups))
+            // Inside grpc-web, so its statuses reach browsers in their
+            // format, and inside the request id and trace layers.
+            .layer(CallBoundsLayer::new(&config.transport))
+            .service(routes);
         let listener = self.listener;
+        let settings = config.transport;
         Ok(tokio::spawn(async move {
-            server
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(listener),
-                    shutdown.cancelled_owned(),
-                )
-                .await?;
+            transport::serve(listener, service, settings, shutdown).await;
             Ok(())
         }))
     }
 }
 
-/// Puts two of tonic's own statuses right, per the gRPC status-code guide
-/// (both are answered trailers-only, the status in the response headers):
-/// a request message over the size limit is OUT_OF_RANGE in tonic but
-/// RESOURCE_EXHAUSTED in the guide and other gRPC implementations; a call
-/// whose `grpc-timeout` deadline passed on the server is CANCELLED "Timeout
-/// expired" in tonic but DEADLINE_EXCEEDED in the guide.
+/// Puts one of tonic's own statuses right, per the gRPC status-code guide
+/// (answered trailers-only, the status in the response headers): a request
+/// message over the size limit is OUT_OF_RANGE in tonic but
+/// RESOURCE_EXHAUSTED in the guide and other gRPC implementations. (A
+/// passed `grpc-timeout` is answered DEADLINE_EXCEEDED by
+/// [`CallBoundsLayer`] itself.)
 fn grpc_status_fixups<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let message = headers
@@ -415,7 +410,6 @@ fn grpc_status_fixups<B>(mut response: http::Response<B>) -> http::Response<B> {
         {
             Some("8")
         }
-        Some("1") if message == "Timeout%20expired" || message == "Timeout expired" => Some("4"),
         _ => None,
     };
     if let Some(code) = fixed {

@@ -69,6 +69,24 @@ pub mod names {
     pub const POOL_CONNECTIONS: &str = "herald_db_pool_connections";
     /// Counter: gRPC calls by `method` and `code` (gRPC status code name).
     pub const GRPC_REQUESTS: &str = "herald_grpc_requests_total";
+    /// Gauge: open connections on the gRPC port (HTTP/2 and HTTP/1.1, also
+    /// those still in their handshake).
+    pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
+    /// Counter: connections accepted on the gRPC port.
+    pub const CONNECTIONS_ACCEPTED: &str = "herald_connections_accepted_total";
+    /// Counter: connections closed by a bound, by `reason`:
+    /// `handshake_timeout` (no first request in time), `reset_limit`
+    /// (GOAWAY `ENHANCE_YOUR_CALM` for too many stream resets),
+    /// `header_timeout` (HTTP/1.1 headers too slow).
+    pub const CONNECTIONS_CLOSED: &str = "herald_connections_closed_total";
+    /// Counter: calls ended with `DEADLINE_EXCEEDED` by a server bound, by
+    /// `bound`: `request_body` (request not received in time),
+    /// `call_timeout` (no response in time).
+    pub const CALLS_TIMED_OUT: &str = "herald_calls_timed_out_total";
+    /// Counter: failed `accept(2)`s on the gRPC port, by `kind`:
+    /// `out_of_fds` (EMFILE/ENFILE), `out_of_memory` (ENOBUFS/ENOMEM),
+    /// `aborted` (the pending connection died first), `other`.
+    pub const ACCEPT_ERRORS: &str = "herald_accept_errors_total";
 }
 
 /// Histogram buckets for latencies, seconds: 0.5 ms to 5 s.
@@ -131,6 +149,23 @@ fn describe() {
     );
     metrics::describe_gauge!(POOL_CONNECTIONS, "Pooled database connections by state.");
     metrics::describe_counter!(GRPC_REQUESTS, "gRPC calls by method and status code.");
+    metrics::describe_gauge!(CONNECTIONS_OPEN, "Open connections on the gRPC port.");
+    metrics::describe_counter!(
+        CONNECTIONS_ACCEPTED,
+        "Connections accepted on the gRPC port."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections closed by a bound (handshake timeout, reset limit, header timeout)."
+    );
+    metrics::describe_counter!(
+        CALLS_TIMED_OUT,
+        "Calls ended with DEADLINE_EXCEEDED by a server bound (request body, call timeout)."
+    );
+    metrics::describe_counter!(
+        ACCEPT_ERRORS,
+        "Failed accepts on the gRPC port by kind (out_of_fds, out_of_memory, aborted, other)."
+    );
 }
 
 /// Serves `/metrics` (anything else: 404) on `listener` until `shutdown`.
