@@ -685,4 +685,33 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn transport_bounds_default_to_the_production_defaults_and_must_be_positive() {
+        let env = ["HANDSHAKE_TIMEOUT", "REQUEST_BODY_TIMEOUT", "CALL_TIMEOUT"];
+        if std::env::vars().any(|(k, _)| {
+            k.strip_prefix("HERALD_").is_some_and(|k| {
+                env.contains(&k) || k.starts_with("MAX_CONCURRENT") || k.starts_with("MAX_RESETS")
+            })
+        }) {
+            return; // the environment overrides a default; nothing to check
+        }
+        assert_eq!(
+            parse(&["--dev"]).unwrap().transport,
+            TransportSettings::default()
+        );
+        for zero in [
+            ["--handshake-timeout", "0s"],
+            ["--request-body-timeout", "0s"],
+            ["--call-timeout", "0s"],
+            ["--max-concurrent-streams", "0"],
+            ["--max-resets-per-connection", "0"],
+        ] {
+            let err = parse(&["--dev", zero[0], zero[1]]).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Invalid(m) if m.contains(zero[0])),
+                "{zero:?}: {err}"
+            );
+        }
+    }
 }

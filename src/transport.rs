@@ -766,7 +766,101 @@ impl HttpBody for BoundedBody {
 
 #[cfg(test)]
 mod tests {
+    use tower::ServiceExt;
+
     use super::*;
+
+    /// A service that answers after an hour.
+    fn slow() -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|_: Request<Body>| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        })
+    }
+
+    fn call(path: &str, timeout: Option<&str>) -> Request<Body> {
+        let mut request = Request::post(path);
+        if let Some(timeout) = timeout {
+            request = request.header("grpc-timeout", timeout);
+        }
+        request.body(Body::empty()).unwrap()
+    }
+
+    fn status_of(response: &Response<Body>) -> Option<&str> {
+        response.headers().get("grpc-status")?.to_str().ok()
+    }
+
+    #[tokio::test]
+    async fn calls_but_streams_end_at_the_call_timeout_or_the_clients_deadline() {
+        let settings = TransportSettings {
+            call_timeout: Duration::from_millis(300),
+            ..TransportSettings::default()
+        };
+        let service = CallBoundsLayer::new(&settings).layer(slow());
+
+        let started = Instant::now();
+        let unary = service
+            .clone()
+            .oneshot(call("/herald.v1.Notifications/GetUnreadCount", None))
+            .await
+            .unwrap();
+        assert_eq!(status_of(&unary), Some("4"), "DEADLINE_EXCEEDED");
+        assert!(started.elapsed() >= settings.call_timeout);
+
+        let started = Instant::now();
+        let sooner = service
+            .clone()
+            .oneshot(call(
+                "/herald.v1.Notifications/SendNotification",
+                Some("100m"),
+            ))
+            .await
+            .unwrap();
+        assert_eq!(status_of(&sooner), Some("4"));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(100) && took < settings.call_timeout,
+            "{took:?}"
+        );
+
+        for stream in LONG_LIVED_METHODS {
+            let open = tokio::time::timeout(
+                3 * settings.call_timeout,
+                service.clone().oneshot(call(stream, None)),
+            )
+            .await;
+            assert!(open.is_err(), "{stream} was cut");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_never_ends_fails_at_its_deadline() {
+        use http_body_util::BodyExt;
+        let never = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, Infallible>,
+        >());
+        let started = Instant::now();
+        let mut body =
+            BoundedBody::new(Body::new(never), Some(started + Duration::from_millis(200)));
+        let error = body.frame().await.expect("an error frame").unwrap_err();
+        assert_eq!(error.code(), tonic::Code::DeadlineExceeded);
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(body.frame().await.is_none(), "then it ends");
+
+        let whole = BoundedBody::new(
+            Body::new(http_body_util::Full::new(Bytes::from_static(b"x"))),
+            Some(started),
+        );
+        let collected = whole.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], b"x", "a body that is there is not cut");
+    }
 
     #[test]
     fn grpc_timeout_follows_the_spec() {

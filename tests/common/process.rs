@@ -26,6 +26,17 @@ impl ProcessReplica {
     /// logs, `database_url` (or the memory store) and `args`; waits until it
     /// logs its address. The environment is cleared but for `PATH` and `env`.
     pub async fn start(database_url: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_with_nofile(database_url, args, env, None).await
+    }
+
+    /// [`ProcessReplica::start`], with the child's open-files limit
+    /// (`RLIMIT_NOFILE`) set to `(soft, hard)` before it runs, when given.
+    pub async fn start_with_nofile(
+        database_url: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -46,6 +57,23 @@ impl ProcessReplica {
         }
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some((soft, hard)) = nofile {
+            let limit = libc::rlimit {
+                rlim_cur: soft as libc::rlim_t,
+                rlim_max: hard as libc::rlim_t,
+            };
+            // SAFETY: between fork and exec only setrlimit runs, which is
+            // async-signal-safe, on a struct copied into the closure.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let mut child = cmd.spawn().expect("spawn herald");
         let stderr = child.stderr.take().unwrap();
@@ -108,6 +136,61 @@ impl ProcessReplica {
                 .unwrap_or_else(|| panic!("no {name} in /proc/<pid>/status"))
         };
         (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// Open file descriptors (entries of /proc/<pid>/fd).
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("read /proc/<pid>/fd")
+            .count()
+    }
+
+    /// CPU time used so far (user + system, /proc/<pid>/stat).
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .expect("read /proc/<pid>/stat");
+        // Fields after the command name (which may hold spaces): state is
+        // field 3, utime 14 and stime 15, in clock ticks.
+        let rest = &stat[stat.rfind(')').expect("a command name") + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// The soft and hard open-files limits (/proc/<pid>/limits).
+    pub fn open_files_limit(&self) -> (u64, u64) {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid()))
+            .expect("read /proc/<pid>/limits");
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("a Max open files line");
+        let values: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (values[0], values[1])
+    }
+
+    /// Log lines whose message starts with `prefix`, parsed as JSON.
+    pub fn logged(&self, prefix: &str) -> Vec<serde_json::Value> {
+        self.json_logs()
+            .into_iter()
+            .filter(|l| {
+                l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(prefix))
+            })
+            .collect()
+    }
+
+    /// The `/metrics` address, if the replica logged one.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.logged("serving metrics")
+            .first()
+            .and_then(|l| l["fields"]["addr"].as_str()?.parse().ok())
     }
 
     /// Log lines parsed as JSON.
