@@ -22,6 +22,9 @@ What it checks, without a cluster or network:
      errors, unknown keys, unsafe combinations).
   6. Checks that every value is documented: a comment in values.yaml, a row
      in the chart README, and a schema entry.
+  7. Checks that the chart's default settings are the server's own defaults
+     (the Configuration table of the repository's README.md) for the
+     settings in SERVER_DEFAULTS.
 
 Prints one line per check and exits 1 if any failed, 3 if the Python
 packages are missing.
@@ -574,6 +577,28 @@ def check_documentation(chart: Chart) -> None:
     assert not sorted(table - leaves), f"README table rows that are not values: {sorted(table - leaves)}"
 
 
+# Settings whose chart default must be the server's default: the
+# transport bounds (their trade-offs are the server's) and the tuning knobs.
+SERVER_DEFAULTS = (
+    "HERALD_HANDSHAKE_TIMEOUT", "HERALD_REQUEST_BODY_TIMEOUT", "HERALD_CALL_TIMEOUT",
+    "HERALD_MAX_CONCURRENT_STREAMS", "HERALD_MAX_RESETS_PER_CONNECTION",
+    "HERALD_POOL_SIZE", "HERALD_HEARTBEAT_INTERVAL", "HERALD_STREAM_QUEUE",
+    "HERALD_RETENTION", "HERALD_SHUTDOWN_GRACE",
+)
+
+
+def check_server_defaults(docs: list[dict[str, Any]]) -> None:
+    readme = (CHART.parent.parent / "README.md").read_text()
+    server = dict(re.findall(r"^\| `--[a-z-]+` \| `(HERALD_[A-Z_]+)` \| `([^`]+)` \|", readme,
+                             re.MULTILINE))
+    container = next(c for c in one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+                     if c["name"] == "herald")
+    env = effective_env(container, docs)
+    differing = {var: (env.get(var), server.get(var)) for var in SERVER_DEFAULTS
+                 if env.get(var) is None or env.get(var) != server.get(var)}
+    assert not differing, f"chart default vs the server's (README.md): {differing}"
+
+
 # --------------------------------------------------------------------- main
 
 def main() -> int:
@@ -659,6 +684,11 @@ def main() -> int:
         # 6. Documentation of every value.
         R.run("every value has a comment in values.yaml, a README row and a schema entry",
               lambda: check_documentation(chart))
+
+        # 7. The chart's defaults are the server's.
+        if "defaults" in scenario_docs:
+            R.run("the chart's default settings are the server's (README.md configuration table)",
+                  lambda: check_server_defaults(scenario_docs["defaults"][0]))
 
     elapsed = time.monotonic() - started
     print(f"\n{R.passed} passed, {R.failed} failed; {manifests} manifests validated by "
