@@ -9,15 +9,17 @@
 //! separate port at `/metrics`. Without a metrics port no recorder is
 //! installed and every metric call is a no-op.
 
-use std::{convert::Infallible, net::SocketAddr, sync::OnceLock};
+use std::{convert::Infallible, net::SocketAddr, sync::OnceLock, time::Duration};
 
 use http_body_util::Full;
 use hyper::{Request, Response, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+
+use crate::transport::AcceptBackoff;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -83,9 +85,10 @@ pub mod names {
     /// `bound`: `request_body` (request not received in time),
     /// `call_timeout` (no response in time).
     pub const CALLS_TIMED_OUT: &str = "herald_calls_timed_out_total";
-    /// Counter: failed `accept(2)`s on the gRPC port, by `kind`:
-    /// `out_of_fds` (EMFILE/ENFILE), `out_of_memory` (ENOBUFS/ENOMEM),
-    /// `aborted` (the pending connection died first), `other`.
+    /// Counter: failed `accept(2)`s, by `listener` (`grpc`, `metrics`) and
+    /// `kind`: `out_of_fds` (EMFILE/ENFILE), `out_of_memory`
+    /// (ENOBUFS/ENOMEM), `aborted` (the pending connection died first),
+    /// `other`.
     pub const ACCEPT_ERRORS: &str = "herald_accept_errors_total";
 }
 
@@ -164,24 +167,38 @@ fn describe() {
     );
     metrics::describe_counter!(
         ACCEPT_ERRORS,
-        "Failed accepts on the gRPC port by kind (out_of_fds, out_of_memory, aborted, other)."
+        "Failed accepts by listener and kind (out_of_fds, out_of_memory, aborted, other)."
     );
 }
 
+/// Time a scraper has to send its request's headers.
+const METRICS_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `/metrics` (anything else: 404) on `listener` until `shutdown`.
+/// Failed accepts back off like the gRPC port's (a full descriptor table
+/// must not spin this loop either), and a connection that does not send
+/// its request headers in time is closed.
 pub async fn serve_metrics(
     listener: TcpListener,
     handle: &'static PrometheusHandle,
     shutdown: CancellationToken,
 ) {
+    let addr = listener.local_addr().ok();
+    let mut backoff = AcceptBackoff::new("metrics");
     loop {
         let (stream, _) = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok(a) => {
+                    backoff.succeeded();
+                    a
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "metrics accept failed");
-                    continue;
+                    let pause = backoff.failed(&e, addr);
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(pause) => continue,
+                    }
                 }
             },
         };
@@ -200,6 +217,8 @@ pub async fn serve_metrics(
         });
         tokio::spawn(async move {
             let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });

@@ -90,6 +90,9 @@ use crate::telemetry::names;
 /// Methods whose response is a stream that may rightly stay open for hours:
 /// exempt from [`TransportSettings::call_timeout`]. Their request (one
 /// message) is still bounded by [`TransportSettings::request_body_timeout`].
+/// (Reflection's bidirectional stream is not here: its response starts at
+/// once, and its request stream is bounded by the body timeout, so a
+/// reflection session lasts at most that long.)
 pub const LONG_LIVED_METHODS: &[&str] = &[
     "/herald.v1.Notifications/Subscribe",
     "/grpc.health.v1.Health/Watch",
@@ -204,7 +207,7 @@ pub fn raise_open_files_limit() -> io::Result<OpenFilesLimit> {
 }
 
 /// Why `accept(2)` failed, as counted in
-/// [`names::ACCEPT_ERRORS`]`{kind}`.
+/// [`names::ACCEPT_ERRORS`]`{listener, kind}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AcceptFailure {
     /// `EMFILE`/`ENFILE`: the process's or the system's descriptor table is
@@ -246,34 +249,47 @@ impl AcceptFailure {
     }
 }
 
-/// The accept loop's pause after failures, and its rate-limited warning.
+/// An accept loop's pause after failures, and its rate-limited warning:
+/// what every listener of a replica (the gRPC port, `/metrics`) does when
+/// `accept(2)` fails.
 #[derive(Debug)]
-struct AcceptBackoff {
+pub(crate) struct AcceptBackoff {
+    listener: &'static str,
     next: Duration,
     last_warning: Option<Instant>,
     unreported: u64,
 }
 
 impl AcceptBackoff {
-    fn new() -> Self {
+    /// For the listener named `listener` in metrics and logs.
+    pub(crate) fn new(listener: &'static str) -> Self {
         Self {
+            listener,
             next: ACCEPT_BACKOFF_MIN,
             last_warning: None,
             unreported: 0,
         }
     }
 
-    fn succeeded(&mut self) {
+    /// An accept succeeded: the next failure pauses briefly again.
+    pub(crate) fn succeeded(&mut self) {
         self.next = ACCEPT_BACKOFF_MIN;
     }
 
     /// Counts and (at most every [`ACCEPT_WARN_EVERY`]) logs `error`;
-    /// returns how long to pause before accepting again.
-    fn failed(&mut self, error: &io::Error, addr: Option<SocketAddr>) -> Duration {
+    /// returns how long to pause before accepting again (zero when only
+    /// the pending connection failed).
+    pub(crate) fn failed(&mut self, error: &io::Error, addr: Option<SocketAddr>) -> Duration {
         let failure = AcceptFailure::of(error);
-        metrics::counter!(names::ACCEPT_ERRORS, "kind" => failure.label()).increment(1);
+        metrics::counter!(
+            names::ACCEPT_ERRORS,
+            "listener" => self.listener,
+            "kind" => failure.label()
+        )
+        .increment(1);
+        let listener = self.listener;
         if failure == AcceptFailure::Aborted {
-            tracing::debug!(error = %error, "a pending connection failed before accept");
+            tracing::debug!(listener, error = %error, "a pending connection failed before accept");
             return Duration::ZERO;
         }
         let pause = self.next;
@@ -290,6 +306,7 @@ impl AcceptBackoff {
         let failures_since_last_warning = std::mem::take(&mut self.unreported);
         match failure {
             AcceptFailure::OutOfFds => tracing::warn!(
+                listener,
                 ?addr,
                 error = %error,
                 ?pause,
@@ -299,6 +316,7 @@ impl AcceptBackoff {
                  limit, RLIMIT_NOFILE, if this persists)"
             ),
             _ => tracing::warn!(
+                listener,
                 ?addr,
                 error = %error,
                 ?pause,
@@ -333,7 +351,7 @@ pub async fn serve<S, B>(
     // Dropping the set (the replica's grace period is over) aborts every
     // connection task, which closes its socket.
     let mut connections = JoinSet::new();
-    let mut backoff = AcceptBackoff::new();
+    let mut backoff = AcceptBackoff::new("grpc");
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -905,7 +923,7 @@ mod tests {
 
     #[test]
     fn accept_backoff_doubles_to_a_second_and_resets() {
-        let mut backoff = AcceptBackoff::new();
+        let mut backoff = AcceptBackoff::new("grpc");
         let emfile = io::Error::from_raw_os_error(libc::EMFILE);
         let pauses: Vec<_> = (0..9).map(|_| backoff.failed(&emfile, None)).collect();
         assert_eq!(pauses[0], Duration::from_millis(10));
