@@ -386,11 +386,14 @@ pub struct ServeArgs {
     /// transaction); `0s`: the server's own setting.
     #[arg(long, env = "HERALD_STATEMENT_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub statement_timeout: Duration,
-    /// Time a new connection has, from accept, to complete protocol
-    /// detection (the HTTP/2 preface, RFC 9113 §3.4) and send the headers
-    /// of its first request, e.g. `10s`; then it is closed. Long enough for
-    /// a slow network's first round trips; a client that connects ahead of
-    /// its first call and waits longer reconnects when it makes the call.
+    /// Longest a connection may go without a call in flight until one of
+    /// its requests authenticates (a bearer token that verifies), e.g.
+    /// `10s`: from accept it must complete protocol detection (the HTTP/2
+    /// preface, RFC 9113 §3.4) and send its first request within this, and
+    /// after unauthenticated calls it may idle only this long; then it is
+    /// closed. Long enough for a slow network's first round trips; a client
+    /// that connects ahead of its first call and waits longer reconnects
+    /// when it makes the call.
     #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub handshake_timeout: Duration,
     /// Time a call has, from its headers, to send its whole request body,

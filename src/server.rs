@@ -344,7 +344,7 @@ impl Replica<'_> {
         let service = NotificationsService::new(
             store,
             self.hub,
-            self.verifier,
+            self.verifier.clone(),
             config.limits,
             rates,
             StreamSettings::new(config.heartbeat_interval, store_reads),
@@ -382,10 +382,21 @@ impl Replica<'_> {
             // format, and inside the request id and trace layers.
             .layer(CallBoundsLayer::new(&config.transport))
             .service(routes);
+        // A connection's handshake ends with its first authenticated call.
+        let verifier = self.verifier;
+        let authenticates: transport::Authenticates = Arc::new(move |headers: &http::HeaderMap| {
+            let mut authorization = http::HeaderMap::new();
+            if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+                authorization.insert(http::header::AUTHORIZATION, value.clone());
+            }
+            verifier
+                .verify(&tonic::metadata::MetadataMap::from_headers(authorization))
+                .is_ok()
+        });
         let listener = self.listener;
         let settings = config.transport;
         Ok(tokio::spawn(async move {
-            transport::serve(listener, service, settings, shutdown).await;
+            transport::serve(listener, service, authenticates, settings, shutdown).await;
             Ok(())
         }))
     }

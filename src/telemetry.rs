@@ -77,7 +77,8 @@ pub mod names {
     /// Counter: connections accepted on the gRPC port.
     pub const CONNECTIONS_ACCEPTED: &str = "herald_connections_accepted_total";
     /// Counter: connections closed by a bound, by `reason`:
-    /// `handshake_timeout` (no first request in time), `reset_limit`
+    /// `handshake_timeout` (idle before any authenticated request: no
+    /// first request in time, or only unauthenticated ones), `reset_limit`
     /// (GOAWAY `ENHANCE_YOUR_CALM` for too many stream resets),
     /// `header_timeout` (HTTP/1.1 headers too slow).
     pub const CONNECTIONS_CLOSED: &str = "herald_connections_closed_total";

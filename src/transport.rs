@@ -21,10 +21,16 @@
 //!   [`raise_open_files_limit`] raises the soft `RLIMIT_NOFILE` to the hard
 //!   one at start-up (setrlimit(2)), so the table is as large as the
 //!   operator allowed.
-//! - **Handshake.** A connection must complete protocol detection (and the
-//!   HTTP/2 preface) *and* send the headers of its first request within
-//!   [`TransportSettings::handshake_timeout`]; otherwise it is shut down
-//!   (an HTTP/2 GOAWAY when it got that far) and, a second later, closed.
+//! - **Handshake.** Until one of its requests authenticates (carries a
+//!   bearer token that verifies), a connection may not stay idle — no call
+//!   in flight — for longer than [`TransportSettings::handshake_timeout`],
+//!   counted from accept and then from the end of its last call. So a
+//!   client must complete protocol detection (and the HTTP/2 preface) and
+//!   send its first request within it, and a connection that only ever
+//!   made unauthenticated calls cannot idle on either. A connection that
+//!   overstays is shut down (an HTTP/2 GOAWAY when it got that far) and, a
+//!   second later, closed. An authenticated connection may idle; keep-alive
+//!   pings close it if its peer is gone.
 //! - **Calls.** [`CallBoundsLayer`] bounds each call: its request body must
 //!   be complete within [`TransportSettings::request_body_timeout`], and
 //!   every call but the long-lived streams ([`LONG_LIVED_METHODS`]) must
@@ -62,7 +68,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -78,6 +84,7 @@ use hyper_util::{
 };
 use tokio::{
     net::{TcpListener, TcpStream},
+    sync::Notify,
     task::JoinSet,
     time::{Instant, Sleep},
 };
@@ -120,8 +127,9 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// The per-connection and per-call bounds of the gRPC port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportSettings {
-    /// From accept to the headers of the first request (protocol detection
-    /// and the HTTP/2 preface included).
+    /// Longest a connection may go without a call in flight before one of
+    /// its requests authenticates: from accept (protocol detection and the
+    /// HTTP/2 preface included), then from the end of its last call.
     pub handshake_timeout: Duration,
     /// From a call's headers to the end of its request body.
     pub request_body_timeout: Duration,
@@ -328,15 +336,22 @@ impl AcceptBackoff {
     }
 }
 
+/// Tells whether a request's headers authenticate its caller (a bearer
+/// token that verifies): the first such request ends its connection's
+/// handshake.
+pub type Authenticates = Arc<dyn Fn(&HeaderMap) -> bool + Send + Sync>;
+
 /// Serves `service` on every connection `listener` accepts, with the bounds
 /// of `settings` (see the module docs), until `shutdown` is cancelled and
 /// every connection has closed. `service` is cloned per connection and sees
 /// each request with a [`TcpConnectInfo`] extension (as tonic's own server
-/// adds it). Never fails: accept errors are backed off and counted,
-/// connection errors end only their connection.
+/// adds it); `authenticates` decides when a connection's handshake is over.
+/// Never fails: accept errors are backed off and counted, connection errors
+/// end only their connection.
 pub async fn serve<S, B>(
     listener: TcpListener,
     service: S,
+    authenticates: Authenticates,
     settings: TransportSettings,
     shutdown: CancellationToken,
 ) where
@@ -367,6 +382,7 @@ pub async fn serve<S, B>(
                         remote,
                         builder.clone(),
                         service.clone(),
+                        authenticates.clone(),
                         settings,
                         shutdown.clone(),
                     ));
@@ -436,7 +452,7 @@ impl Drop for OpenConnection {
 /// [`names::CONNECTIONS_CLOSED`]`{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ClosedBy {
-    /// No first request within the handshake timeout.
+    /// Idle for the handshake timeout before any authenticated request.
     HandshakeTimeout,
     /// GOAWAY `ENHANCE_YOUR_CALM`: too many stream resets (the server's,
     /// for the client's errors, or the client's own).
@@ -477,13 +493,47 @@ impl ClosedBy {
     }
 }
 
+/// What a connection's task and its service share: whether a request
+/// authenticated yet, and the calls in flight (a call lasts until its
+/// response body is done or dropped).
+#[derive(Default)]
+struct Handshake {
+    authenticated: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Signalled when a call starts or ends.
+    changed: Notify,
+}
+
+/// One call in flight on a connection, until dropped.
+struct InFlight(Arc<Handshake>);
+
+impl InFlight {
+    fn start(handshake: &Arc<Handshake>) -> Self {
+        handshake.in_flight.fetch_add(1, Ordering::AcqRel);
+        handshake.changed.notify_one();
+        Self(handshake.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_one();
+    }
+}
+
 /// One connection's life: hyper serves it while this watches the handshake
-/// deadline and the replica's shutdown.
+/// deadline and the replica's shutdown. Until a request authenticates, the
+/// connection is closed once it has had no call in flight for the
+/// handshake timeout (counted from accept, then from the end of its last
+/// call).
+#[allow(clippy::too_many_arguments)] // one connection's parts, passed once
 async fn serve_connection<S, B>(
     stream: TcpStream,
     remote: SocketAddr,
     builder: Arc<auto::Builder<TokioExecutor>>,
     service: S,
+    authenticates: Authenticates,
     settings: TransportSettings,
     shutdown: CancellationToken,
 ) where
@@ -497,21 +547,23 @@ async fn serve_connection<S, B>(
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%remote, error = %e, "cannot set TCP_NODELAY");
     }
-    let requested = Arc::new(AtomicBool::new(false));
+    let handshake = Arc::new(Handshake::default());
     let service = ConnectionService {
         inner: service,
         info: TcpConnectInfo {
             local_addr: stream.local_addr().ok(),
             remote_addr: Some(remote),
         },
-        requested: requested.clone(),
+        authenticates,
+        handshake: handshake.clone(),
     };
     let connection =
         builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
     tokio::pin!(connection);
-    let handshake = tokio::time::sleep(settings.handshake_timeout);
-    tokio::pin!(handshake);
-    let mut handshake_pending = true;
+    // While the handshake lasts: when the connection will have been idle
+    // too long (None while a call is in flight).
+    let mut idle_until = Some(Instant::now() + settings.handshake_timeout);
+    let mut watching = true;
     let mut close_at: Option<Instant> = None;
     let mut draining = false;
     loop {
@@ -525,19 +577,38 @@ async fn serve_connection<S, B>(
                 }
                 return;
             }
-            () = &mut handshake, if handshake_pending => {
-                handshake_pending = false;
-                if !requested.load(Ordering::Acquire) {
-                    ClosedBy::HandshakeTimeout.count(remote);
-                    connection.as_mut().graceful_shutdown();
-                    close_at = Some(Instant::now() + HANDSHAKE_CLOSE_GRACE);
+            () = handshake.changed.notified(), if watching => {
+                if handshake.authenticated.load(Ordering::Acquire) {
+                    watching = false;
+                } else if handshake.in_flight.load(Ordering::Acquire) == 0 {
+                    idle_until = Some(Instant::now() + settings.handshake_timeout);
+                } else {
+                    idle_until = None;
                 }
+            }
+            () = sleep_until(idle_until), if watching => {
+                watching = false;
+                if handshake.authenticated.load(Ordering::Acquire) {
+                    continue;
+                }
+                if handshake.in_flight.load(Ordering::Acquire) > 0 {
+                    // A call started as the deadline passed; its end
+                    // restarts the clock.
+                    watching = true;
+                    idle_until = None;
+                    continue;
+                }
+                ClosedBy::HandshakeTimeout.count(remote);
+                connection.as_mut().graceful_shutdown();
+                close_at = Some(Instant::now() + HANDSHAKE_CLOSE_GRACE);
             }
             () = sleep_until(close_at) => return,
             () = shutdown.cancelled(), if !draining => {
                 draining = true;
-                if !requested.load(Ordering::Acquire) {
-                    return; // nothing in flight to drain
+                if handshake.in_flight.load(Ordering::Acquire) == 0
+                    && !handshake.authenticated.load(Ordering::Acquire)
+                {
+                    return; // nothing in flight to drain, nobody to tell
                 }
                 connection.as_mut().graceful_shutdown();
             }
@@ -553,33 +624,80 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The replica's service as one connection sees it: notes that a request
-/// arrived (ending the handshake), adds the connection's addresses, and
-/// boxes hyper's body into tonic's.
+/// The replica's service as one connection sees it: during the handshake,
+/// notes whether each request authenticates and tracks the calls in
+/// flight; adds the connection's addresses; boxes hyper's body into
+/// tonic's.
 #[derive(Clone)]
 struct ConnectionService<S> {
     inner: S,
     info: TcpConnectInfo,
-    requested: Arc<AtomicBool>,
+    authenticates: Authenticates,
+    handshake: Arc<Handshake>,
 }
 
 impl<S, B> Service<Request<Incoming>> for ConnectionService<S>
 where
     S: Service<Request<Body>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    type Response = Response<B>;
+    type Response = Response<Body>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        self.requested.store(true, Ordering::Release);
+        let in_flight = (!self.handshake.authenticated.load(Ordering::Acquire)).then(|| {
+            if (self.authenticates)(request.headers()) {
+                self.handshake.authenticated.store(true, Ordering::Release);
+            }
+            InFlight::start(&self.handshake)
+        });
         let mut request = request.map(Body::new);
         request.extensions_mut().insert(self.info.clone());
-        self.inner.call(request)
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            // The call lasts as long as its response body.
+            Ok(response.map(|body| match in_flight {
+                Some(in_flight) => Body::new(Tracked {
+                    inner: Body::new(body),
+                    _in_flight: in_flight,
+                }),
+                None => Body::new(body),
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its call counted in flight.
+struct Tracked {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -13,6 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use bytes::Bytes;
 use common::{process::ProcessReplica, *};
 use herald::proto;
 use tokio::{
@@ -299,6 +300,104 @@ async fn connections_that_never_make_a_request_are_closed_at_the_handshake_timeo
             "{after}"
         );
         still_live(&mut c, &mut stream, "after the handshakes").await;
+    })
+    .await;
+}
+
+/// A GetUnreadCount call on an HTTP/2 connection (`h2` client), with
+/// `token` if given; returns its `grpc-status` (trailers-only or trailers).
+async fn unread_over_h2(send: &mut h2::client::SendRequest<Bytes>, token: Option<&str>) -> String {
+    let mut request = http::Request::post(format!("http://localhost{UNREAD_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let ready = send.clone().ready().await.expect("the connection is open");
+    *send = ready;
+    let (response, mut body) = send.send_request(request.body(()).unwrap(), false).unwrap();
+    // An empty GetUnreadCountRequest: flag 0, length 0.
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+        .unwrap();
+    let response = tokio::time::timeout(EVENT_TIMEOUT, response)
+        .await
+        .expect("an answer")
+        .expect("answered, not reset");
+    if let Some(status) = response.headers().get("grpc-status") {
+        return status.to_str().unwrap().to_owned();
+    }
+    let mut body = response.into_body();
+    while let Some(data) = body.data().await {
+        data.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    trailers["grpc-status"].to_str().unwrap().to_owned()
+}
+
+/// An HTTP/2 connection to `addr` (`h2` client) and the task driving it,
+/// which ends when the server closes the connection.
+async fn h2_connection(
+    addr: SocketAddr,
+) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, connection) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (send, driver)
+}
+
+/// The handshake lasts until a request authenticates: an HTTP/2 connection
+/// whose calls carried no valid token is closed once it has been idle for
+/// the handshake timeout after its last call, while a connection that made
+/// an authenticated call may stay idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_an_authenticated_call_are_closed_when_idle() {
+    bounded(async {
+        let replica = start(&[]).await;
+        let (mut c, mut stream) = idle_stream(replica.addr).await;
+        let fds = replica.fd_count();
+
+        let (mut anonymous, anonymous_closed) = h2_connection(replica.addr).await;
+        // Unauthenticated calls keep the connection open while they last.
+        for _ in 0..3 {
+            assert_eq!(unread_over_h2(&mut anonymous, None).await, "16");
+            tokio::time::sleep(HANDSHAKE / 2).await;
+        }
+        // (Connected now: until their first call, the accept starts the clock.)
+        let (mut forged, forged_closed) = h2_connection(replica.addr).await;
+        let (mut member, member_closed) = h2_connection(replica.addr).await;
+        let forged_token = token("carol", "", "").replace('.', "x.");
+        assert_eq!(unread_over_h2(&mut forged, Some(&forged_token)).await, "16");
+        assert_eq!(
+            unread_over_h2(&mut member, Some(&token("dave", "", ""))).await,
+            "0"
+        );
+        let idle = Instant::now();
+
+        for (what, closed) in [("anonymous", anonymous_closed), ("forged", forged_closed)] {
+            tokio::time::timeout_at((idle + HANDSHAKE + SLACK).into(), closed)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: still open"))
+                .unwrap();
+            assert!(
+                idle.elapsed() >= HANDSHAKE - Duration::from_millis(600),
+                "{what}: closed before it was idle for the handshake timeout"
+            );
+        }
+        tokio::time::sleep_until((idle + HANDSHAKE + SLACK).into()).await;
+        assert!(
+            !member_closed.is_finished(),
+            "the authenticated connection was closed"
+        );
+        assert_eq!(
+            unread_over_h2(&mut member, Some(&token("dave", "", ""))).await,
+            "0"
+        );
+
+        drop(member);
+        fds_back_to(&replica, fds + 2, Duration::from_secs(5)).await;
+        still_live(&mut c, &mut stream, "after the idle connections").await;
     })
     .await;
 }
