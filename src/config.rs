@@ -390,7 +390,8 @@ pub struct ServeArgs {
     /// its requests authenticates (a bearer token that verifies), e.g.
     /// `10s`: from accept it must complete protocol detection (the HTTP/2
     /// preface, RFC 9113 §3.4) and send its first request within this, and
-    /// after unauthenticated calls it may idle only this long; then it is
+    /// after unauthenticated calls it may idle only this long (or stay busy
+    /// with answers it does not read for --call-timeout more); then it is
     /// closed. Long enough for a slow network's first round trips; a client
     /// that connects ahead of its first call and waits longer reconnects
     /// when it makes the call.
@@ -402,9 +403,10 @@ pub struct ServeArgs {
     /// the slowest legitimate upload of one.
     #[arg(long, env = "HERALD_REQUEST_BODY_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub request_body_timeout: Duration,
-    /// Longest a call other than a stream (Subscribe, health Watch) may
-    /// take, from its headers to its response, e.g. `30s`; then it ends
-    /// with DEADLINE_EXCEEDED. A client's shorter `grpc-timeout` applies
+    /// Longest a call other than a Subscribe stream may take, from its
+    /// headers to its response, e.g. `30s`; then it ends with
+    /// DEADLINE_EXCEEDED (a health Watch too: it needs no token, and its
+    /// client watches again). A client's shorter `grpc-timeout` applies
     /// first. Keep it above --statement-timeout plus --pool-timeout, so
     /// calls that wait on the database fail with their own status first.
     #[arg(long, env = "HERALD_CALL_TIMEOUT", default_value = "30s", value_parser = duration)]

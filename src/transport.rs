@@ -27,15 +27,20 @@
 //!   counted from accept and then from the end of its last call. So a
 //!   client must complete protocol detection (and the HTTP/2 preface) and
 //!   send its first request within it, and a connection that only ever
-//!   made unauthenticated calls cannot idle on either. A connection that
-//!   overstays is shut down (an HTTP/2 GOAWAY when it got that far) and, a
-//!   second later, closed. An authenticated connection may idle; keep-alive
-//!   pings close it if its peer is gone.
+//!   made unauthenticated calls cannot idle on either. Nor can it stay busy
+//!   with calls for longer than the call timeout plus the handshake
+//!   timeout: every unauthenticated call ends within the call timeout
+//!   unless its client does not read the answer (HTTP/2 flow control), and
+//!   then only closing the connection frees it. A connection that overstays
+//!   is shut down (an HTTP/2 GOAWAY when it got that far) and, a second
+//!   later, closed. An authenticated connection may idle; keep-alive pings
+//!   close it if its peer is gone.
 //! - **Calls.** [`CallBoundsLayer`] bounds each call: its request body must
 //!   be complete within [`TransportSettings::request_body_timeout`], and
 //!   every call but the long-lived streams ([`LONG_LIVED_METHODS`]) must
 //!   have its response within [`TransportSettings::call_timeout`] (or the
-//!   client's `grpc-timeout`, if sooner); both end with
+//!   client's `grpc-timeout`, if sooner) and end its response stream by
+//!   the call timeout; both end with
 //!   `DEADLINE_EXCEEDED`, which the gRPC status-code guide gives for "no
 //!   response received before the deadline … when the client is unable to
 //!   send the request to the server or when the server fails to respond in
@@ -68,7 +73,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -97,13 +102,14 @@ use crate::telemetry::names;
 /// Methods whose response is a stream that may rightly stay open for hours:
 /// exempt from [`TransportSettings::call_timeout`]. Their request (one
 /// message) is still bounded by [`TransportSettings::request_body_timeout`].
-/// (Reflection's bidirectional stream is not here: its response starts at
-/// once, and its request stream is bounded by the body timeout, so a
-/// reflection session lasts at most that long.)
-pub const LONG_LIVED_METHODS: &[&str] = &[
-    "/herald.v1.Notifications/Subscribe",
-    "/grpc.health.v1.Health/Watch",
-];
+/// Only `Subscribe`, which needs a token, so its streams count against the
+/// per-user and per-replica stream limits. The health service's `Watch`
+/// needs none, so it is not here: a watch ends `DEADLINE_EXCEEDED` at the
+/// call timeout and its client watches again (otherwise anyone could hold
+/// streams, and their connections, forever). Reflection's bidirectional
+/// stream answers at once; its request stream is bounded by the body
+/// timeout, so a reflection session lasts at most that long.
+pub const LONG_LIVED_METHODS: &[&str] = &["/herald.v1.Notifications/Subscribe"];
 
 /// How often a silent HTTP/2 connection is pinged, and how long the answer
 /// may take before it is closed (h2 keep-alive).
@@ -500,8 +506,39 @@ impl ClosedBy {
 struct Handshake {
     authenticated: AtomicBool,
     in_flight: AtomicUsize,
+    /// How many times `in_flight` fell to zero.
+    idle_events: AtomicU64,
     /// Signalled when a call starts or ends.
     changed: Notify,
+}
+
+impl Handshake {
+    /// When the connection must be closed unless a request authenticates
+    /// first: `handshake_timeout` after the last call ended (or accept);
+    /// while calls are in flight, once they have been continuously so for
+    /// `call_timeout` plus `handshake_timeout` (every unauthenticated call
+    /// is bounded by the call timeout, so only a client that does not read
+    /// its responses gets there). `busy_since` and `seen_idle` carry what
+    /// the caller saw last time.
+    fn deadline(
+        &self,
+        settings: &TransportSettings,
+        busy_since: &mut Option<Instant>,
+        seen_idle: &mut u64,
+    ) -> Instant {
+        let now = Instant::now();
+        let idle_events = self.idle_events.load(Ordering::Acquire);
+        let idled = std::mem::replace(seen_idle, idle_events) != idle_events;
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            *busy_since = None;
+            return now + settings.handshake_timeout;
+        }
+        if idled {
+            *busy_since = None;
+        }
+        let since = *busy_since.get_or_insert(now);
+        since + settings.call_timeout + settings.handshake_timeout
+    }
 }
 
 /// One call in flight on a connection, until dropped.
@@ -517,16 +554,15 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_events.fetch_add(1, Ordering::AcqRel);
+        }
         self.0.changed.notify_one();
     }
 }
 
 /// One connection's life: hyper serves it while this watches the handshake
-/// deadline and the replica's shutdown. Until a request authenticates, the
-/// connection is closed once it has had no call in flight for the
-/// handshake timeout (counted from accept, then from the end of its last
-/// call).
+/// deadline ([`Handshake::deadline`]) and the replica's shutdown.
 #[allow(clippy::too_many_arguments)] // one connection's parts, passed once
 async fn serve_connection<S, B>(
     stream: TcpStream,
@@ -561,13 +597,17 @@ async fn serve_connection<S, B>(
         builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
     tokio::pin!(connection);
     // While the handshake lasts: when the connection will have been idle
-    // too long (None while a call is in flight).
-    let mut idle_until = Some(Instant::now() + settings.handshake_timeout);
+    // (or busy) too long.
+    let mut busy_since = None;
+    let mut seen_idle = 0;
+    let mut close_unless_authenticated = Instant::now() + settings.handshake_timeout;
     let mut watching = true;
     let mut close_at: Option<Instant> = None;
     let mut draining = false;
     loop {
         tokio::select! {
+            // Calls that started or ended are seen before the deadline.
+            biased;
             served = connection.as_mut() => {
                 if let Err(e) = served {
                     match ClosedBy::of(&*e) {
@@ -580,24 +620,25 @@ async fn serve_connection<S, B>(
             () = handshake.changed.notified(), if watching => {
                 if handshake.authenticated.load(Ordering::Acquire) {
                     watching = false;
-                } else if handshake.in_flight.load(Ordering::Acquire) == 0 {
-                    idle_until = Some(Instant::now() + settings.handshake_timeout);
                 } else {
-                    idle_until = None;
+                    close_unless_authenticated =
+                        handshake.deadline(&settings, &mut busy_since, &mut seen_idle);
                 }
             }
-            () = sleep_until(idle_until), if watching => {
-                watching = false;
+            () = tokio::time::sleep_until(close_unless_authenticated), if watching => {
                 if handshake.authenticated.load(Ordering::Acquire) {
+                    watching = false;
                     continue;
                 }
-                if handshake.in_flight.load(Ordering::Acquire) > 0 {
-                    // A call started as the deadline passed; its end
-                    // restarts the clock.
-                    watching = true;
-                    idle_until = None;
+                let changed = handshake.idle_events.load(Ordering::Acquire) != seen_idle
+                    || (handshake.in_flight.load(Ordering::Acquire) > 0) != busy_since.is_some();
+                if changed {
+                    // A call started or ended as the deadline passed.
+                    close_unless_authenticated =
+                        handshake.deadline(&settings, &mut busy_since, &mut seen_idle);
                     continue;
                 }
+                watching = false;
                 ClosedBy::HandshakeTimeout.count(remote);
                 connection.as_mut().graceful_shutdown();
                 close_at = Some(Instant::now() + HANDSHAKE_CLOSE_GRACE);
@@ -783,12 +824,13 @@ where
         let ready = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, ready);
         let call_timeout = self.bounds.call_timeout;
+        let server_deadline = server.map(|(at, _)| at);
         let response = inner.call(request);
         Box::pin(async move {
             let Some((at, which)) = deadline else {
                 return response.await;
             };
-            tokio::select! {
+            let response = tokio::select! {
                 response = response => response,
                 () = tokio::time::sleep_until(at) => {
                     // Dropping the call's future cancels its work, as a
@@ -806,8 +848,90 @@ where
                     };
                     Ok(status.into_http())
                 }
-            }
+            };
+            // A bounded call's response stream (a health watch, say) ends
+            // at the server's deadline too.
+            Ok(match (response, server_deadline) {
+                (Ok(response), Some(at)) => {
+                    response.map(|body| Body::new(DeadlineBody::new(body, at, call_timeout)))
+                }
+                (response, _) => response?,
+            })
         })
+    }
+}
+
+/// A response body that ends with `DEADLINE_EXCEEDED` trailers at the
+/// call's deadline if it has not ended by then (frames ready in time are
+/// sent first).
+struct DeadlineBody {
+    inner: Body,
+    deadline: Pin<Box<Sleep>>,
+    call_timeout: Duration,
+    ended: bool,
+}
+
+impl DeadlineBody {
+    fn new(inner: Body, deadline: Instant, call_timeout: Duration) -> Self {
+        Self {
+            ended: inner.is_end_stream(),
+            inner,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            call_timeout,
+        }
+    }
+}
+
+impl HttpBody for DeadlineBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_trailers() {
+                    this.ended = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Err(status))),
+            Poll::Pending => {
+                if this.deadline.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.ended = true;
+                this.inner = Body::empty();
+                metrics::counter!(names::CALLS_TIMED_OUT, "bound" => "call_timeout").increment(1);
+                let status = Status::deadline_exceeded(format!(
+                    "the call took longer than the server's limit ({})",
+                    humantime::format_duration(this.call_timeout)
+                ));
+                let mut trailers = HeaderMap::new();
+                match status.add_header(&mut trailers) {
+                    Ok(()) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                    Err(status) => Poll::Ready(Some(Err(status))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -966,14 +1090,38 @@ mod tests {
             "{took:?}"
         );
 
-        for stream in LONG_LIVED_METHODS {
-            let open = tokio::time::timeout(
-                3 * settings.call_timeout,
-                service.clone().oneshot(call(stream, None)),
-            )
-            .await;
-            assert!(open.is_err(), "{stream} was cut");
-        }
+        let subscribe = tokio::time::timeout(
+            3 * settings.call_timeout,
+            service
+                .clone()
+                .oneshot(call("/herald.v1.Notifications/Subscribe", None)),
+        )
+        .await;
+        assert!(subscribe.is_err(), "Subscribe was cut");
+
+        // Needs no token, so it may not last forever: a response stream
+        // that answered at once ends at the deadline with trailers.
+        let streaming =
+            CallBoundsLayer::new(&settings).layer(tower::service_fn(|_: Request<Body>| async {
+                let never = http_body_util::StreamBody::new(futures_util::stream::pending::<
+                    Result<Frame<Bytes>, Status>,
+                >());
+                Ok::<_, Infallible>(Response::new(Body::new(never)))
+            }));
+        let started = Instant::now();
+        let watch = streaming
+            .oneshot(call("/grpc.health.v1.Health/Watch", None))
+            .await
+            .unwrap();
+        assert_eq!(status_of(&watch), None, "headers at once");
+        let trailers = http_body_util::BodyExt::collect(watch.into_body())
+            .await
+            .unwrap()
+            .trailers()
+            .cloned()
+            .expect("trailers");
+        assert_eq!(trailers["grpc-status"], "4");
+        assert!(started.elapsed() >= settings.call_timeout);
     }
 
     #[tokio::test]

@@ -349,8 +349,9 @@ async fn h2_connection(
 
 /// The handshake lasts until a request authenticates: an HTTP/2 connection
 /// whose calls carried no valid token is closed once it has been idle for
-/// the handshake timeout after its last call, while a connection that made
-/// an authenticated call may stay idle.
+/// the handshake timeout after its last call (or busy with a call whose
+/// answer it never reads for the call timeout more), while a connection
+/// that made an authenticated call may stay idle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_without_an_authenticated_call_are_closed_when_idle() {
     bounded(async {
@@ -385,6 +386,41 @@ async fn connections_without_an_authenticated_call_are_closed_when_idle() {
                 "{what}: closed before it was idle for the handshake timeout"
             );
         }
+        // A client that never reads its answers (a zero flow-control
+        // window) keeps an unauthenticated call in flight: the connection
+        // is closed once it has been busy for the call plus the handshake
+        // timeout.
+        let tcp = TcpStream::connect(replica.addr).await.unwrap();
+        let (stalled, connection) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tcp)
+            .await
+            .unwrap();
+        let stalled_closed = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut stalled = stalled.ready().await.unwrap();
+        let check = http::Request::post("http://localhost/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+        let (response, mut body) = stalled.send_request(check, false).unwrap();
+        body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)
+            .unwrap();
+        let response = response.await.expect("headers arrive whatever the window");
+        let busy = Instant::now();
+        tokio::time::timeout_at((busy + CALL + HANDSHAKE + SLACK).into(), stalled_closed)
+            .await
+            .expect("the stalled connection is closed")
+            .unwrap();
+        assert!(
+            busy.elapsed() >= CALL + HANDSHAKE - Duration::from_millis(600),
+            "closed after {:?}, before it was busy for the call and handshake timeouts",
+            busy.elapsed()
+        );
+        drop((response, stalled));
+
         tokio::time::sleep_until((idle + HANDSHAKE + SLACK).into()).await;
         assert!(
             !member_closed.is_finished(),
@@ -485,8 +521,13 @@ const PER_CONNECTION: usize = 2 * MAX_STREAMS;
 /// Opens [`CONNECTIONS`] HTTP/2 connections, checks that each advertises
 /// MAX_CONCURRENT_STREAMS, and starts [`PER_CONNECTION`] GetUnreadCount
 /// calls on each with no token and a request that never ends (no
-/// END_STREAM). Each task returns its calls' `grpc-status`es.
-async fn open_requests(addr: SocketAddr) -> Vec<tokio::task::JoinHandle<Vec<Option<String>>>> {
+/// END_STREAM). Each task returns its calls' `grpc-status`es and how many
+/// times a call was refused (REFUSED_STREAM: h2 may still count a stream the
+/// client saw end; the call was not processed, so it is sent again, as gRPC
+/// clients do).
+async fn open_requests(
+    addr: SocketAddr,
+) -> Vec<tokio::task::JoinHandle<(Vec<Option<String>>, usize)>> {
     let mut connections = Vec::new();
     for _ in 0..CONNECTIONS {
         let tcp = TcpStream::connect(addr).await.unwrap();
@@ -504,30 +545,45 @@ async fn open_requests(addr: SocketAddr) -> Vec<tokio::task::JoinHandle<Vec<Opti
                 );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let mut calls = Vec::new();
-            for _ in 0..PER_CONNECTION {
-                let request = http::Request::post(format!("http://localhost{UNREAD_PATH}"))
+            let request = || {
+                http::Request::post(format!("http://localhost{UNREAD_PATH}"))
                     .header("content-type", "application/grpc")
                     .header("te", "trailers")
                     .body(())
-                    .unwrap();
+                    .unwrap()
+            };
+            let mut calls = Vec::new();
+            for _ in 0..PER_CONNECTION {
                 // Waits for a free slot once MAX_CONCURRENT_STREAMS are open.
                 send = send.ready().await.unwrap();
-                let (response, body) = send.send_request(request, false).unwrap();
+                let (response, body) = send.send_request(request(), false).unwrap();
+                let mut again = send.clone();
                 calls.push(tokio::spawn(async move {
-                    let response = response.await.expect("answered, not reset");
-                    drop(body); // never ended
-                    response
-                        .headers()
-                        .get("grpc-status")
-                        .map(|s| s.to_str().unwrap_or_default().to_owned())
+                    let (mut response, mut body, mut refused) = (response, body, 0);
+                    loop {
+                        match response.await {
+                            Ok(response) => {
+                                drop(body); // never ended
+                                let status = response.headers().get("grpc-status");
+                                return (status.map(|s| s.to_str().unwrap().to_owned()), refused);
+                            }
+                            Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                                refused += 1;
+                                again = again.ready().await.unwrap();
+                                (response, body) = again.send_request(request(), false).unwrap();
+                            }
+                            Err(e) => panic!("reset: {e}"),
+                        }
+                    }
                 }));
             }
-            let mut statuses = Vec::new();
+            let (mut statuses, mut refused) = (Vec::new(), 0);
             for call in calls {
-                statuses.push(call.await.unwrap());
+                let (status, refusals) = call.await.unwrap();
+                statuses.push(status);
+                refused += refusals;
             }
-            statuses
+            (statuses, refused)
         }));
     }
     connections
@@ -541,7 +597,9 @@ async fn open_requests(addr: SocketAddr) -> Vec<tokio::task::JoinHandle<Vec<Opti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_connection_are_capped_and_open_requests_end() {
     bounded(async {
-        let replica = start(&[]).await;
+        // Refusals of a compliant client racing a freed slot count as
+        // server-side resets; this test is not about their limit.
+        let replica = start(&["--max-resets-per-connection", "1000"]).await;
         let (mut c, mut stream) = idle_stream(replica.addr).await;
         let fds = replica.fd_count();
         let (rss_before, _) = replica.memory_kib();
@@ -553,11 +611,12 @@ async fn streams_per_connection_are_capped_and_open_requests_end() {
             served(replica.addr).await;
             let (held, _) = replica.memory_kib();
             for connection in connections {
-                let statuses =
+                let (statuses, refused) =
                     tokio::time::timeout_at((opened + 2 * BODY + SLACK).into(), connection)
                         .await
                         .expect("every call ends within two body timeouts")
                         .unwrap();
+                assert!(refused < MAX_STREAMS, "{refused} refusals");
                 assert_eq!(statuses.len(), PER_CONNECTION);
                 for status in statuses {
                     assert_eq!(status.as_deref(), Some("4"), "DEADLINE_EXCEEDED");
