@@ -420,7 +420,9 @@ pub struct ServeArgs {
     /// Streams the server may reset for a client's protocol errors
     /// (refused streams included) on one HTTP/2 connection before it sends
     /// GOAWAY ENHANCE_YOUR_CALM and closes it; counted over the
-    /// connection's life.
+    /// connection's life (hyper's default). A compliant client that reuses
+    /// a stream slot an instant before the server has freed it is refused
+    /// too, so a long-lived connection kept at the stream limit needs room.
     #[arg(
         long,
         env = "HERALD_MAX_RESETS_PER_CONNECTION",
