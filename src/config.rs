@@ -414,7 +414,9 @@ pub struct ServeArgs {
     /// Most concurrent calls (streams included) on one HTTP/2 connection
     /// (SETTINGS_MAX_CONCURRENT_STREAMS, RFC 9113 §5.1.2). A client or
     /// proxy multiplexing more streams over one connection must open more
-    /// connections (compliant clients wait for a free slot).
+    /// connections: tonic and grpc-go channels do not, they queue further
+    /// calls until a slot frees, so a gateway holding many users' streams
+    /// on one channel needs more channels or a higher value.
     #[arg(long, env = "HERALD_MAX_CONCURRENT_STREAMS", default_value_t = 1_000)]
     pub max_concurrent_streams: u32,
     /// Streams the server may reset for a client's protocol errors

@@ -156,6 +156,8 @@ async fn a_reconnect_catch_up_storm_does_not_exhaust_the_pool() {
             c.pool_size = 2;
             c.pool_timeout = Duration::from_millis(50);
             c.streams.per_user = 4;
+            // All the streams and the send share one HTTP/2 connection.
+            c.transport.max_concurrent_streams = 2 * STREAMS as u32;
         })
         .await;
         let c = d.client(0).await;
