@@ -56,8 +56,8 @@
 //!   pings, HTTP/1.1 requests whose headers stall by hyper's header read
 //!   timeout.
 //! - **Stopping.** When the replica's shutdown token is cancelled the
-//!   listener closes; connections that never made a request close at
-//!   once, the others get a graceful shutdown (GOAWAY; the service ends
+//!   listener closes; connections with no call in flight that never
+//!   authenticated close at once, the others get a graceful shutdown (GOAWAY; the service ends
 //!   its streams) and [`serve`] returns once all have closed. Dropping the
 //!   [`serve`] future (the replica's grace period is over) closes every
 //!   connection still open.
@@ -122,10 +122,11 @@ pub const HTTP1_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a handshake timeout, how long a connection that got as far as
 /// HTTP/2 may take to receive its GOAWAY before it is closed regardless.
 const HANDSHAKE_CLOSE_GRACE: Duration = Duration::from_secs(1);
-/// First and longest pause after an `accept(2)` that failed for lack of
-/// descriptors or memory.
+/// First pause after an `accept(2)` that failed for lack of descriptors or
+/// memory; each further failure doubles it.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
-/// See [`ACCEPT_BACKOFF_MIN`].
+/// Longest pause between failed accepts: how late, at worst, a waiting
+/// client gets in once a descriptor frees up.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// At most one warning per this period while accepting fails.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
@@ -139,8 +140,8 @@ pub struct TransportSettings {
     pub handshake_timeout: Duration,
     /// From a call's headers to the end of its request body.
     pub request_body_timeout: Duration,
-    /// From a call's headers to its response, for every method but
-    /// [`LONG_LIVED_METHODS`].
+    /// From a call's headers to its response and the end of its response
+    /// stream, for every method but [`LONG_LIVED_METHODS`].
     pub call_timeout: Duration,
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` advertised on each HTTP/2
     /// connection.
