@@ -16,6 +16,7 @@ for i in $(seq 1 "$runs"); do
     --max-rate 30000 --duration 5s --callers 1024 --send-connections 8
   $b --json "$out/fanout100-$i.json" fanout --subscribers 100 --rate 1500 --duration 10s --callers 128
   $b --json "$out/fanout1000-$i.json" fanout --subscribers 1000 --rate 150 --duration 10s --callers 64
+  $b --json "$out/bulk-$i.json" bulk --subscribers 2000 --rate 200 --items 500 --duration 10s --callers 16
   $b --replicas 1 --json "$out/streams50k-$i.json" streams --streams 50000 --stream-connections 500
   $b --replicas 1 --json "$out/streams10k-$i.json" streams --streams 10000 --stream-connections 10000
   # Group-commit window at low load: it must not add latency.
