@@ -66,6 +66,8 @@ fn bench_scenarios_deliver_everything_once_in_order() {
         "deliveries_per_s",
         "rss_kib_per_replica",
         "cpu_s_per_replica",
+        "pg_cpu_s",
+        "server_cpu_us_per_send",
     ] {
         assert!(row.get(key).is_some(), "JSON row lacks {key}: {row}");
     }
@@ -94,5 +96,12 @@ fn bench_scenarios_deliver_everything_once_in_order() {
         row["delivered"].as_u64().unwrap(),
         row["sent"].as_u64().unwrap() * 30
     );
+
+    // Bulk: `sent` counts items, each delivered once.
+    let bulk = "bulk --subscribers 40 --rate 20 --items 25 --duration 2s --callers 2";
+    let row = run_bench(&dir.join("bulk.json"), &bulk.split(' ').collect::<Vec<_>>());
+    assert_eq!((&row["lost"], &row["duplicates"]), (&0.into(), &0.into()));
+    assert!(row["sent"].as_u64().unwrap() >= 25);
+    assert_eq!(row["delivered"], row["sent"]);
     std::fs::remove_dir_all(&dir).ok();
 }

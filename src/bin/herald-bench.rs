@@ -180,12 +180,17 @@ struct Row {
     deliveries_per_s: f64,
     rss_kib_per_replica: Vec<u64>,
     cpu_s_per_replica: Vec<f64>,
+    /// CPU seconds of the whole local PostgreSQL cluster over the run;
+    /// `null` when the database is not on this machine.
+    pg_cpu_s: Option<f64>,
+    /// (replicas' + PostgreSQL's CPU) / sends acknowledged, microseconds.
+    server_cpu_us_per_send: f64,
 }
 
 impl Row {
     fn print_header() {
         println!(
-            "{:<12} {:>8} {:>8} {:>9} {:>9} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>18} {:>14}",
+            "{:<12} {:>8} {:>8} {:>9} {:>9} {:>5} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>18} {:>14} {:>8} {:>9}",
             "scenario",
             "streams",
             "rate",
@@ -199,13 +204,15 @@ impl Row {
             "max ms",
             "deliv/s",
             "rss KiB/replica",
-            "cpu s/replica"
+            "cpu s/replica",
+            "pg cpu s",
+            "µs/send"
         );
     }
 
     fn print(&self) {
         println!(
-            "{:<12} {:>8} {:>8} {:>9} {:>9} {:>5} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>11.0} {:>18} {:>14}",
+            "{:<12} {:>8} {:>8} {:>9} {:>9} {:>5} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>11.0} {:>18} {:>14} {:>8} {:>9.0}",
             self.scenario,
             self.streams,
             self.offered_rate,
@@ -220,6 +227,8 @@ impl Row {
             self.deliveries_per_s,
             format!("{:?}", self.rss_kib_per_replica),
             format!("{:.1?}", self.cpu_s_per_replica),
+            self.pg_cpu_s.map_or("-".to_owned(), |s| format!("{s:.1}")),
+            self.server_cpu_us_per_send,
         );
     }
 }
@@ -239,6 +248,8 @@ struct Bench {
     admin_url: String,
     database: Option<String>,
     connections: usize,
+    /// The local PostgreSQL's postmaster, when the database runs here.
+    postmaster: Option<u32>,
 }
 
 impl Bench {
@@ -258,6 +269,7 @@ impl Bench {
                 admin_url: setup.admin_url.clone(),
                 database: None,
                 connections: setup.connections,
+                postmaster: None,
             });
         }
         let herald = match &setup.herald {
@@ -273,12 +285,17 @@ impl Bench {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await?;
         let url = with_database(&setup.admin_url, &name);
+        let backend: i32 = admin
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .get(0);
         let mut bench = Self {
             replicas: Vec::new(),
             secret: setup.secret.clone(),
             admin_url: setup.admin_url.clone(),
             database: Some(name),
             connections: setup.connections,
+            postmaster: u32::try_from(backend).ok().and_then(parent),
         };
         for _ in 0..setup.replicas.max(1) {
             bench
@@ -419,14 +436,9 @@ fn usage(pid: u32) -> Usage {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0);
-    // Fields 14 and 15 (utime, stime) in clock ticks, after the ")" of comm.
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
+    // utime + stime, in clock ticks.
+    let ticks = stat_fields(pid)
+        .and_then(|f| Some(f.get(11)? + f.get(12)?))
         .unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
@@ -434,6 +446,50 @@ fn usage(pid: u32) -> Usage {
         rss_kib,
         cpu_s: ticks as f64 / hz,
     }
+}
+
+/// Fields of /proc/PID/stat after the `)` that ends the command name
+/// (proc(5): field 4, the parent pid, is index 1; utime, stime, cutime,
+/// cstime are 11 to 14).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit_once(')')?.1;
+    Some(
+        rest.split_whitespace()
+            .map(|f| f.parse().unwrap_or(0))
+            .collect(),
+    )
+}
+
+/// The parent of a process on this machine.
+fn parent(pid: u32) -> Option<u32> {
+    let ppid = *stat_fields(pid)?.get(1)?;
+    u32::try_from(ppid).ok().filter(|&p| p > 1)
+}
+
+/// CPU seconds used so far by the PostgreSQL cluster whose postmaster is
+/// `postmaster`: its own time, its exited children's (cutime, cstime:
+/// backends that ended and were waited for), and every live child's.
+fn pg_cpu_s(postmaster: u32) -> Option<f64> {
+    let own = stat_fields(postmaster)?;
+    let mut ticks: u64 = own.get(11..15)?.iter().sum();
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = stat_fields(pid)
+            && f.get(1) == Some(&u64::from(postmaster))
+        {
+            ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        }
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(ticks as f64 / hz)
 }
 
 /// CPU seconds each replica used between two readings.
@@ -664,6 +720,7 @@ async fn run_load(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let subscribers = open_subscribers(bench, 0..users, expected.clone(), stop_rx).await?;
     let before = bench.usage();
+    let pg_before = bench.postmaster.and_then(pg_cpu_s);
     let started = Instant::now();
     let sent = if fanout {
         drive(bench, load, rate, items, expected.clone(), move |_| {
@@ -694,6 +751,13 @@ async fn run_load(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let after = bench.usage();
+    let pg_cpu = bench
+        .postmaster
+        .and_then(pg_cpu_s)
+        .zip(pg_before)
+        .map(|(a, b)| a - b);
+    let cpu = cpu_between(&before, &after);
+    let server_cpu_s = cpu.iter().sum::<f64>() + pg_cpu.unwrap_or(0.0);
     let delivered: u64 = seen.iter().map(|s| s.delivered).sum();
     let duplicates: u64 = seen.iter().map(|s| s.duplicates).sum();
     let out_of_order: u64 = seen.iter().map(|s| s.out_of_order).sum();
@@ -717,7 +781,9 @@ async fn run_load(
         max_ms: latencies.last().map_or(0.0, |v| f64::from(*v) / 1_000.0),
         deliveries_per_s: delivered as f64 / elapsed,
         rss_kib_per_replica: after.iter().map(|u| u.rss_kib).collect(),
-        cpu_s_per_replica: cpu_between(&before, &after),
+        cpu_s_per_replica: cpu,
+        pg_cpu_s: pg_cpu,
+        server_cpu_us_per_send: server_cpu_s * 1e6 / sent.max(1) as f64,
     })
 }
 
@@ -793,6 +859,8 @@ async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyho
         deliveries_per_s: 0.0,
         rss_kib_per_replica: after.iter().map(|u| u.rss_kib).collect(),
         cpu_s_per_replica: cpu_between(&before, &after),
+        pg_cpu_s: None,
+        server_cpu_us_per_send: 0.0,
     })
 }
 
