@@ -370,7 +370,15 @@ impl Verifier {
     /// Verifies the bearer token in `metadata` (RFC 6750 §2.1). Fails with
     /// the [`AuthError`] saying why the caller is not authenticated.
     pub fn verify(&self, metadata: &MetadataMap) -> Result<Identity, AuthError> {
-        let value = metadata.get("authorization").ok_or(AuthError::Missing)?;
+        self.verify_headers(metadata.as_ref())
+    }
+
+    /// [`Verifier::verify`] on a request's HTTP headers (the transport's
+    /// view of it, before tonic makes them metadata).
+    pub fn verify_headers(&self, headers: &http::HeaderMap) -> Result<Identity, AuthError> {
+        let value = headers
+            .get(http::header::AUTHORIZATION)
+            .ok_or(AuthError::Missing)?;
         if value.len() > MAX_TOKEN_BYTES + 7 {
             return Err(AuthError::TooLarge);
         }

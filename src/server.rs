@@ -384,15 +384,8 @@ impl Replica<'_> {
             .service(routes);
         // A connection's handshake ends with its first authenticated call.
         let verifier = self.verifier;
-        let authenticates: transport::Authenticates = Arc::new(move |headers: &http::HeaderMap| {
-            let mut authorization = http::HeaderMap::new();
-            if let Some(value) = headers.get(http::header::AUTHORIZATION) {
-                authorization.insert(http::header::AUTHORIZATION, value.clone());
-            }
-            verifier
-                .verify(&tonic::metadata::MetadataMap::from_headers(authorization))
-                .is_ok()
-        });
+        let authenticates: transport::Authenticates =
+            Arc::new(move |headers: &http::HeaderMap| verifier.verify_headers(headers).is_ok());
         let listener = self.listener;
         let settings = config.transport;
         Ok(tokio::spawn(async move {

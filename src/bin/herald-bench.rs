@@ -440,11 +440,9 @@ fn usage(pid: u32) -> Usage {
     let ticks = stat_fields(pid)
         .and_then(|f| Some(f.get(11)? + f.get(12)?))
         .unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     Usage {
         rss_kib,
-        cpu_s: ticks as f64 / hz,
+        cpu_s: ticks as f64 / clock_ticks_per_s(),
     }
 }
 
@@ -487,9 +485,13 @@ fn pg_cpu_s(postmaster: u32) -> Option<f64> {
             ticks += f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
         }
     }
+    Some(ticks as f64 / clock_ticks_per_s())
+}
+
+/// The unit of /proc's CPU times (sysconf(3) `_SC_CLK_TCK`).
+fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    Some(ticks as f64 / hz)
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64
 }
 
 /// CPU seconds each replica used between two readings.
@@ -864,24 +866,12 @@ async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyho
     })
 }
 
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    raise_fd_limit();
+    // Thousands of connections: take all the descriptors allowed. Best
+    // effort; a run that needs more fails at connect and says so.
+    let _ = herald::transport::raise_open_files_limit();
     LazyLock::force(&BASE);
     let bench = Bench::start(&cli.setup).await?;
     let result = run(&bench, &cli.scenario).await;

@@ -41,7 +41,7 @@ use tokio::{
 use super::{
     StoreError, StoreResult,
     log::{self, Append, NewContent, NewEvent, Pipeline},
-    postgres::{pg_error, pool_error, replay_idempotent},
+    postgres::{pg_error, pool_error, replay_idempotent, set_statement_timeout},
 };
 use crate::{
     bus::Bus,
@@ -272,11 +272,7 @@ async fn try_commit(
     let mut begun = Begun(Some(pool.get().await.map_err(pool_error)?));
     let client = begun.client()?;
     let begin = match statement_timeout {
-        // 0 would mean "no limit".
-        Some(t) => format!(
-            "BEGIN; SET LOCAL statement_timeout = {}",
-            t.as_millis().max(1)
-        ),
+        Some(t) => format!("BEGIN; {}", set_statement_timeout(t)),
         None => "BEGIN".to_owned(),
     };
     let ended = AtomicBool::new(false);

@@ -247,12 +247,21 @@ pub(super) async fn bound_statements(
     timeout: Option<Duration>,
 ) -> StoreResult<()> {
     if let Some(timeout) = timeout {
-        let ms = timeout.as_millis().max(1); // 0 would mean "no limit"
-        tx.batch_execute(&format!("SET LOCAL statement_timeout = {ms}"))
+        tx.batch_execute(&set_statement_timeout(timeout))
             .await
             .map_err(pg_error)?;
     }
     Ok(())
+}
+
+/// The statement that bounds every later statement of its transaction to
+/// `timeout` (PostgreSQL `statement_timeout`, in whole milliseconds; at
+/// least 1, since 0 would mean "no limit").
+pub(super) fn set_statement_timeout(timeout: Duration) -> String {
+    format!(
+        "SET LOCAL statement_timeout = {}",
+        timeout.as_millis().max(1)
+    )
 }
 
 /// Notifications and streams in PostgreSQL.
