@@ -41,6 +41,8 @@ pub struct Config {
     pub dev: bool,
     /// Idle time after which a stream gets a heartbeat.
     pub heartbeat_interval: Duration,
+    /// How long an unused stream ticket stays valid.
+    pub stream_ticket_lifetime: Duration,
     /// Events older than this are pruned; resuming before them gets
     /// `resync`.
     pub retention: Duration,
@@ -86,6 +88,7 @@ impl Config {
             auth,
             dev: false,
             heartbeat_interval: Duration::from_secs(15),
+            stream_ticket_lifetime: crate::api::DEFAULT_TICKET_LIFETIME,
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
             listener: ListenerSettings {
@@ -305,6 +308,11 @@ pub struct ServeArgs {
     /// Idle time after which a stream gets a heartbeat, e.g. `15s`.
     #[arg(long, env = "HERALD_HEARTBEAT_INTERVAL", default_value = "15s", value_parser = duration)]
     pub heartbeat_interval: Duration,
+    /// How long a stream ticket (`CreateStreamTicket`, for SSE) stays valid
+    /// unused, e.g. `30s`. Long enough for a page to open its stream; short,
+    /// since the ticket travels in a URL.
+    #[arg(long, env = "HERALD_STREAM_TICKET_LIFETIME", default_value = "30s", value_parser = duration)]
+    pub stream_ticket_lifetime: Duration,
     /// Events queued per stream before a slow stream reads from the store.
     #[arg(long, env = "HERALD_STREAM_QUEUE", default_value_t = 256)]
     pub stream_queue: usize,
@@ -465,6 +473,7 @@ impl ServeArgs {
         }
         for (name, d) in [
             ("--heartbeat-interval", self.heartbeat_interval),
+            ("--stream-ticket-lifetime", self.stream_ticket_lifetime),
             // 0 would prune every event as soon as it is stored: a resuming
             // client would always get resync and a fresh one no backlog.
             ("--retention", self.retention),
@@ -527,6 +536,7 @@ impl ServeArgs {
             auth,
             dev: self.auth.secret.dev,
             heartbeat_interval: self.heartbeat_interval,
+            stream_ticket_lifetime: self.stream_ticket_lifetime,
             retention: self.retention,
             prune_interval: self.prune_interval,
             listener: ListenerSettings {

@@ -32,6 +32,7 @@ use crate::{
     bus::postgres::{ListenError, Listener, listener_config},
     config::Config,
     health,
+    http::{Door, DoorLayer, DoorSettings},
     hub::Hub,
     jobs::Jobs,
     limits::{self, RateLimits},
@@ -76,6 +77,9 @@ pub enum ServerError {
     /// gRPC reflection could not be built from the descriptor set.
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The HTTP door's JSON codec could not be built from the descriptor set.
+    #[error(transparent)]
+    Descriptors(#[from] crate::http::json::DescriptorError),
 }
 
 /// A running replica.
@@ -260,9 +264,11 @@ async fn start_metrics(addr: SocketAddr, jobs: &Jobs) -> Result<SocketAddr, Serv
     Ok(local)
 }
 
-/// CORS for grpc-web from the configured origins (Fetch standard, "CORS
-/// protocol"): the headers grpc-web clients send, and the gRPC status
-/// headers they must read, which browsers hide unless exposed.
+/// CORS for grpc-web, Connect calls and the SSE stream from the configured
+/// origins (Fetch standard, "CORS protocol"): the headers their clients
+/// send, the gRPC status headers grpc-web clients must read (browsers hide
+/// them unless exposed), and credentials, so an `EventSource` opened with
+/// `withCredentials` sends the SSE resume cookie.
 fn cors(origins: &[String]) -> CorsLayer {
     let origins: Vec<HeaderValue> = origins
         .iter()
@@ -271,10 +277,15 @@ fn cors(origins: &[String]) -> CorsLayer {
     let header = HeaderName::from_static;
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::POST, Method::OPTIONS])
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        // The SSE door's resume cookie (EventSource `withCredentials`).
+        .allow_credentials(true)
         .allow_headers([
             header("authorization"),
             header("content-type"),
+            header("connect-protocol-version"),
+            header("connect-timeout-ms"),
+            header("last-event-id"),
             header("x-grpc-web"),
             header("x-user-agent"),
             header("grpc-timeout"),
@@ -341,27 +352,42 @@ impl Replica<'_> {
             "rate-limit sweep",
             limits::forget_idle_keys(rates.clone(), shutdown.clone()),
         );
-        let service = NotificationsService::new(
-            store,
-            self.hub,
-            self.verifier.clone(),
-            config.limits,
-            rates,
-            StreamSettings::new(config.heartbeat_interval, store_reads),
-            shutdown.clone(),
+        let service = Arc::new(
+            NotificationsService::new(
+                store,
+                self.hub,
+                self.verifier.clone(),
+                config.limits,
+                rates,
+                StreamSettings::new(config.heartbeat_interval, store_reads),
+                shutdown.clone(),
+            )
+            .with_ticket_lifetime(config.stream_ticket_lifetime),
         );
+        let door = Door::new(
+            service.clone(),
+            DoorSettings {
+                max_request_bytes: config.max_request_bytes,
+                request_body_timeout: config.transport.request_body_timeout,
+                call_timeout: config.transport.call_timeout,
+                cors_origins: config.cors_origins.clone(),
+            },
+        )?;
         let request_id = HeaderName::from_static(REQUEST_ID);
         let routes = Routes::new(health)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(
-                NotificationsServer::new(service)
+                NotificationsServer::from_arc(service)
                     .max_decoding_message_size(config.max_request_bytes),
             )
             .prepare();
         let service = tower::ServiceBuilder::new()
             .layer(cors(&config.cors_origins))
-            .layer(tonic_web::GrpcWebLayer::new())
+            // One body type for CORS's own answers and the rest.
+            .layer(MapResponseLayer::new(|r: http::Response<_>| {
+                r.map(tonic::body::Body::new)
+            }))
             .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
             .layer(
                 TraceLayer::new_for_grpc()
@@ -377,6 +403,10 @@ impl Replica<'_> {
                     .on_failure(()),
             )
             .layer(PropagateRequestIdLayer::new(request_id))
+            // Connect calls, SSE and the OpenAPI document; the rest is gRPC
+            // (grpc-web's translation would refuse them as bad requests).
+            .layer(DoorLayer::new(door))
+            .layer(tonic_web::GrpcWebLayer::new())
             .layer(MapResponseLayer::new(grpc_status_fixups))
             // Inside grpc-web, so its statuses reach browsers in their
             // format, and inside the request id and trace layers.

@@ -542,6 +542,22 @@ impl Handshake {
     }
 }
 
+/// A request extension for handlers that authenticate a request by other
+/// means than its bearer token (the SSE door's stream tickets): calling
+/// [`ConnectionHandshake::authenticated`] ends its connection's handshake
+/// as an authenticated call would, so a long-lived stream opened with a
+/// ticket is not closed by the handshake bound.
+#[derive(Clone)]
+pub struct ConnectionHandshake(Arc<Handshake>);
+
+impl ConnectionHandshake {
+    /// Marks the connection authenticated.
+    pub fn authenticated(&self) {
+        self.0.authenticated.store(true, Ordering::Release);
+        self.0.changed.notify_one();
+    }
+}
+
 /// One call in flight on a connection, until dropped.
 struct InFlight(Arc<Handshake>);
 
@@ -702,6 +718,11 @@ where
         });
         let mut request = request.map(Body::new);
         request.extensions_mut().insert(self.info.clone());
+        if in_flight.is_some() {
+            request
+                .extensions_mut()
+                .insert(ConnectionHandshake(self.handshake.clone()));
+        }
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;

@@ -6,7 +6,11 @@
 pub mod convert;
 pub mod status;
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +28,7 @@ use crate::{
     store::Store,
     subscription::{EventStream, Session, Start, StreamSettings, token_deadline},
     telemetry::names,
+    ticket::{self, TicketGrant},
 };
 
 /// Events buffered between a stream's task and tonic's HTTP/2 writer. Small:
@@ -42,7 +47,11 @@ pub struct NotificationsService<S> {
     rates: Arc<RateLimits>,
     streams: StreamSettings,
     shutdown: CancellationToken,
+    ticket_lifetime: Duration,
 }
+
+/// Default lifetime of an unused stream ticket.
+pub const DEFAULT_TICKET_LIFETIME: Duration = Duration::from_secs(30);
 
 impl<S: Store> NotificationsService<S> {
     /// Builds the service. `shutdown` ends every open stream when cancelled.
@@ -63,7 +72,16 @@ impl<S: Store> NotificationsService<S> {
             rates,
             streams,
             shutdown,
+            ticket_lifetime: DEFAULT_TICKET_LIFETIME,
         }
+    }
+
+    /// Stream tickets minted by `CreateStreamTicket` expire unused after
+    /// `lifetime` (or with their token, if sooner).
+    #[must_use]
+    pub fn with_ticket_lifetime(mut self, lifetime: Duration) -> Self {
+        self.ticket_lifetime = lifetime;
+        self
     }
 
     fn identify<T>(&self, request: &Request<T>) -> Result<Identity, AuthError> {
@@ -165,6 +183,13 @@ impl<S: Store> Notifications for NotificationsService<S> {
         request: Request<proto::GetUnreadCountRequest>,
     ) -> Result<Response<proto::GetUnreadCountResponse>, Status> {
         observe("GetUnreadCount", self.count(request).await)
+    }
+
+    async fn create_stream_ticket(
+        &self,
+        request: Request<proto::CreateStreamTicketRequest>,
+    ) -> Result<Response<proto::CreateStreamTicketResponse>, Status> {
+        observe("CreateStreamTicket", self.ticket(request).await)
     }
 }
 
@@ -292,13 +317,32 @@ impl<S: Store> NotificationsService<S> {
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let identity = self.identify(&request)?;
+        let grant = TicketGrant {
+            tenant: identity.tenant.as_str().to_owned(),
+            user: identity.user.as_str().to_owned(),
+            token_expires_at: identity.expires_at,
+        };
+        self.open_stream_for(&grant, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    /// Opens `grant.user`'s stream as `Subscribe` does (backlog, `caught_up`,
+    /// live; ends at `grant.token_expires_at`), for a caller already
+    /// authenticated: `Subscribe` by its token, the SSE door by a ticket.
+    /// Errors: `INVALID_ARGUMENT` (`types`), `RESOURCE_EXHAUSTED` (stream
+    /// limits), `UNAVAILABLE` (stopping, or the store).
+    pub async fn open_stream_for(
+        &self,
+        grant: &TicketGrant,
+        req: proto::SubscribeRequest,
+    ) -> Result<EventStream, Status> {
         if self.shutdown.is_cancelled() {
             return Err(status::shutting_down());
         }
-        let req = request.into_inner();
         let types = parse_types(&req.types)?;
-        let tenant = identity.tenant.as_str();
-        let user = identity.user.as_str();
+        let tenant = grant.tenant.as_str();
+        let user = grant.user.as_str();
         // Register first, then read the head: whatever commits after the
         // head was read is already being queued for this stream.
         let subscription = self.hub.subscribe(StreamKey::user(tenant, user))?;
@@ -313,11 +357,71 @@ impl<S: Store> NotificationsService<S> {
             types,
             settings: self.streams.clone(),
             shutdown: self.shutdown.clone(),
-            token_deadline: token_deadline(identity.expires_at),
+            token_deadline: token_deadline(grant.token_expires_at),
             out,
         };
         tokio::spawn(session.run(start));
-        Ok(Response::new(EventStream::new(rx)))
+        Ok(EventStream::new(rx))
+    }
+
+    async fn ticket(
+        &self,
+        request: Request<proto::CreateStreamTicketRequest>,
+    ) -> Result<Response<proto::CreateStreamTicketResponse>, Status> {
+        let identity = self.identify(&request)?;
+        let grant = TicketGrant {
+            tenant: identity.tenant.as_str().to_owned(),
+            user: identity.user.as_str().to_owned(),
+            token_expires_at: identity.expires_at,
+        };
+        let (ticket, expires_at) = self.mint_ticket(&grant, self.ticket_lifetime).await?;
+        Ok(Response::new(proto::CreateStreamTicketResponse {
+            ticket,
+            expires_at: Some(expires_at.into()),
+        }))
+    }
+
+    /// Mints and stores a stream ticket for `grant`, valid for `lifetime`
+    /// or until the grant's token expires, whichever is sooner. Returns the
+    /// ticket and its expiry. Errors: `UNAVAILABLE` (store), `INTERNAL` (no
+    /// randomness).
+    pub async fn mint_ticket(
+        &self,
+        grant: &TicketGrant,
+        lifetime: Duration,
+    ) -> Result<(String, SystemTime), Status> {
+        let minted = ticket::mint().map_err(|e| status::internal(&e))?;
+        let expires_at = SystemTime::now()
+            .checked_add(lifetime)
+            .map_or(grant.token_expires_at, |at| at.min(grant.token_expires_at));
+        self.store
+            .put_ticket(minted.digest, grant, expires_at)
+            .await?;
+        Ok((minted.ticket, expires_at))
+    }
+
+    /// Redeems a stream ticket: whom it was minted for, once. Errors:
+    /// `UNAUTHENTICATED` for a ticket that is malformed, unknown, already
+    /// used or expired (all alike, so nothing is learned by guessing);
+    /// `UNAVAILABLE` (store).
+    pub async fn redeem_ticket(&self, ticket: &str) -> Result<TicketGrant, Status> {
+        let refused = || Status::unauthenticated("ticket: unknown, already used or expired");
+        let digest = ticket::parse(ticket).ok_or_else(refused)?;
+        self.store
+            .take_ticket(digest, SystemTime::now())
+            .await?
+            .filter(|g| g.token_expires_at > SystemTime::now())
+            .ok_or_else(refused)
+    }
+
+    /// The token identity of a request's headers (`authorization: Bearer`).
+    pub fn identify_headers(&self, headers: &http::HeaderMap) -> Result<Identity, Status> {
+        Ok(self.verifier.verify_headers(headers)?)
+    }
+
+    /// The stream settings (heartbeat interval) of this replica.
+    pub fn stream_settings(&self) -> &StreamSettings {
+        &self.streams
     }
 
     async fn mark(

@@ -129,6 +129,13 @@ pub fn stream_interrupted(e: &StoreError) -> Status {
     Status::unavailable(format!("{cause}; resume from the last seq received"))
 }
 
+/// `INTERNAL` for a failure of ours that is not the store's (logged here;
+/// the client sees only "internal error").
+pub fn internal(e: &dyn std::error::Error) -> Status {
+    tracing::error!(error = %e, "internal error");
+    Status::internal("internal error")
+}
+
 /// `UNAVAILABLE`: this replica is draining, for a new stream and for the
 /// ones it ends; the client resumes on another replica.
 pub fn shutting_down() -> Status {

@@ -134,6 +134,10 @@ enum Scenario {
         /// HTTP/2 connections to spread them over.
         #[arg(long, default_value_t = 100)]
         stream_connections: usize,
+        /// Open them as Server-Sent Events instead, each on its own
+        /// HTTP/1.1 connection (`--stream-connections` is ignored).
+        #[arg(long)]
+        sse: bool,
     },
 }
 
@@ -155,6 +159,10 @@ struct Load {
     /// Connections from the callers to replica A.
     #[arg(long, default_value_t = 4)]
     send_connections: usize,
+    /// Subscribers read Server-Sent Events (`GET /v1/events`, one HTTP/1.1
+    /// connection each) instead of gRPC streams.
+    #[arg(long)]
+    sse: bool,
     /// The first part of each run, e.g. `1s`, whose sends are checked for
     /// loss, duplicates and order but left out of the latency figures
     /// (fresh connections, caches and prepared statements warm up).
@@ -520,42 +528,168 @@ struct Seen {
 /// check.
 struct Expected(Vec<AtomicU64>);
 
+/// What the load check needs of one event.
+struct Seen1 {
+    seq: u64,
+    caught_up: bool,
+    /// A notification's title; `None` for other kinds.
+    title: Option<String>,
+}
+
+/// A subscriber's stream: gRPC or Server-Sent Events.
+enum Source {
+    Grpc(tonic::Streaming<proto::Event>),
+    Sse(SseReader),
+}
+
+impl Source {
+    /// The next event other than a heartbeat.
+    async fn next(&mut self) -> anyhow::Result<Seen1> {
+        match self {
+            Self::Grpc(stream) => loop {
+                let event = stream.message().await?.context("stream ended early")?;
+                let (caught_up, title) = match event.kind {
+                    Some(Kind::Notification(n)) => (false, Some(n.title)),
+                    Some(Kind::CaughtUp(_)) => (true, None),
+                    Some(Kind::Heartbeat(_)) => continue,
+                    _ => (false, None),
+                };
+                return Ok(Seen1 {
+                    seq: event.seq,
+                    caught_up,
+                    title,
+                });
+            },
+            Self::Sse(reader) => reader.next().await,
+        }
+    }
+}
+
+/// `GET /v1/events` on its own HTTP/1.1 connection, read event by event.
+struct SseReader {
+    body: hyper::body::Incoming,
+    buffer: Vec<u8>,
+    _connection: tokio::task::JoinHandle<()>,
+}
+
+impl SseReader {
+    /// Opens `url`'s event stream for `token`'s user with `query`.
+    async fn open(url: &str, token: &str, query: &str) -> anyhow::Result<Self> {
+        let uri: http::Uri = format!("{url}/v1/events?{query}").parse()?;
+        let authority = uri.authority().context("no host in the URL")?.clone();
+        let tcp = tokio::net::TcpStream::connect(authority.as_str()).await?;
+        tcp.set_nodelay(true)?;
+        let (mut send, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let request = http::Request::get(uri)
+            .header(http::header::HOST, authority.as_str())
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let response = send.send_request(request).await?;
+        if !response.status().is_success() {
+            bail!("GET /v1/events: {}", response.status());
+        }
+        Ok(Self {
+            body: response.into_body(),
+            buffer: Vec::new(),
+            _connection: connection,
+        })
+    }
+
+    /// The next event (heartbeat comments skipped).
+    async fn next(&mut self) -> anyhow::Result<Seen1> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
+                let block = std::str::from_utf8(&block)?;
+                let (mut kind, mut data) = ("", "");
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event: ") {
+                        kind = v;
+                    } else if let Some(v) = line.strip_prefix("data: ") {
+                        data = v;
+                    }
+                }
+                if data.is_empty() {
+                    continue;
+                }
+                if kind == "error" {
+                    bail!("the stream ended: {data}");
+                }
+                let event: serde_json::Value = serde_json::from_str(data)?;
+                let seq = event["seq"].as_str().unwrap_or("0").parse()?;
+                return Ok(Seen1 {
+                    seq,
+                    caught_up: kind == "caught_up",
+                    title: (kind == "notification").then(|| {
+                        event["notification"]["title"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned()
+                    }),
+                });
+            }
+            let frame = self.body.frame().await.context("stream ended early")??;
+            if let Ok(data) = frame.into_data() {
+                self.buffer.extend_from_slice(&data);
+            }
+        }
+    }
+}
+
 /// Opens one stream per user in `users`, spread over every replica's
 /// channels; returns once all are caught up. Each task ends when its user's
 /// stream has delivered `expected` events, or at `stop`.
 async fn open_subscribers(
     bench: &Bench,
     users: std::ops::Range<usize>,
+    sse: bool,
     expected: Arc<Expected>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<anyhow::Result<Seen>>>> {
     let mut channels = Vec::new();
     for r in 0..bench.replicas.len() {
-        channels.push(bench.channels(r, bench.connections).await?);
+        channels.push(
+            bench
+                .channels(r, if sse { 1 } else { bench.connections })
+                .await?,
+        );
     }
+    let urls: Vec<String> = bench.replicas.iter().map(|r| r.url.clone()).collect();
     let ready = Arc::new(Barrier::new(users.len() + 1));
     let mut tasks = Vec::with_capacity(users.len());
     for u in users {
         let replica = u % channels.len();
         let channel = channels[replica][(u / channels.len()) % channels[replica].len()].clone();
+        let url = urls[replica].clone();
         let token = bench.token(&format!("u{u}"), "")?;
         let ready = ready.clone();
         let expected = expected.clone();
         let mut stop = stop.clone();
         tasks.push(tokio::spawn(async move {
-            let request = proto::SubscribeRequest {
-                after_seq: Some(0),
-                ..Default::default()
+            let mut stream = if sse {
+                Source::Sse(SseReader::open(&url, &token, "last_event_id=0:0").await?)
+            } else {
+                let request = proto::SubscribeRequest {
+                    after_seq: Some(0),
+                    ..Default::default()
+                };
+                Source::Grpc(
+                    NotificationsClient::new(channel)
+                        .subscribe(authed(request, &token)?)
+                        .await?
+                        .into_inner(),
+                )
             };
-            let mut stream = NotificationsClient::new(channel)
-                .subscribe(authed(request, &token)?)
-                .await?
-                .into_inner();
             // The order check starts where the backlog ends (earlier runs of
             // a throughput search leave one).
             let mut last = loop {
-                let event = stream.message().await?.context("stream ended early")?;
-                if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+                let event = stream.next().await?;
+                if event.caught_up {
                     break event.seq;
                 }
             };
@@ -563,7 +697,7 @@ async fn open_subscribers(
             let mut seen = Seen::default();
             loop {
                 let event = tokio::select! {
-                    event = stream.message() => event?.context("stream ended early")?,
+                    event = stream.next() => event?,
                     // Sending is over: stop once everything acknowledged
                     // has arrived, else keep reading (the caller's drain
                     // deadline bounds the wait). `changed` fires once.
@@ -574,7 +708,7 @@ async fn open_subscribers(
                         continue;
                     }
                 };
-                let Some(Kind::Notification(n)) = &event.kind else {
+                let Some(title) = &event.title else {
                     continue;
                 };
                 let at = now_ns();
@@ -587,11 +721,7 @@ async fn open_subscribers(
                 }
                 last = event.seq;
                 seen.delivered += 1;
-                if let Some(t) = n
-                    .title
-                    .strip_prefix("t:")
-                    .and_then(|t| t.parse::<u64>().ok())
-                {
+                if let Some(t) = title.strip_prefix("t:").and_then(|t| t.parse::<u64>().ok()) {
                     let us = at.saturating_sub(t) / 1_000;
                     seen.latencies_us
                         .push(u32::try_from(us).unwrap_or(u32::MAX));
@@ -720,7 +850,8 @@ async fn run_load(
     let users = load.subscribers.max(1);
     let expected = Arc::new(Expected((0..users).map(|_| AtomicU64::new(0)).collect()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let subscribers = open_subscribers(bench, 0..users, expected.clone(), stop_rx).await?;
+    let subscribers =
+        open_subscribers(bench, 0..users, load.sse, expected.clone(), stop_rx).await?;
     let before = bench.usage();
     let pg_before = bench.postmaster.and_then(pg_cpu_s);
     let started = Instant::now();
@@ -791,12 +922,20 @@ async fn run_load(
 
 /// Opens idle streams on replica A over `connections` new HTTP/2
 /// connections and measures its RSS growth (connections included).
-async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyhow::Result<Row> {
+async fn run_streams(
+    bench: &Bench,
+    streams: usize,
+    connections: usize,
+    sse: bool,
+) -> anyhow::Result<Row> {
     // Measured before connecting: a connection's memory counts too.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = bench.usage();
     let started = Instant::now();
-    let channels = bench.channels(0, connections.max(1)).await?;
+    let channels = bench
+        .channels(0, if sse { 1 } else { connections.max(1) })
+        .await?;
+    let url = bench.replicas[0].url.clone();
     let ready = Arc::new(Barrier::new(streams + 1));
     let mut held = Vec::with_capacity(streams);
     let opening = Arc::new(tokio::sync::Semaphore::new(512));
@@ -805,8 +944,18 @@ async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyho
         let token = bench.token(&format!("idle{s}"), "")?;
         let ready = ready.clone();
         let opening = opening.clone();
+        let url = url.clone();
         held.push(tokio::spawn(async move {
             let permit = opening.acquire_owned().await?;
+            if sse {
+                let mut stream = SseReader::open(&url, &token, "").await?;
+                while !stream.next().await?.caught_up {}
+                drop(permit);
+                ready.wait().await;
+                loop {
+                    stream.next().await?;
+                }
+            }
             let request = proto::SubscribeRequest {
                 after_seq: None,
                 ..Default::default()
@@ -943,8 +1092,9 @@ async fn run(bench: &Bench, scenario: &Scenario) -> anyhow::Result<Vec<Row>> {
         Scenario::Streams {
             streams,
             stream_connections,
+            sse,
         } => {
-            let row = run_streams(bench, *streams, *stream_connections).await?;
+            let row = run_streams(bench, *streams, *stream_connections, *sse).await?;
             row.print();
             rows.push(row);
         }

@@ -6,7 +6,9 @@
 //! Memory is bounded by retention: [`Store::prune`] drops events older than
 //! the cutoff, the logs of users left with nothing, and idempotency keys
 //! older than the cutoff; at most [`MAX_IDEMPOTENCY_KEYS`] keys are kept
-//! in any case (the oldest go first).
+//! in any case (the oldest go first). Stream tickets are dropped when
+//! taken or expired, and at most [`MAX_TICKETS`] are kept (the ones that
+//! expire soonest go first).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -22,11 +24,16 @@ use crate::{
         Content, Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification, PageQuery,
         ReadChange, ReadTarget, Sent, StreamEvent, StreamHead, StreamKey, StreamRange, new_epoch,
     },
+    ticket::{TicketDigest, TicketGrant},
 };
 
 /// Most idempotency keys remembered; past it the oldest are forgotten (a
 /// retry that late stores its send again).
 pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
+
+/// Most stream tickets kept; past it the ones that expire soonest are
+/// dropped (their holders mint another).
+pub const MAX_TICKETS: usize = 100_000;
 
 #[derive(Debug, Default)]
 struct UserLog {
@@ -53,6 +60,10 @@ struct Inner {
     idempotency: HashMap<IdempotencyKey, (String, Vec<Delivery>, SystemTime)>,
     /// Idempotency keys, oldest first.
     idempotency_order: VecDeque<IdempotencyKey>,
+    /// Stream tickets by digest, with their expiry.
+    tickets: HashMap<TicketDigest, (TicketGrant, SystemTime)>,
+    /// The same tickets by (expiry, digest), to drop the expired.
+    ticket_expiry: BTreeMap<(SystemTime, TicketDigest), ()>,
 }
 
 impl Inner {
@@ -68,6 +79,17 @@ impl Inner {
                 },
                 ..UserLog::default()
             })
+    }
+
+    /// Drops every ticket whose expiry is before `now`.
+    fn drop_tickets_expired_by(&mut self, now: SystemTime) {
+        while let Some((&(at, digest), ())) = self.ticket_expiry.first_key_value() {
+            if at >= now && self.tickets.len() < MAX_TICKETS {
+                break;
+            }
+            self.ticket_expiry.remove(&(at, digest));
+            self.tickets.remove(&digest);
+        }
     }
 
     fn remember(&mut self, key: IdempotencyKey, fingerprint: String, deliveries: Vec<Delivery>) {
@@ -383,6 +405,7 @@ impl Store for MemoryStore {
             !empty
         });
         inner.dropped_seq = dropped_seq;
+        inner.drop_tickets_expired_by(SystemTime::now());
         while let Some(oldest) = inner.idempotency_order.front() {
             match inner.idempotency.get(oldest) {
                 Some((_, _, at)) if *at >= cutoff => break,
@@ -394,6 +417,34 @@ impl Store for MemoryStore {
             }
         }
         Ok(deleted)
+    }
+
+    async fn put_ticket(
+        &self,
+        digest: TicketDigest,
+        grant: &TicketGrant,
+        expires_at: SystemTime,
+    ) -> StoreResult<()> {
+        let mut inner = self.lock();
+        inner.drop_tickets_expired_by(SystemTime::now());
+        if let Some((_, old)) = inner.tickets.insert(digest, (grant.clone(), expires_at)) {
+            inner.ticket_expiry.remove(&(old, digest));
+        }
+        inner.ticket_expiry.insert((expires_at, digest), ());
+        Ok(())
+    }
+
+    async fn take_ticket(
+        &self,
+        digest: TicketDigest,
+        now: SystemTime,
+    ) -> StoreResult<Option<TicketGrant>> {
+        let mut inner = self.lock();
+        let Some((grant, expires_at)) = inner.tickets.remove(&digest) else {
+            return Ok(None);
+        };
+        inner.ticket_expiry.remove(&(expires_at, digest));
+        Ok((expires_at > now).then_some(grant))
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -16,6 +16,7 @@ use crate::notification::{
     MarkOutcome, NewNotification, Notification, PageQuery, ReadTarget, Sent, StreamHead,
     StreamRange,
 };
+use crate::ticket::{TicketDigest, TicketGrant};
 
 pub mod group_commit;
 pub mod log;
@@ -149,6 +150,23 @@ pub trait Store: Send + Sync + 'static {
         tenant: &str,
         user: &str,
     ) -> impl Future<Output = StoreResult<(u64, u64)>> + Send;
+
+    /// Keeps a stream ticket (its digest) for `grant` until `expires_at`.
+    fn put_ticket(
+        &self,
+        digest: TicketDigest,
+        grant: &TicketGrant,
+        expires_at: SystemTime,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+
+    /// Takes the ticket with `digest`: deletes it and returns its grant if
+    /// it had not expired by `now`. A ticket is taken once, whichever
+    /// replica asks first.
+    fn take_ticket(
+        &self,
+        digest: TicketDigest,
+        now: SystemTime,
+    ) -> impl Future<Output = StoreResult<Option<TicketGrant>>> + Send;
 
     /// Deletes every stream event stored before `cutoff` and records, per
     /// user, the highest seq deleted. Returns how many events were deleted.

@@ -25,6 +25,7 @@ use crate::{
         Delivery, Epoch, MarkOutcome, NewNotification, Notification, PageQuery, ReadChange,
         ReadTarget, Sent, StreamHead, StreamRange,
     },
+    ticket::{TicketDigest, TicketGrant},
 };
 
 mod embedded {
@@ -423,6 +424,12 @@ const PRUNE_IDEMPOTENCY_KEYS: &str = "WITH d AS ( \
        RETURNING 1 \
      ) SELECT count(*)::int8 FROM d";
 
+const PRUNE_TICKETS: &str = "WITH d AS ( \
+       DELETE FROM stream_tickets WHERE digest IN \
+         (SELECT digest FROM stream_tickets WHERE expires_at < $1 LIMIT $2) \
+       RETURNING 1 \
+     ) SELECT count(*)::int8 FROM d";
+
 impl PgStore {
     /// Runs one retention `batch` statement in its own transaction, under
     /// the statement timeout and [`PRUNE_LOCK_KEY`]. `None` when another
@@ -702,7 +709,76 @@ impl Store for PgStore {
                 && n > 0
             {}
         }
+        // Stream tickets go when they expire, whatever the retention.
+        let now = SystemTime::now();
+        while let Some(n) = self.prune_batch(&mut client, PRUNE_TICKETS, now).await?
+            && n > 0
+        {}
         Ok(deleted)
+    }
+
+    async fn put_ticket(
+        &self,
+        digest: TicketDigest,
+        grant: &TicketGrant,
+        expires_at: SystemTime,
+    ) -> StoreResult<()> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO stream_tickets \
+                 (digest, tenant, user_id, token_expires_at, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &digest.as_slice(),
+                    &grant.tenant,
+                    &grant.user,
+                    &grant.token_expires_at,
+                    &expires_at,
+                ],
+            )
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    async fn take_ticket(
+        &self,
+        digest: TicketDigest,
+        now: SystemTime,
+    ) -> StoreResult<Option<TicketGrant>> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        // Deleting is taking: of two replicas redeeming the same ticket at
+        // once, one deletes the row and the other finds none.
+        let stmt = client
+            .prepare_cached(
+                "DELETE FROM stream_tickets WHERE digest = $1 \
+                 RETURNING tenant, user_id, token_expires_at, expires_at",
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&digest.as_slice()])
+            .await
+            .map_err(pg_error)?
+        else {
+            return Ok(None);
+        };
+        let expires_at: SystemTime = row.try_get(3).map_err(pg_error)?;
+        if expires_at <= now {
+            return Ok(None);
+        }
+        Ok(Some(TicketGrant {
+            tenant: row.try_get(0).map_err(pg_error)?,
+            user: row.try_get(1).map_err(pg_error)?,
+            token_expires_at: row.try_get(2).map_err(pg_error)?,
+        }))
     }
 
     async fn ping(&self) -> StoreResult<()> {
