@@ -1,10 +1,12 @@
-//! The browser side, end to end: the `@herald/web` inbox demo in a real
-//! headless Chromium, over grpc-web, against two real replicas on a fresh
-//! PostgreSQL database, and one with the in-memory store.
+//! The browser side, end to end, in a real headless Chromium against real
+//! replicas on a fresh PostgreSQL database: the `@herald/web` inbox demo
+//! over grpc-web (and one replica with the in-memory store), and the plain
+//! `EventSource` page of `clients/sse/` over Server-Sent Events.
 //!
-//! The scenario lives in `clients/web/test/browser.mjs` (Node, driving
-//! Chromium with playwright-core); this test creates the database, runs the
-//! script with the `herald` binary, and fails with its report. It needs
+//! The scenarios live in `clients/web/test/browser.mjs` and
+//! `clients/web/test/sse-browser.mjs` (Node, driving Chromium with
+//! playwright-core); each test creates the database, runs its script with
+//! the `herald` binary, and fails with its report. They need
 //! Node >= 20, `npm ci` in clients/web and Debian's `chromium`:
 //! `tests/setup.sh browser` sets that up, and these tests run it themselves
 //! when something is missing.
@@ -25,11 +27,14 @@ use std::{
 
 use common::TestDb;
 
-/// The whole run, hard limit (the script bounds itself a little earlier).
-const BUDGET: Duration = Duration::from_secs(180);
-/// What the script gives itself before killing everything.
-const SCRIPT_BUDGET_MS: u64 = 170_000;
-/// The two tests run one after the other: the unit tests' compile would
+/// What the inbox script gives itself before killing everything.
+const INBOX_BUDGET: Duration = Duration::from_secs(170);
+/// What the SSE script gives itself (it takes about 20 s).
+const SSE_BUDGET: Duration = Duration::from_secs(110);
+/// How much longer than its own budget a script may take before it is
+/// killed from here (the script bounds itself first).
+const GRACE: Duration = Duration::from_secs(10);
+/// The tests run one after the other: the unit tests' compile would
 /// compete for CPU with the latency measurement.
 static SERIAL: Mutex<()> = Mutex::new(());
 /// The replicas' HS256 secret (>= 32 bytes), for this test only.
@@ -148,26 +153,30 @@ fn kill_group(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Runs the browser scenario; `Err` carries why it failed.
-fn run_script(database_url: &str) -> Result<(), String> {
+/// Runs the browser scenario `script` (a path under clients/web), which
+/// bounds itself to `budget`, against `database_url`; with `screenshot`,
+/// the script writes its screenshot there. `Err` carries why it failed.
+fn run_script(
+    script: &str,
+    budget: Duration,
+    database_url: &str,
+    screenshot: Option<PathBuf>,
+) -> Result<(), String> {
     let mut command = Command::new("node");
     command
-        .arg("test/browser.mjs")
+        .arg(script)
         .current_dir(web_dir())
         .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
         .env("DATABASE_URL", database_url)
         .env("HERALD_JWT_SECRET", SECRET)
         .env("CHROMIUM", chromium())
-        .env("BROWSER_TEST_TIMEOUT_MS", SCRIPT_BUDGET_MS.to_string())
+        .env("BROWSER_TEST_TIMEOUT_MS", budget.as_millis().to_string())
         .env_remove("HERALD_SCREENSHOT")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if std::env::var_os("HERALD_UPDATE_SCREENSHOT").is_some_and(|v| v == "1") {
-        command.env(
-            "HERALD_SCREENSHOT",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/inbox.png"),
-        );
+    if let Some(path) = screenshot {
+        command.env("HERALD_SCREENSHOT", path);
     }
     #[cfg(unix)]
     {
@@ -182,10 +191,11 @@ fn run_script(database_url: &str) -> Result<(), String> {
     let stderr = forward(child.stderr.take().expect("piped"), true);
 
     let started = Instant::now();
+    let limit = budget + GRACE;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
-            Ok(None) if started.elapsed() > BUDGET => break None,
+            Ok(None) if started.elapsed() > limit => break None,
             Ok(None) => thread::sleep(Duration::from_millis(100)),
             Err(e) => {
                 kill_group(&mut child);
@@ -196,7 +206,7 @@ fn run_script(database_url: &str) -> Result<(), String> {
     let Some(status) = status else {
         kill_group(&mut child);
         return Err(format!(
-            "the browser test did not finish within {BUDGET:?}; killed it"
+            "{script} did not finish within {limit:?}; killed it"
         ));
     };
     // Whatever it left behind (nothing, normally) goes too.
@@ -228,15 +238,44 @@ async fn inbox_page_in_headless_chromium() {
     assert_prerequisites(true);
     let db = TestDb::create().await;
     let url = db.url.clone();
+    let screenshot = std::env::var_os("HERALD_UPDATE_SCREENSHOT")
+        .is_some_and(|v| v == "1")
+        .then(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/inbox.png"));
     let result = tokio::task::spawn_blocking(move || {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        run_script(&url)
+        run_script("test/browser.mjs", INBOX_BUDGET, &url, screenshot)
     })
     .await
     .expect("the browser test thread panicked");
     drop(db);
     if let Err(reason) = result {
         panic!("browser test failed: {reason}");
+    }
+}
+
+/// `clients/sse/index.html` (only `fetch` and `EventSource`), served from
+/// another origin of the same site, streams from replica A while
+/// notifications are sent as Connect JSON calls through replica B; replica
+/// A stops (SIGTERM) and starts again on the same port, and the page's
+/// `EventSource` reconnects by itself with `Last-Event-ID` and the resume
+/// cookie, minting no new ticket; the page shows every notification once,
+/// in order. Without the cookie the reconnect gets a 401 and the page
+/// reopens with a new ticket and `last_event_id`, again without loss or
+/// duplicates. No console errors but the expected connection failures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_page_resumes_across_a_replica_restart_in_headless_chromium() {
+    assert_prerequisites(true);
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        run_script("test/sse-browser.mjs", SSE_BUDGET, &url, None)
+    })
+    .await
+    .expect("the browser test thread panicked");
+    drop(db);
+    if let Err(reason) = result {
+        panic!("SSE browser test failed: {reason}");
     }
 }
 

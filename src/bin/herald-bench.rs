@@ -989,8 +989,13 @@ async fn run_streams(
         .zip(&before)
         .map(|(a, b)| (a.rss_kib.saturating_sub(b.rss_kib)) as f64 / streams as f64)
         .collect();
+    let over = if sse {
+        "SSE, one HTTP/1.1 connection each".to_owned()
+    } else {
+        format!("gRPC over {connections} HTTP/2 connections")
+    };
     println!(
-        "opened {streams} streams over {connections} connections in {open_s:.2} s; \
+        "opened {streams} streams ({over}) in {open_s:.2} s; \
          replica A RSS {} → {} KiB = {:.2} KiB per stream",
         before[0].rss_kib, after[0].rss_kib, per_stream[0]
     );

@@ -219,85 +219,41 @@ async fn dispatch<S: Store>(
     metadata: MetadataMap,
     body: &[u8],
 ) -> Result<Vec<u8>, Status> {
-    /// One arm: the request type's full name and the handler.
+    let unimplemented =
+        || Status::unimplemented(format!("no unary procedure {SERVICE_PREFIX}{method}"));
+    // The method's message types, from the proto's own descriptors.
+    let (input, output) = codec.method(method).ok_or_else(unimplemented)?;
+    /// One arm: the generated request type and the handler.
     macro_rules! unary {
-        ($request:ty, $response:literal, $handler:ident) => {{
-            let message: $request = decode(codec, format, body)?;
+        ($request:ty, $handler:ident) => {{
+            let message: $request = match format {
+                Codec::Json => codec.decode_as(input, body)?,
+                Codec::Proto => {
+                    <$request>::decode(body).map_err(crate::api::status::undecodable)?
+                }
+            };
             let request =
                 tonic::Request::from_parts(metadata, http::Extensions::default(), message);
-            let response = service.$handler(request).await?.into_inner();
-            encode(codec, format, $response, &response)
+            let response = service
+                .$handler(request)
+                .await?
+                .into_inner()
+                .encode_to_vec();
+            match format {
+                Codec::Json => codec.encode_bytes_as(output, &response),
+                Codec::Proto => Ok(response),
+            }
         }};
     }
     match method {
-        "SendNotification" => unary!(
-            proto::SendNotificationRequest,
-            "herald.v1.SendNotificationResponse",
-            send_notification
-        ),
-        "SendNotifications" => unary!(
-            proto::SendNotificationsRequest,
-            "herald.v1.SendNotificationsResponse",
-            send_notifications
-        ),
-        "MarkRead" => unary!(
-            proto::MarkReadRequest,
-            "herald.v1.MarkReadResponse",
-            mark_read
-        ),
-        "ListNotifications" => unary!(
-            proto::ListNotificationsRequest,
-            "herald.v1.ListNotificationsResponse",
-            list_notifications
-        ),
-        "GetUnreadCount" => unary!(
-            proto::GetUnreadCountRequest,
-            "herald.v1.GetUnreadCountResponse",
-            get_unread_count
-        ),
-        "CreateStreamTicket" => unary!(
-            proto::CreateStreamTicketRequest,
-            "herald.v1.CreateStreamTicketResponse",
-            create_stream_ticket
-        ),
-        _ => Err(Status::unimplemented(format!(
-            "no unary procedure {SERVICE_PREFIX}{method}"
-        ))),
+        "SendNotification" => unary!(proto::SendNotificationRequest, send_notification),
+        "SendNotifications" => unary!(proto::SendNotificationsRequest, send_notifications),
+        "MarkRead" => unary!(proto::MarkReadRequest, mark_read),
+        "ListNotifications" => unary!(proto::ListNotificationsRequest, list_notifications),
+        "GetUnreadCount" => unary!(proto::GetUnreadCountRequest, get_unread_count),
+        "CreateStreamTicket" => unary!(proto::CreateStreamTicketRequest, create_stream_ticket),
+        _ => Err(unimplemented()),
     }
-}
-
-/// The request message, by its type's full name (`herald.v1.<Type>`,
-/// taken from the generated type's name).
-fn decode<T: Message + Default>(
-    codec: &JsonCodec,
-    format: Codec,
-    body: &[u8],
-) -> Result<T, Status> {
-    match format {
-        Codec::Json => {
-            let name = format!("herald.v1.{}", short_type_name::<T>());
-            codec.decode(&name, body)
-        }
-        Codec::Proto => T::decode(body).map_err(crate::api::status::undecodable),
-    }
-}
-
-fn encode<T: Message>(
-    codec: &JsonCodec,
-    format: Codec,
-    full_name: &str,
-    message: &T,
-) -> Result<Vec<u8>, Status> {
-    match format {
-        Codec::Json => codec.encode(full_name, message),
-        Codec::Proto => Ok(message.encode_to_vec()),
-    }
-}
-
-/// `proto::SendNotificationRequest` → `SendNotificationRequest`.
-fn short_type_name<T>() -> &'static str {
-    let full = std::any::type_name::<T>();
-    full.rsplit("::").next().unwrap_or(full)
 }
 
 /// The Connect code name of a gRPC code (the gRPC names in snake case;
@@ -400,10 +356,6 @@ mod tests {
         assert_eq!(http_status(Code::Cancelled).as_u16(), 499);
         assert_eq!(http_status(Code::Unauthenticated), StatusCode::UNAUTHORIZED);
         assert_eq!(code_name(Code::Cancelled), "canceled");
-        assert_eq!(
-            short_type_name::<proto::SendNotificationRequest>(),
-            "SendNotificationRequest"
-        );
     }
 
     #[test]

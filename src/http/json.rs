@@ -58,13 +58,31 @@ impl JsonCodec {
         })
     }
 
+    /// The request and response descriptors of `herald.v1.Notifications`'
+    /// method `method` (e.g. `SendNotification`); `None` if there is none.
+    pub fn method(&self, method: &str) -> Option<(MessageDescriptor, MessageDescriptor)> {
+        self.pool
+            .get_service_by_name("herald.v1.Notifications")?
+            .methods()
+            .find(|m| m.name() == method)
+            .map(|m| (m.input(), m.output()))
+    }
+
     /// Parses `json` as the message `full_name` into `T` (the same
     /// message's generated type). Errors: `INVALID_ARGUMENT`, the message
     /// starting with the JSON path of the offending field (e.g.
     /// `recipients[1]: invalid type: integer, expected a string`), or with
     /// where the text stopped being JSON.
     pub fn decode<T: Message + Default>(&self, full_name: &str, json: &[u8]) -> Result<T, Status> {
-        let desc = self.descriptor(full_name)?;
+        self.decode_as(self.descriptor(full_name)?, json)
+    }
+
+    /// [`Self::decode`] with the message's descriptor.
+    pub fn decode_as<T: Message + Default>(
+        &self,
+        desc: MessageDescriptor,
+        json: &[u8],
+    ) -> Result<T, Status> {
         let mut de = serde_json::Deserializer::from_slice(json);
         let mut track = serde_path_to_error::Track::new();
         let parsed = DynamicMessage::deserialize_with_options(
@@ -93,7 +111,16 @@ impl JsonCodec {
 
     /// The binary protobuf `bytes` of message `full_name` as JSON text.
     pub fn encode_bytes(&self, full_name: &str, bytes: &[u8]) -> Result<Vec<u8>, Status> {
-        let desc = self.descriptor(full_name)?;
+        self.encode_bytes_as(self.descriptor(full_name)?, bytes)
+    }
+
+    /// [`Self::encode_bytes`] with the message's descriptor.
+    pub fn encode_bytes_as(
+        &self,
+        desc: MessageDescriptor,
+        bytes: &[u8],
+    ) -> Result<Vec<u8>, Status> {
+        let full_name = desc.full_name().to_owned();
         let message = DynamicMessage::decode(desc, bytes).map_err(|e| {
             tracing::error!(error = %e, full_name, "cannot re-read our own encoding");
             Status::internal("internal error")

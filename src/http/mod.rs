@@ -78,13 +78,15 @@ impl<S: Store> Door<S> {
     }
 
     /// Serves a request [`route`] gave the door.
-    async fn serve(&self, route: Route, request: Request<Body>) -> Response<Body> {
+    async fn serve(&self, route: DoorRoute, request: Request<Body>) -> Response<Body> {
         match route {
-            Route::Connect(method) => {
+            DoorRoute::Connect(method) => {
                 connect::call(&self.service, &self.codec, &self.settings, &method, request).await
             }
-            Route::Events => sse::events(&self.service, &self.codec, &self.settings, request).await,
-            Route::OpenApi => {
+            DoorRoute::Events => {
+                sse::events(&self.service, &self.codec, &self.settings, request).await
+            }
+            DoorRoute::OpenApi => {
                 let mut response = Response::new(Body::new(Full::new(self.openapi.clone())));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -92,49 +94,38 @@ impl<S: Store> Door<S> {
                 );
                 response
             }
-            Route::Grpc => unreachable_route(),
         }
     }
 }
 
-fn unreachable_route() -> Response<Body> {
-    connect::error_response(&tonic::Status::internal("internal error"))
-}
-
-/// Where a request goes.
+/// What the door serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Route {
+enum DoorRoute {
     /// A Connect unary call of this method.
     Connect(String),
     /// The SSE stream.
     Events,
     /// The OpenAPI document.
     OpenApi,
-    /// On to the gRPC services.
-    Grpc,
 }
 
-/// Sorts a request: the door's paths; the service's procedures unless the
-/// content type is gRPC's (`application/grpc`, `application/grpc+proto`,
-/// grpc-web's once translated); everything else to gRPC.
-fn route<B>(request: &Request<B>) -> Route {
+/// Sorts a request: the door's paths, and the service's procedures unless
+/// the content type is gRPC's (`application/grpc`, `application/grpc+proto`,
+/// grpc-web's `application/grpc-web…`); `None` (on to gRPC) for the rest.
+fn route<B>(request: &Request<B>) -> Option<DoorRoute> {
     let path = request.uri().path();
     if path == sse::EVENTS_PATH {
-        return Route::Events;
+        return Some(DoorRoute::Events);
     }
     if path == OPENAPI_PATH && request.method() == http::Method::GET {
-        return Route::OpenApi;
+        return Some(DoorRoute::OpenApi);
     }
-    if let Some(method) = path.strip_prefix(connect::SERVICE_PREFIX) {
-        let grpc = request
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        if !grpc {
-            return Route::Connect(method.to_owned());
-        }
-    }
-    Route::Grpc
+    let method = path.strip_prefix(connect::SERVICE_PREFIX)?;
+    let grpc = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    (!grpc).then(|| DoorRoute::Connect(method.to_owned()))
 }
 
 /// A [`tower::Layer`] that puts the door in front of the gRPC services.
@@ -204,13 +195,13 @@ where
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         match route(&request) {
-            Route::Grpc => {
+            None => {
                 // The clone that was made ready is the one called.
                 let ready = self.grpc.clone();
                 let mut grpc = std::mem::replace(&mut self.grpc, ready);
                 Box::pin(grpc.call(request))
             }
-            route => {
+            Some(route) => {
                 let door = self.door.clone();
                 Box::pin(async move { Ok(door.serve(route, request).await) })
             }
@@ -235,14 +226,18 @@ mod tests {
         let send = "/herald.v1.Notifications/SendNotification";
         assert_eq!(
             route(&request("POST", send, Some("application/json"))),
-            Route::Connect("SendNotification".into())
+            Some(DoorRoute::Connect("SendNotification".into()))
         );
         assert_eq!(
             route(&request("POST", send, None)),
-            Route::Connect("SendNotification".into())
+            Some(DoorRoute::Connect("SendNotification".into()))
         );
-        for grpc in ["application/grpc", "application/grpc+proto"] {
-            assert_eq!(route(&request("POST", send, Some(grpc))), Route::Grpc);
+        for grpc in [
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpc-web+proto",
+        ] {
+            assert_eq!(route(&request("POST", send, Some(grpc))), None);
         }
         assert_eq!(
             route(&request(
@@ -250,12 +245,15 @@ mod tests {
                 "/grpc.health.v1.Health/Check",
                 Some("application/json")
             )),
-            Route::Grpc
+            None
         );
-        assert_eq!(route(&request("GET", "/v1/events", None)), Route::Events);
+        assert_eq!(
+            route(&request("GET", "/v1/events", None)),
+            Some(DoorRoute::Events)
+        );
         assert_eq!(
             route(&request("GET", "/openapi.json", None)),
-            Route::OpenApi
+            Some(DoorRoute::OpenApi)
         );
     }
 }

@@ -12,10 +12,9 @@
 // the inbox screenshot there), BROWSER_TEST_TIMEOUT_MS (default 170000).
 // Everything listens on 127.0.0.1 only. Every child process is killed and
 // every temporary directory removed on exit, whatever happens.
-import { spawn, execFileSync } from "node:child_process";
-import { existsSync, mkdtempSync, rmSync, createWriteStream, readFileSync, mkdirSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { mkdtempSync, mkdirSync } from "node:fs";
 import { request as httpRequest } from "node:http";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -23,181 +22,30 @@ import { build } from "esbuild";
 import { chromium } from "playwright-core";
 import { buildDemo } from "../scripts/build-demo.mjs";
 import { startStaticServer } from "../scripts/serve.mjs";
+import { CHROMIUM_ARGS, Replica, check, createHarness, fail, freePort, prepareRun, runMain, sleep, waitUntil } from "./harness.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
-const HOST = "127.0.0.1";
 const BUDGET_MS = Number(process.env.BROWSER_TEST_TIMEOUT_MS ?? 170_000);
 const LATENCY_LIMIT_MS = 1000;
 const HEARTBEAT_MS = 2000;
 /** The in-memory replica's heartbeat interval; its page is told a shorter one. */
 const MEMORY_HEARTBEAT_MS = 3000;
 
-const env = (name) => {
-  const value = process.env[name];
-  if (!value) fail(`${name} is not set (see the header of test/browser.mjs)`);
-  return value;
-};
-
 // ---------------------------------------------------------------------------
 // Clean-up: children, browser, servers, temp dirs — on every exit path.
 
-const children = new Set();
+const { children, tempDirs, closers, cleanup } = createHarness("browser test");
 const replicas = [];
-const tempDirs = [];
-const closers = [];
-let cleaned = false;
-
-async function cleanup() {
-  if (cleaned) return;
-  cleaned = true;
-  for (const close of closers.reverse()) {
-    try {
-      await Promise.race([close(), sleep(5000)]);
-    } catch {
-      // already gone
-    }
-  }
-  killChildrenNow();
-  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true });
-}
-
-function killChildrenNow() {
-  for (const child of children) {
-    if (child.exitCode === null && child.signalCode === null) {
-      try {
-        child.kill("SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
-  }
-}
-
-process.on("exit", () => {
-  // Last resort (synchronous): nothing may outlive the test.
-  killChildrenNow();
-  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true });
-});
-for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"]) {
-  process.on(signal, () => {
-    console.error(`browser test: got ${signal}, cleaning up`);
-    void cleanup().finally(() => process.exit(1));
-  });
-}
-
-function fail(message) {
-  throw new Error(message);
-}
-
-function check(condition, message) {
-  if (!condition) fail(message);
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 function log(message) {
   console.log(`[browser] ${message}`);
 }
 
-// ---------------------------------------------------------------------------
-// Helpers.
-
-function freePort() {
-  return new Promise((resolvePort, reject) => {
-    const server = createServer();
-    server.once("error", reject);
-    server.listen(0, HOST, () => {
-      const { port } = server.address();
-      server.close(() => resolvePort(port));
-    });
-  });
-}
-
-/**
- * A Herald replica as a child process, restartable on the same port. Without
- * `databaseUrl` it keeps everything in memory (and loses it on restart).
- */
-class Replica {
-  constructor(name, { bin, port, databaseUrl, secret, corsOrigin, logDir, heartbeatMs = HEARTBEAT_MS }) {
-    Object.assign(this, { name, bin, port, databaseUrl, secret, corsOrigin, logDir, heartbeatMs });
-    this.url = `http://${HOST}:${port}`;
-    this.starts = 0;
-  }
-
-  start() {
-    this.starts += 1;
-    const logFile = join(this.logDir, `${this.name}-${this.starts}.log`);
-    const out = createWriteStream(logFile);
-    const child = spawn(
-      this.bin,
-      [
-        "serve",
-        "--listen",
-        `${HOST}:${this.port}`,
-        "--cors-origins",
-        this.corsOrigin,
-        "--heartbeat-interval",
-        `${this.heartbeatMs}ms`,
-      ],
-      {
-        env: {
-          PATH: process.env.PATH ?? "",
-          ...(this.databaseUrl ? { DATABASE_URL: this.databaseUrl } : {}),
-          HERALD_JWT_SECRET: this.secret,
-          RUST_LOG: process.env.RUST_LOG ?? "info",
-        },
-        stdio: ["ignore", "pipe", "pipe"],
-      },
-    );
-    child.stdout.pipe(out);
-    child.stderr.pipe(out);
-    children.add(child);
-    child.once("exit", () => children.delete(child));
-    this.child = child;
-    this.logFile = logFile;
-    return this;
-  }
-
-  /** SIGTERM, and wait for the exit (SIGKILL after `graceMs`). Resolves with how it ended. */
-  async stop(graceMs = 20_000) {
-    const child = this.child;
-    if (!child || child.exitCode !== null || child.signalCode !== null) return "not running";
-    const exited = new Promise((r) => child.once("exit", (code, signal) => r(signal ?? `exit ${code}`)));
-    child.kill("SIGTERM");
-    const result = await Promise.race([exited, sleep(graceMs).then(() => null)]);
-    if (result !== null) return result;
-    child.kill("SIGKILL");
-    await exited;
-    return `SIGKILL after ${graceMs} ms`;
-  }
-
-  logTail(lines = 30) {
-    try {
-      return readFileSync(this.logFile, "utf8").trim().split("\n").slice(-lines).join("\n");
-    } catch {
-      return "(no log)";
-    }
-  }
-}
-
 /** Waits until `replica` answers a gRPC call (with `token`). */
-async function waitReady(replica, native, token, timeoutMs = 30_000) {
-  const deadline = Date.now() + timeoutMs;
-  let last;
-  while (Date.now() < deadline) {
-    if (replica.child.exitCode !== null) {
-      fail(`replica ${replica.name} exited (${replica.child.exitCode}):\n${replica.logTail()}`);
-    }
-    try {
-      await native.getUnreadCount({}, { headers: { authorization: `Bearer ${token}` }, timeoutMs: 2000 });
-      return;
-    } catch (e) {
-      last = e;
-      await sleep(100);
-    }
-  }
-  fail(`replica ${replica.name} not ready after ${timeoutMs} ms: ${last}\n${replica.logTail()}`);
-}
+const waitReady = (replica, native, token) =>
+  replica.waitReady(() =>
+    native.getUnreadCount({}, { headers: { authorization: `Bearer ${token}` }, timeoutMs: 2000 }),
+  );
 
 /** A raw HTTP request to a replica (for CORS checks). Resolves with `{ status, headers }`. */
 function rawRequest(url, { method, headers, body }) {
@@ -255,18 +103,8 @@ async function pageState(page) {
 }
 
 /** Polls the page until `predicate(state)` holds; fails with the last state after `timeoutMs`. */
-async function waitFor(page, predicate, what, timeoutMs = 10_000) {
-  const deadline = Date.now() + timeoutMs;
-  let state;
-  for (;;) {
-    state = await pageState(page);
-    if (predicate(state)) return state;
-    if (Date.now() > deadline) {
-      fail(`timed out after ${timeoutMs} ms waiting for ${what}; page state: ${JSON.stringify(state)}`);
-    }
-    await sleep(10);
-  }
-}
+const waitFor = (page, predicate, what, timeoutMs = 10_000) =>
+  waitUntil(() => pageState(page), predicate, what, timeoutMs);
 
 function assertOrderedOnce(state, label) {
   const seqs = state.items.map((i) => i.seq);
@@ -280,18 +118,8 @@ function assertOrderedOnce(state, label) {
 // ---------------------------------------------------------------------------
 
 async function main() {
-  const bin = resolve(env("HERALD_BIN"));
-  const databaseUrl = env("DATABASE_URL");
-  const secret = env("HERALD_JWT_SECRET");
-  check(Buffer.byteLength(secret) >= 32, "HERALD_JWT_SECRET must be at least 32 bytes");
-  const chromiumPath = process.env.CHROMIUM ?? "/usr/bin/chromium";
-  check(existsSync(chromiumPath), `${chromiumPath} not found: run .ci/run (installs Debian's chromium)`);
-  check(existsSync(bin), `herald binary ${bin} not found`);
+  const { bin, databaseUrl, secret, chromiumPath, tmp, logDir } = prepareRun(tempDirs, "test/browser.mjs", "herald-browser-");
 
-  const tmp = mkdtempSync(join(tmpdir(), "herald-browser-"));
-  tempDirs.push(tmp);
-  const logDir = join(tmp, "logs");
-  mkdirSync(logDir);
 
   // Build what the test needs: the demo bundle, and a native gRPC client.
   await buildDemo();
@@ -322,7 +150,7 @@ async function main() {
   log(`page origin ${page.url} (allowed), ${other.url} (not allowed)`);
 
   const [portA, portB] = [await freePort(), await freePort()];
-  const common = { bin, databaseUrl, secret, corsOrigin: page.url, logDir };
+  const common = { bin, databaseUrl, secret, corsOrigin: page.url, logDir, heartbeatMs: HEARTBEAT_MS, children };
   const A = new Replica("A", { ...common, port: portA }).start();
   const B = new Replica("B", { ...common, port: portB }).start();
   replicas.push(A, B);
@@ -355,16 +183,7 @@ async function main() {
     executablePath: chromiumPath,
     headless: true,
     viewport: { width: 720, height: 640 },
-    args: [
-      "--headless",
-      "--no-sandbox",
-      "--disable-gpu",
-      "--disable-quic",
-      "--no-first-run",
-      "--disable-background-networking",
-      "--disable-component-update",
-      "--disable-sync",
-    ],
+    args: CHROMIUM_ARGS,
   });
   closers.push(() => browser.close());
   const consoleErrors = [];
@@ -586,19 +405,4 @@ async function main() {
   log("all browser checks passed");
 }
 
-const timer = setTimeout(() => {
-  console.error(`browser test: FAILED: no result within ${BUDGET_MS} ms; killing everything`);
-  void cleanup().finally(() => process.exit(1));
-}, BUDGET_MS);
-
-let exitCode = 0;
-try {
-  await main();
-} catch (e) {
-  exitCode = 1;
-  console.error(`browser test: FAILED: ${e instanceof Error ? e.stack ?? e.message : e}`);
-  for (const r of replicas) console.error(`--- replica ${r.name} log (tail) ---\n${r.logTail()}`);
-}
-clearTimeout(timer);
-await cleanup();
-process.exit(exitCode);
+await runMain({ name: "browser test", main, budgetMs: BUDGET_MS, cleanup, replicas });
