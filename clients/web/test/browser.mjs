@@ -17,12 +17,11 @@ import { mkdtempSync, mkdirSync } from "node:fs";
 import { request as httpRequest } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
-import { fileURLToPath, pathToFileURL } from "node:url";
-import { build } from "esbuild";
+import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { buildDemo } from "../scripts/build-demo.mjs";
 import { startStaticServer } from "../scripts/serve.mjs";
-import { CHROMIUM_ARGS, Replica, check, createHarness, fail, freePort, prepareRun, runMain, sleep, waitUntil } from "./harness.mjs";
+import { CHROMIUM_ARGS, Replica, bundleNativeClient, check, createHarness, freePort, prepareRun, runMain, sleep, waitUntil } from "./harness.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const BUDGET_MS = Number(process.env.BROWSER_TEST_TIMEOUT_MS ?? 170_000);
@@ -123,17 +122,7 @@ async function main() {
 
   // Build what the test needs: the demo bundle, and a native gRPC client.
   await buildDemo();
-  const nativeModule = join(tmp, "native-client.mjs");
-  await build({
-    entryPoints: [join(root, "test/native-client.ts")],
-    outfile: nativeModule,
-    bundle: true,
-    platform: "node",
-    target: "node20",
-    format: "esm",
-    logLevel: "warning",
-  });
-  const { nativeClient, mintToken } = await import(pathToFileURL(nativeModule).href);
+  const { nativeClient, mintToken } = await bundleNativeClient(tmp);
 
   // The page, served from an allowed origin and from a refused one.
   const page = await startStaticServer({ port: 0 });

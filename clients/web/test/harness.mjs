@@ -6,7 +6,9 @@ import { spawn } from "node:child_process";
 import { createWriteStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath, pathToFileURL } from "node:url";
+import { build } from "esbuild";
 
 export const HOST = "127.0.0.1";
 
@@ -125,6 +127,24 @@ export function prepareRun(tempDirs, script, tmpPrefix) {
   const logDir = join(tmp, "logs");
   mkdirSync(logDir);
   return { bin, databaseUrl, secret, chromiumPath, tmp, logDir };
+}
+
+/**
+ * test/native-client.ts bundled into `tmp` and imported: `nativeClient`
+ * (gRPC), `connectJsonClient` (Connect, JSON) and `mintToken`.
+ */
+export async function bundleNativeClient(tmp) {
+  const outfile = join(tmp, "native-client.mjs");
+  await build({
+    entryPoints: [join(dirname(fileURLToPath(import.meta.url)), "native-client.ts")],
+    outfile,
+    bundle: true,
+    platform: "node",
+    target: "node20",
+    format: "esm",
+    logLevel: "warning",
+  });
+  return import(pathToFileURL(outfile).href);
 }
 
 /** A free TCP port on 127.0.0.1. */

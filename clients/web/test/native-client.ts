@@ -1,15 +1,28 @@
 /**
- * Native gRPC (HTTP/2) access to Herald for the browser test's sender side:
- * bundled by test/browser.mjs with esbuild and imported from there.
+ * Herald from Node for the browser tests' sender side — native gRPC (HTTP/2)
+ * and the Connect protocol with JSON over HTTP/1.1 — bundled by
+ * test/harness.mjs with esbuild and imported from there.
  */
 import { createHmac } from "node:crypto";
 import { createClient, type Client } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { Notifications } from "../src/gen/herald/v1/herald_pb.js";
 
 /** A typed Herald client over native gRPC (h2c) to `baseUrl`, e.g. `http://127.0.0.1:50051`. */
 export function nativeClient(baseUrl: string): Client<typeof Notifications> {
   return createClient(Notifications, createGrpcTransport({ baseUrl }));
+}
+
+/**
+ * A typed Herald client speaking the Connect protocol with JSON bodies over
+ * HTTP/1.1 to `baseUrl`: what Herald's HTTP door serves to callers without
+ * gRPC, through Connect-ES's own implementation of the protocol.
+ */
+export function connectJsonClient(baseUrl: string): Client<typeof Notifications> {
+  return createClient(
+    Notifications,
+    createConnectTransport({ baseUrl, httpVersion: "1.1", useBinaryFormat: false }),
+  );
 }
 
 /**

@@ -4,7 +4,7 @@
 //
 // The page, served from another port of 127.0.0.1 (cross-origin, same
 // site), opens its stream on replica A; notifications are sent as Connect
-// JSON calls through replica B. Replica A stops (SIGTERM) and starts again
+// JSON calls (Connect-ES's own client) through replica B. Replica A stops (SIGTERM) and starts again
 // on the same port: the page's EventSource reconnects by itself, with
 // Last-Event-ID and the resume cookie (no new ticket), and shows every
 // notification once, in order.
@@ -19,14 +19,13 @@
 // (default 120000). Everything listens on 127.0.0.1 only. Every child
 // process is killed and every temporary directory removed on exit, whatever
 // happens.
-import { createHmac } from "node:crypto";
 import { existsSync, mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 import { startStaticServer } from "../scripts/serve.mjs";
-import { CHROMIUM_ARGS, Replica, check, createHarness, fail, freePort, prepareRun, runMain, sleep, waitUntil } from "./harness.mjs";
+import { CHROMIUM_ARGS, Replica, bundleNativeClient, check, createHarness, freePort, prepareRun, runMain, sleep, waitUntil } from "./harness.mjs";
 
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const pageRoot = join(root, "..", "sse");
@@ -46,32 +45,9 @@ function log(message) {
 // ---------------------------------------------------------------------------
 // Calls, the page.
 
-/** An HS256 JWT, as test/native-client.ts mints it. */
-function mintToken(secret, sub, scope = "", ttlSeconds = 3600) {
-  const now = Math.floor(Date.now() / 1000);
-  const b64 = (value) => (Buffer.isBuffer(value) ? value : Buffer.from(JSON.stringify(value))).toString("base64url");
-  const claims = { sub, exp: now + ttlSeconds, iat: now };
-  if (scope) claims.scope = scope;
-  const unsigned = `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}`;
-  return `${unsigned}.${b64(createHmac("sha256", secret).update(unsigned).digest())}`;
-}
-
-
-/** A Connect unary call with a JSON body; resolves with the JSON answer, throws the error object. */
-async function call(server, method, token, request) {
-  const response = await fetch(`${server}/herald.v1.Notifications/${method}`, {
-    method: "POST",
-    headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
-    body: JSON.stringify(request),
-    signal: AbortSignal.timeout(5000),
-  });
-  const body = await response.json().catch(() => ({}));
-  if (!response.ok) fail(`${method}: HTTP ${response.status} ${JSON.stringify(body)}`);
-  return body;
-}
-
-/** Waits until `replica` answers a Connect call (with `token`). */
-const waitReady = (replica, token) => replica.waitReady(() => call(replica.url, "GetUnreadCount", token, {}));
+/** Waits until `replica` answers a Connect call (`client`, with `token`). */
+const waitReady = (replica, client, token) =>
+  replica.waitReady(() => client.getUnreadCount({}, { headers: { authorization: `Bearer ${token}` }, timeoutMs: 2000 }));
 
 /** The page's own state (`window.heraldSse`) and its visible list. */
 function pageState(page) {
@@ -122,15 +98,22 @@ async function main() {
   replicas.push(A, B);
   // A user of this run only, so a database used before does not matter.
   const user = `alice-${Date.now().toString(36)}`;
+  // Senders speak the Connect protocol with JSON (Connect-ES's own client),
+  // as a service without gRPC would.
+  const { connectJsonClient, mintToken } = await bundleNativeClient(tmp);
+  const [connectA, connectB] = [connectJsonClient(A.url), connectJsonClient(B.url)];
   const alice = mintToken(secret, user);
   const sender = mintToken(secret, "sse-browser-test", "notifications:send");
-  await waitReady(A, alice);
-  await waitReady(B, alice);
+  await waitReady(A, connectA, alice);
+  await waitReady(B, connectB, alice);
   log(`page origin ${site.url}; replicas A ${A.url} and B ${B.url} ready`);
 
   /** Sends one notification to the user through B as a Connect JSON call; resolves with its seq. */
   const send = async (title) => {
-    const answer = await call(B.url, "SendNotification", sender, { recipients: [user], type: "demo", title });
+    const answer = await connectB.sendNotification(
+      { recipients: [user], type: "demo", title },
+      { headers: { authorization: `Bearer ${sender}` }, timeoutMs: 5000 },
+    );
     return Number(answer.deliveries[0].seq);
   };
   const titles = Array.from({ length: 15 }, (_, i) => `n${i}`);
@@ -221,7 +204,7 @@ async function main() {
   check(s.state === "reconnecting", `the page is "${s.state}" while replica A is down, expected "reconnecting"`);
   log(`EventSource's reconnect was refused (${refused[0]}); the page is ${s.state}`);
   A.start();
-  await waitReady(A, alice);
+  await waitReady(A, connectA, alice);
   log("replica A restarted on the same port");
 
   // 3. EventSource reconnects by itself (the resume cookie, Last-Event-ID):
@@ -260,7 +243,7 @@ async function main() {
   const more = ["n15", "n16", "n17"];
   for (const title of more) await send(title);
   A.start();
-  await waitReady(A, alice);
+  await waitReady(A, connectA, alice);
   s = await waitFor(
     page,
     (st) => st.state === "live" && st.ticketsMinted === 2 && st.titles.length >= titles.length + more.length,
