@@ -63,6 +63,8 @@ ceiling() {
 for i in $(seq 1 "$runs"); do
   ceiling "$i"
   b --json "$out/latency-$i.json" latency --subscribers 2000 --rate 2000 --duration 10s --callers 32
+  # The same over Server-Sent Events (one HTTP/1.1 connection per subscriber).
+  b --json "$out/latency-sse-$i.json" latency --subscribers 2000 --rate 2000 --duration 10s --callers 32 --sse
   b --json "$out/throughput-$i.json" throughput --subscribers 1000 --rate 12000 --step 2000 \
     --max-rate 30000 --duration 5s --callers 1024 --send-connections 8
   b --json "$out/fanout100-$i.json" fanout --subscribers 100 --rate 1500 --duration 10s --callers 128
@@ -70,6 +72,7 @@ for i in $(seq 1 "$runs"); do
   b --json "$out/bulk-$i.json" bulk --subscribers 2000 --rate 200 --items 500 --duration 10s --callers 16
   b --replicas 1 --json "$out/streams50k-$i.json" streams --streams 50000 --stream-connections 500
   b --replicas 1 --json "$out/streams10k-$i.json" streams --streams 10000 --stream-connections 10000
+  b --replicas 1 --json "$out/streams10k-sse-$i.json" streams --streams 10000 --sse
   # Group-commit window at low load: it must not add latency.
   for w in 0s 2ms; do
     b --replica-arg=--group-commit-window=$w --json "$out/lowload-window$w-$i.json" \

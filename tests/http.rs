@@ -751,6 +751,36 @@ async fn sse_streams_backlog_caught_up_live_and_heartbeats() {
         let kept = typed.next().await.unwrap();
         assert_eq!(title(&kept), "kept");
 
+        // A position of another epoch, or beyond the head, gets `resync`
+        // (as after_seq does), then the stream goes on live.
+        for id in [
+            format!("{}:1", epoch.parse::<u64>().unwrap() ^ 1),
+            format!("{epoch}:999"),
+        ] {
+            let mut resumed = open_sse(
+                addr,
+                "",
+                &[("authorization", &bearer), ("last-event-id", &id)],
+            )
+            .await
+            .unwrap();
+            let first = resumed.next().await.unwrap();
+            assert_eq!(first.event, "resync", "{id}: {first:?}");
+            let v: Value = serde_json::from_str(&first.data).unwrap();
+            assert!(
+                v["resync"]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("REASON_"),
+                "{v}"
+            );
+            assert_eq!(
+                first.id.as_deref(),
+                Some(format!("{epoch}:6").as_str()),
+                "the head"
+            );
+        }
+
         // A malformed position is refused, naming the field.
         let (status, value) = open_sse(
             addr,
