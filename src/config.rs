@@ -364,6 +364,13 @@ pub struct ServeArgs {
     /// Burst above --rate-per-recipient.
     #[arg(long, env = "HERALD_RATE_RECIPIENT_BURST", default_value_t = 100)]
     pub rate_recipient_burst: u32,
+    /// Stream tickets per minute per user (per replica): `CreateStreamTicket`
+    /// and the resume ticket each SSE stream sets; 0: unlimited.
+    #[arg(long, env = "HERALD_RATE_TICKETS_PER_MINUTE", default_value_t = 60)]
+    pub rate_tickets_per_minute: u32,
+    /// Burst above --rate-tickets-per-minute.
+    #[arg(long, env = "HERALD_RATE_TICKET_BURST", default_value_t = 30)]
+    pub rate_ticket_burst: u32,
     /// Browser origins allowed to call over grpc-web, comma-separated, e.g.
     /// `https://app.example.com`. None by default.
     #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
@@ -560,6 +567,8 @@ impl ServeArgs {
                 sender_burst: self.rate_sender_burst,
                 per_recipient: self.rate_per_recipient,
                 recipient_burst: self.rate_recipient_burst,
+                tickets_per_minute: self.rate_tickets_per_minute,
+                ticket_burst: self.rate_ticket_burst,
             },
             max_request_bytes: self.max_request_bytes,
             transport: TransportSettings {

@@ -27,6 +27,12 @@ pub struct RateSettings {
     pub per_recipient: u32,
     /// Notifications a recipient may get in a burst above its rate.
     pub recipient_burst: u32,
+    /// Stream tickets per minute per user (`CreateStreamTicket`, and the
+    /// resume ticket each SSE stream sets as a cookie): each is a stored
+    /// row until it is used or expires.
+    pub tickets_per_minute: u32,
+    /// Tickets a user may mint in a burst above that rate.
+    pub ticket_burst: u32,
 }
 
 impl Default for RateSettings {
@@ -36,6 +42,8 @@ impl Default for RateSettings {
             sender_burst: 2_000,
             per_recipient: 20,
             recipient_burst: 100,
+            tickets_per_minute: 60,
+            ticket_burst: 30,
         }
     }
 }
@@ -62,13 +70,23 @@ pub enum RateLimitError {
         /// When its bucket has a token again.
         retry_after: Duration,
     },
+    /// The user is over its stream-ticket rate.
+    #[error("user {user} is over its stream ticket rate")]
+    Tickets {
+        /// The user (token `sub`).
+        user: String,
+        /// When its bucket has a token again.
+        retry_after: Duration,
+    },
 }
 
 impl RateLimitError {
     /// How long the caller should wait before retrying.
     pub fn retry_after(&self) -> Duration {
         match self {
-            Self::Sender { retry_after, .. } | Self::Recipient { retry_after, .. } => *retry_after,
+            Self::Sender { retry_after, .. }
+            | Self::Recipient { retry_after, .. }
+            | Self::Tickets { retry_after, .. } => *retry_after,
         }
     }
 }
@@ -77,6 +95,7 @@ impl RateLimitError {
 pub struct RateLimits {
     senders: Option<DefaultKeyedRateLimiter<Key>>,
     recipients: Option<DefaultKeyedRateLimiter<Key>>,
+    tickets: Option<DefaultKeyedRateLimiter<Key>>,
     clock: DefaultClock,
 }
 
@@ -85,6 +104,7 @@ impl std::fmt::Debug for RateLimits {
         f.debug_struct("RateLimits")
             .field("senders", &self.senders.is_some())
             .field("recipients", &self.recipients.is_some())
+            .field("tickets", &self.tickets.is_some())
             .finish()
     }
 }
@@ -97,12 +117,21 @@ fn limiter(rate: u32, burst: u32) -> Option<DefaultKeyedRateLimiter<Key>> {
     ))
 }
 
+fn per_minute_limiter(rate: u32, burst: u32) -> Option<DefaultKeyedRateLimiter<Key>> {
+    let rate = NonZeroU32::new(rate)?;
+    let burst = NonZeroU32::new(burst).unwrap_or(rate);
+    Some(RateLimiter::keyed(
+        Quota::per_minute(rate).allow_burst(burst),
+    ))
+}
+
 impl RateLimits {
     /// Limiters for `settings`.
     pub fn new(settings: RateSettings) -> Self {
         Self {
             senders: limiter(settings.per_sender, settings.sender_burst),
             recipients: limiter(settings.per_recipient, settings.recipient_burst),
+            tickets: per_minute_limiter(settings.tickets_per_minute, settings.ticket_burst),
             clock: DefaultClock::default(),
         }
     }
@@ -138,9 +167,26 @@ impl RateLimits {
         Ok(())
     }
 
+    /// Charges one stream ticket to `user`; [`RateLimitError::Tickets`]
+    /// when its bucket is empty.
+    pub fn check_ticket(&self, tenant: &str, user: &str) -> Result<(), RateLimitError> {
+        if let Some(tickets) = &self.tickets
+            && let Err(not_until) = tickets.check_key(&(tenant.to_owned(), user.to_owned()))
+        {
+            return Err(RateLimitError::Tickets {
+                user: user.to_owned(),
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            });
+        }
+        Ok(())
+    }
+
     /// Forgets keys whose buckets are full again, bounding memory.
     pub fn retain_recent(&self) {
-        for l in [&self.senders, &self.recipients].into_iter().flatten() {
+        for l in [&self.senders, &self.recipients, &self.tickets]
+            .into_iter()
+            .flatten()
+        {
             l.retain_recent();
             l.shrink_to_fit();
         }
@@ -180,6 +226,8 @@ mod tests {
             sender_burst: 3,
             per_recipient: 1,
             recipient_burst: 2,
+            tickets_per_minute: 1,
+            ticket_burst: 2,
         });
         let alice = users(&["alice"]);
         limits.check_send("t", "svc-a", &alice).unwrap();
@@ -205,6 +253,13 @@ mod tests {
         );
         assert!(err.to_string().starts_with("sender svc-a"), "{err}");
         assert!(err.retry_after() > Duration::ZERO);
+        // Stream tickets: per user, per minute.
+        limits.check_ticket("t", "alice").unwrap();
+        limits.check_ticket("t", "alice").unwrap();
+        let err = limits.check_ticket("t", "alice").unwrap_err();
+        assert!(matches!(&err, RateLimitError::Tickets { user, .. } if user == "alice"));
+        assert!(err.retry_after() > Duration::from_secs(50), "{err:?}");
+        limits.check_ticket("t", "bob").unwrap();
     }
 
     #[test]
@@ -214,9 +269,12 @@ mod tests {
             sender_burst: 0,
             per_recipient: 0,
             recipient_burst: 0,
+            tickets_per_minute: 0,
+            ticket_burst: 0,
         });
         for _ in 0..10_000 {
             limits.check_send("t", "svc", &users(&["alice"])).unwrap();
+            limits.check_ticket("t", "alice").unwrap();
         }
     }
 }

@@ -39,6 +39,17 @@ pub struct TicketGrant {
     pub token_expires_at: SystemTime,
 }
 
+impl From<&crate::auth::Identity> for TicketGrant {
+    /// What a ticket minted with this token grants.
+    fn from(identity: &crate::auth::Identity) -> Self {
+        Self {
+            tenant: identity.tenant.as_str().to_owned(),
+            user: identity.user.as_str().to_owned(),
+            token_expires_at: identity.expires_at,
+        }
+    }
+}
+
 /// A freshly minted ticket.
 #[derive(Debug, Clone)]
 pub struct Minted {

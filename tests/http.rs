@@ -405,11 +405,13 @@ async fn every_error_class_has_its_code_status_and_field_and_stores_nothing() {
 }
 
 #[tokio::test]
-async fn rate_limits_answer_429_with_retry_info_and_retry_after() {
+async fn rate_limits_answer_429_with_retry_info_and_retry_after_and_tickets_are_rated() {
     bounded(async {
         let d = Deployment::start_with(Backend::Memory, 1, |c| {
             c.rates.per_sender = 1;
             c.rates.sender_burst = 1;
+            c.rates.tickets_per_minute = 1;
+            c.rates.ticket_burst = 1;
         })
         .await;
         let addr = d.replicas[0].addr;
@@ -431,6 +433,20 @@ async fn rate_limits_answer_429_with_retry_info_and_retry_after() {
             .parse()
             .unwrap();
         assert!((1..=2).contains(&after), "{after}");
+        // Stream tickets are rows until used or expired: rated per user.
+        let alice = token("alice", "", "");
+        ok(addr, "CreateStreamTicket", &alice, "{}").await;
+        let m = refused(
+            addr,
+            "CreateStreamTicket",
+            Some(&alice),
+            "{}",
+            429,
+            "resource_exhausted",
+        )
+        .await;
+        assert!(m.contains("stream ticket rate"), "{m}");
+        ok(addr, "CreateStreamTicket", &token("bob", "", ""), "{}").await;
         d.stop().await;
     })
     .await;

@@ -43,6 +43,7 @@ async fn rate_limits_refuse_with_retry_info_and_store_nothing(backend: Backend) 
             sender_burst: 5,
             per_recipient: 1,
             recipient_burst: 3,
+            ..RateSettings::default()
         };
     })
     .await;

@@ -316,12 +316,7 @@ impl<S: Store> NotificationsService<S> {
         &self,
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let identity = self.identify(&request)?;
-        let grant = TicketGrant {
-            tenant: identity.tenant.as_str().to_owned(),
-            user: identity.user.as_str().to_owned(),
-            token_expires_at: identity.expires_at,
-        };
+        let grant = TicketGrant::from(&self.identify(&request)?);
         self.open_stream_for(&grant, request.into_inner())
             .await
             .map(Response::new)
@@ -368,12 +363,7 @@ impl<S: Store> NotificationsService<S> {
         &self,
         request: Request<proto::CreateStreamTicketRequest>,
     ) -> Result<Response<proto::CreateStreamTicketResponse>, Status> {
-        let identity = self.identify(&request)?;
-        let grant = TicketGrant {
-            tenant: identity.tenant.as_str().to_owned(),
-            user: identity.user.as_str().to_owned(),
-            token_expires_at: identity.expires_at,
-        };
+        let grant = TicketGrant::from(&self.identify(&request)?);
         let (ticket, expires_at) = self.mint_ticket(&grant, self.ticket_lifetime).await?;
         Ok(Response::new(proto::CreateStreamTicketResponse {
             ticket,
@@ -383,13 +373,15 @@ impl<S: Store> NotificationsService<S> {
 
     /// Mints and stores a stream ticket for `grant`, valid for `lifetime`
     /// or until the grant's token expires, whichever is sooner. Returns the
-    /// ticket and its expiry. Errors: `UNAVAILABLE` (store), `INTERNAL` (no
+    /// ticket and its expiry. Errors: `RESOURCE_EXHAUSTED` (the user's
+    /// ticket rate, with `RetryInfo`), `UNAVAILABLE` (store), `INTERNAL` (no
     /// randomness).
     pub async fn mint_ticket(
         &self,
         grant: &TicketGrant,
         lifetime: Duration,
     ) -> Result<(String, SystemTime), Status> {
+        self.rates.check_ticket(&grant.tenant, &grant.user)?;
         let minted = ticket::mint().map_err(|e| status::internal(&e))?;
         let expires_at = SystemTime::now()
             .checked_add(lifetime)
@@ -417,11 +409,6 @@ impl<S: Store> NotificationsService<S> {
     /// The token identity of a request's headers (`authorization: Bearer`).
     pub fn identify_headers(&self, headers: &http::HeaderMap) -> Result<Identity, Status> {
         Ok(self.verifier.verify_headers(headers)?)
-    }
-
-    /// The stream settings (heartbeat interval) of this replica.
-    pub fn stream_settings(&self) -> &StreamSettings {
-        &self.streams
     }
 
     async fn mark(

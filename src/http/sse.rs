@@ -166,7 +166,7 @@ async fn open<S: Store>(
     let cookie = match service.mint_ticket(&grant, resume_lifetime).await {
         Ok((ticket, _)) => Some(resume_cookie(ticket, resume_lifetime, headers)),
         Err(status) => {
-            tracing::warn!(error = %status.message(), "no resume cookie for an SSE stream");
+            tracing::debug!(error = %status.message(), "no resume cookie for an SSE stream");
             None
         }
     };
@@ -218,12 +218,7 @@ async fn authenticate<S: Store>(
     query: &Query,
 ) -> Result<TicketGrant, Status> {
     if headers.contains_key(header::AUTHORIZATION) {
-        let identity = service.identify_headers(headers)?;
-        return Ok(TicketGrant {
-            tenant: identity.tenant.as_str().to_owned(),
-            user: identity.user.as_str().to_owned(),
-            token_expires_at: identity.expires_at,
-        });
+        return Ok(TicketGrant::from(&service.identify_headers(headers)?));
     }
     let mut refused = Status::unauthenticated(
         "no credentials: send `authorization: Bearer <token>` or a `ticket` from CreateStreamTicket",

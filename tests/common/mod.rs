@@ -186,6 +186,8 @@ pub fn test_config(database_url: Option<String>) -> Config {
         sender_burst: 0,
         per_recipient: 0,
         recipient_burst: 0,
+        tickets_per_minute: 0,
+        ticket_burst: 0,
     };
     config
 }

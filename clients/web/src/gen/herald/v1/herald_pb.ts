@@ -851,7 +851,8 @@ export const Notifications: GenService<{
    * (`GET /v1/events?ticket=...`), for clients that cannot set an
    * `Authorization` header (a browser's `EventSource`). A ticket is
    * redeemed on any replica, once; it carries no more than the token it
-   * was minted with and never outlives it.
+   * was minted with and never outlives it. Tickets are rated per user
+   * (RESOURCE_EXHAUSTED with RetryInfo past the server's rate).
    *
    * @generated from rpc herald.v1.Notifications.CreateStreamTicket
    */
