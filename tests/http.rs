@@ -829,6 +829,12 @@ async fn sse_tickets_are_single_use_and_expire() {
         .await;
         let addr = d.replicas[0].addr;
         let ticket = mint_ticket(addr, "alice").await;
+        // Bad input is refused before the ticket is spent.
+        let (status, _) = open_sse(addr, &format!("ticket={ticket}&last_event_id=x"), &[])
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
         let mut stream = open_sse(addr, &format!("ticket={ticket}"), &[])
             .await
             .unwrap();

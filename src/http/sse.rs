@@ -132,8 +132,9 @@ async fn open<S: Store>(
     request: &http::request::Parts,
 ) -> Result<Response<Body>, Status> {
     let headers = &request.headers;
-    let query = Query::parse(request.uri.query());
-    let grant = authenticate(service, settings, headers, &query).await?;
+    let mut query = Query::parse(request.uri.query());
+    // Everything that can be refused for bad input is checked before a
+    // ticket is spent.
     let position = match headers.get("last-event-id") {
         Some(id) => Some(
             id.to_str()
@@ -143,7 +144,7 @@ async fn open<S: Store>(
         None => query.last_event_id.clone(),
     };
     let mut subscribe = proto::SubscribeRequest {
-        types: query.types,
+        types: std::mem::take(&mut query.types),
         ..Default::default()
     };
     if let Some(id) = position.filter(|id| !id.trim().is_empty()) {
@@ -151,6 +152,7 @@ async fn open<S: Store>(
         subscribe.after_seq = Some(seq);
         subscribe.epoch = epoch;
     }
+    let grant = authenticate(service, settings, headers, &query).await?;
     let stream = service.open_stream_for(&grant, subscribe).await?;
     if let Some(handshake) = request.extensions.get::<ConnectionHandshake>() {
         handshake.authenticated();
