@@ -835,6 +835,15 @@ async fn sse_tickets_are_single_use_and_expire() {
             .err()
             .unwrap();
         assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, value) = open_sse(addr, &format!("ticket={ticket}&types=no%20spaces"), &[])
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            value["message"].as_str().unwrap().starts_with("types[0]"),
+            "{value}"
+        );
         let mut stream = open_sse(addr, &format!("ticket={ticket}"), &[])
             .await
             .unwrap();

@@ -89,7 +89,9 @@ impl<S: Store> NotificationsService<S> {
     }
 }
 
-fn parse_types(types: &[String]) -> Result<HashSet<String>, InvalidArgument> {
+/// `SubscribeRequest.types` as a set: at most [`MAX_TYPE_FILTERS`] valid
+/// type names; else `INVALID_ARGUMENT` naming `types` or `types[i]`.
+pub fn parse_types(types: &[String]) -> Result<HashSet<String>, InvalidArgument> {
     if types.len() > MAX_TYPE_FILTERS {
         return Err(InvalidArgument::new(
             "types",

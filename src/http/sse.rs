@@ -152,6 +152,7 @@ async fn open<S: Store>(
         subscribe.after_seq = Some(seq);
         subscribe.epoch = epoch;
     }
+    crate::api::parse_types(&subscribe.types)?;
     let grant = authenticate(service, settings, headers, &query).await?;
     let stream = service.open_stream_for(&grant, subscribe).await?;
     if let Some(handshake) = request.extensions.get::<ConnectionHandshake>() {
