@@ -264,6 +264,7 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
         body: args.body,
         data: args.data,
         idempotency_key: args.idempotency_key,
+        ..Default::default()
     };
     let response = client
         .send_notification(authorized(request, &token)?)

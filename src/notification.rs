@@ -10,6 +10,14 @@ use crate::proto;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Longest title, in bytes.
 pub const MAX_TITLE_BYTES: usize = 512;
+/// Longest category, in bytes.
+pub const MAX_CATEGORY_BYTES: usize = 64;
+/// Most actions (buttons) on one notification.
+pub const MAX_ACTIONS: usize = 5;
+/// Longest action label, in bytes.
+pub const MAX_ACTION_LABEL_BYTES: usize = 64;
+/// Longest `action_url` or action URL, in bytes.
+pub const MAX_URL_BYTES: usize = 2_048;
 
 /// A request field that failed to parse. Maps to `INVALID_ARGUMENT`, with
 /// the field named first in the message.
@@ -124,6 +132,253 @@ impl Tenant {
     }
 }
 
+/// How urgent a notification is (`herald.v1.Severity`). Ordered: `Low` <
+/// `Normal` < `High` < `Critical`, so "at least high" is a comparison.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Can wait.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Needs attention soon.
+    High,
+    /// Needs attention now.
+    Critical,
+}
+
+impl Severity {
+    /// From the proto enum's number: 0 (unspecified) is `Normal`; a number
+    /// this server does not know is an error naming `field`.
+    pub fn from_proto(field: &str, value: i32) -> Result<Self, InvalidArgument> {
+        match proto::Severity::try_from(value) {
+            Ok(proto::Severity::Unspecified | proto::Severity::Normal) => Ok(Self::Normal),
+            Ok(proto::Severity::Low) => Ok(Self::Low),
+            Ok(proto::Severity::High) => Ok(Self::High),
+            Ok(proto::Severity::Critical) => Ok(Self::Critical),
+            Err(_) => Err(InvalidArgument::new(
+                field,
+                format!("{value} is not a known severity (1 low, 2 normal, 3 high, 4 critical)"),
+            )),
+        }
+    }
+
+    /// The proto enum.
+    pub fn to_proto(self) -> proto::Severity {
+        match self {
+            Self::Low => proto::Severity::Low,
+            Self::Normal => proto::Severity::Normal,
+            Self::High => proto::Severity::High,
+            Self::Critical => proto::Severity::Critical,
+        }
+    }
+
+    /// As stored (`contents.severity`): the proto number.
+    pub fn as_i16(self) -> i16 {
+        self.to_proto() as i16
+    }
+
+    /// From a stored number; one this version does not know reads as
+    /// `Normal` (a newer replica may have written it).
+    pub fn from_i16(value: i16) -> Self {
+        Self::from_proto("severity", i32::from(value)).unwrap_or_default()
+    }
+
+    fn is_normal(&self) -> bool {
+        *self == Self::Normal
+    }
+}
+
+/// A button on a notification.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Action {
+    /// What it says, 1 to [`MAX_ACTION_LABEL_BYTES`] bytes.
+    #[serde(rename = "l")]
+    pub label: String,
+    /// Where it leads (see [`parse_link`]).
+    #[serde(rename = "u")]
+    pub url: String,
+}
+
+/// How a notification presents itself beyond its text: its category,
+/// severity, who caused it, where it leads and its buttons. Part of the
+/// content a send's recipients share. (Short serde names: it travels in
+/// NOTIFY payloads; defaults are left out.)
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Presentation {
+    /// Empty, or a name like a type's, at most [`MAX_CATEGORY_BYTES`].
+    #[serde(rename = "c", default, skip_serializing_if = "String::is_empty")]
+    pub category: String,
+    /// Urgency.
+    #[serde(rename = "s", default, skip_serializing_if = "Severity::is_normal")]
+    pub severity: Severity,
+    /// Who caused it: the sender's `actor`, or the sending token's user.
+    #[serde(rename = "a", default, skip_serializing_if = "String::is_empty")]
+    pub actor: String,
+    /// Where opening it leads; empty for nowhere.
+    #[serde(rename = "u", default, skip_serializing_if = "String::is_empty")]
+    pub action_url: String,
+    /// Buttons, at most [`MAX_ACTIONS`].
+    #[serde(rename = "x", default, skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<Action>,
+}
+
+impl Presentation {
+    /// Fills in the actor, when the sender named none, with the sending
+    /// token's user.
+    pub fn default_actor(&mut self, sender: &UserId) {
+        if self.actor.is_empty() {
+            self.actor = sender.as_str().to_owned();
+        }
+    }
+
+    /// Whether every field has its default (nothing to carry).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The actions as stored (`contents.actions`, JSON text of
+    /// `[{"l":…,"u":…}]`); empty text for none.
+    pub fn actions_json(&self) -> String {
+        if self.actions.is_empty() {
+            String::new()
+        } else {
+            serde_json::to_string(&self.actions).unwrap_or_default()
+        }
+    }
+
+    /// Actions from their stored JSON text (empty or unreadable: none).
+    pub fn actions_from_json(text: &str) -> Vec<Action> {
+        if text.is_empty() {
+            return Vec::new();
+        }
+        serde_json::from_str(text).unwrap_or_default()
+    }
+
+    /// Parses a send's presentation fields. `actor` stays empty when the
+    /// request gave none (the caller fills in the token's user).
+    fn parse(req: &mut proto::SendNotificationRequest) -> Result<Self, InvalidArgument> {
+        let category = if req.category.is_empty() {
+            String::new()
+        } else {
+            let c = NotificationType::parse("category", &req.category)?;
+            if c.as_str().len() > MAX_CATEGORY_BYTES {
+                return Err(InvalidArgument::new(
+                    "category",
+                    format!(
+                        "is {} bytes, longer than {MAX_CATEGORY_BYTES}",
+                        c.as_str().len()
+                    ),
+                ));
+            }
+            c.0
+        };
+        let severity = Severity::from_proto("severity", req.severity)?;
+        let actor = if req.actor.is_empty() {
+            String::new()
+        } else {
+            parse_name("actor", &req.actor)?
+        };
+        let action_url = if req.action_url.is_empty() {
+            String::new()
+        } else {
+            parse_link("action_url", &req.action_url)?
+        };
+        if req.actions.len() > MAX_ACTIONS {
+            return Err(InvalidArgument::new(
+                "actions",
+                format!("has {} actions, more than {MAX_ACTIONS}", req.actions.len()),
+            ));
+        }
+        let mut actions = Vec::with_capacity(req.actions.len());
+        for (i, a) in std::mem::take(&mut req.actions).into_iter().enumerate() {
+            let field = format!("actions[{i}].label");
+            if a.label.is_empty() {
+                return Err(InvalidArgument::new(field, "must not be empty"));
+            }
+            if a.label.len() > MAX_ACTION_LABEL_BYTES {
+                return Err(InvalidArgument::new(
+                    field,
+                    format!(
+                        "is {} bytes, longer than {MAX_ACTION_LABEL_BYTES}",
+                        a.label.len()
+                    ),
+                ));
+            }
+            if a.label.chars().any(char::is_control) {
+                return Err(InvalidArgument::new(
+                    field,
+                    "must not contain control characters",
+                ));
+            }
+            let url = parse_link(&format!("actions[{i}].url"), &a.url)?;
+            actions.push(Action {
+                label: a.label,
+                url,
+            });
+        }
+        Ok(Self {
+            category,
+            severity,
+            actor,
+            action_url,
+            actions,
+        })
+    }
+}
+
+/// Parses a link: an absolute `http` or `https` URL (WHATWG URL Standard,
+/// as the `url` crate parses it), or a path on the app's own origin
+/// starting with a single `/`; at most [`MAX_URL_BYTES`], no whitespace or
+/// control characters. Returned as given.
+pub fn parse_link(field: &str, value: &str) -> Result<String, InvalidArgument> {
+    if value.is_empty() {
+        return Err(InvalidArgument::new(field, "must not be empty"));
+    }
+    if value.len() > MAX_URL_BYTES {
+        return Err(InvalidArgument::new(
+            field,
+            format!("is {} bytes, longer than {MAX_URL_BYTES}", value.len()),
+        ));
+    }
+    if value.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(InvalidArgument::new(
+            field,
+            "must not contain whitespace or control characters",
+        ));
+    }
+    if value.starts_with('/') && !value.starts_with("//") {
+        return Ok(value.to_owned());
+    }
+    match url::Url::parse(value) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(value.to_owned()),
+        Ok(u) => Err(InvalidArgument::new(
+            field,
+            format!(
+                "scheme {:?} is not allowed; use http, https or a path starting with /",
+                u.scheme()
+            ),
+        )),
+        Err(e) => Err(InvalidArgument::new(
+            field,
+            format!("is neither an absolute http(s) URL ({e}) nor a path starting with /"),
+        )),
+    }
+}
+
 /// A notification type such as `project.created`: 1 to 128 bytes of ASCII
 /// letters, digits and `. _ - : /`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -164,6 +419,8 @@ pub struct NewNotification {
     pub body: String,
     /// Compact JSON text of an object.
     pub data: String,
+    /// Category, severity, actor and links.
+    pub presentation: Presentation,
     /// The caller's idempotency key, if any.
     pub idempotency_key: Option<String>,
 }
@@ -171,7 +428,7 @@ pub struct NewNotification {
 impl NewNotification {
     /// Parses a request. Errors name the first offending field.
     pub fn parse(
-        req: proto::SendNotificationRequest,
+        mut req: proto::SendNotificationRequest,
         limits: &SendLimits,
     ) -> Result<Self, InvalidArgument> {
         if req.recipients.is_empty() {
@@ -231,6 +488,7 @@ impl NewNotification {
             ));
         }
         let data = parse_data(&req.data, limits.max_data_bytes, limits.max_data_depth)?;
+        let presentation = Presentation::parse(&mut req)?;
         let idempotency_key = if req.idempotency_key.is_empty() {
             None
         } else {
@@ -242,24 +500,38 @@ impl NewNotification {
             title: req.title,
             body: req.body,
             data,
+            presentation,
             idempotency_key,
         })
     }
 
     /// A canonical text of everything but the idempotency key, so a retried
-    /// send can be told apart from a different request reusing the key.
-    pub fn fingerprint(&self) -> String {
-        serde_json::json!([
-            self.recipients
-                .iter()
-                .map(UserId::as_str)
-                .collect::<Vec<_>>(),
-            self.kind.as_str(),
-            self.title,
-            self.body,
-            self.data,
-        ])
-        .to_string()
+    /// send can be told apart from a different request reusing the key. An
+    /// actor equal to `sender` counts as none, and presentation fields
+    /// that are all default are left out, so a plain send's fingerprint is
+    /// the one earlier versions stored (a retry across an upgrade still
+    /// matches).
+    pub fn fingerprint(&self, sender: &str) -> String {
+        let mut presentation = self.presentation.clone();
+        if presentation.actor == sender {
+            presentation.actor.clear();
+        }
+        let mut parts = vec![
+            serde_json::json!(
+                self.recipients
+                    .iter()
+                    .map(UserId::as_str)
+                    .collect::<Vec<_>>()
+            ),
+            serde_json::json!(self.kind.as_str()),
+            serde_json::json!(self.title),
+            serde_json::json!(self.body),
+            serde_json::json!(self.data),
+        ];
+        if !presentation.is_default() {
+            parts.push(serde_json::json!(presentation));
+        }
+        serde_json::Value::Array(parts).to_string()
     }
 }
 
@@ -325,6 +597,8 @@ pub struct Content {
     pub body: String,
     /// JSON object text.
     pub data: String,
+    /// Category, severity, actor and links.
+    pub presentation: Presentation,
     /// When it was stored.
     pub created_at: SystemTime,
 }
@@ -340,8 +614,9 @@ pub struct Notification {
     pub recipient: String,
     /// What it says, shared with the send's other recipients.
     pub content: std::sync::Arc<Content>,
-    /// Whether it is read (current for listings; false in stream events).
-    pub read: bool,
+    /// When it was marked read; `None` while unread (and in stream
+    /// events). Current for listings.
+    pub read_at: Option<SystemTime>,
 }
 
 /// Which stream an event belongs to. Users' inboxes today; the enum is
@@ -618,7 +893,7 @@ mod tests {
             title: "hi".into(),
             body: String::new(),
             data: r#"{ "a" : 1 }"#.into(),
-            idempotency_key: String::new(),
+            ..Default::default()
         }
     }
 
@@ -670,11 +945,25 @@ mod tests {
         let mut req = request();
         req.idempotency_key = "k1".into();
         let b = NewNotification::parse(req, &SendLimits::default()).unwrap();
-        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint("s"), b.fingerprint("s"));
         let mut req = request();
         req.title = "other".into();
         let c = NewNotification::parse(req, &SendLimits::default()).unwrap();
-        assert_ne!(a.fingerprint(), c.fingerprint());
+        assert_ne!(a.fingerprint("s"), c.fingerprint("s"));
+        // A plain send's fingerprint is the one v1 stored.
+        assert_eq!(
+            a.fingerprint("s"),
+            r#"[["alice","bob"],"project.created","hi","",{"a":1}]"#
+                .replace(r#"{"a":1}"#, r#""{\"a\":1}""#)
+        );
+        // The sender as actor is no actor; another actor or a severity is
+        // another request.
+        let mut d = a.clone();
+        d.presentation
+            .default_actor(&UserId::parse("s", "s").unwrap());
+        assert_eq!(a.fingerprint("s"), d.fingerprint("s"));
+        d.presentation.severity = Severity::High;
+        assert_ne!(a.fingerprint("s"), d.fingerprint("s"));
     }
 
     #[test]

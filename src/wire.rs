@@ -73,6 +73,16 @@ pub fn shared_fields(content: &Content) -> Bytes {
         body: content.body.clone(),
         data: content.data.clone(),
         created_at: Some(content.created_at.into()),
+        category: content.presentation.category.clone(),
+        severity: content.presentation.severity.to_proto() as i32,
+        actor: content.presentation.actor.clone(),
+        action_url: content.presentation.action_url.clone(),
+        actions: content
+            .presentation
+            .actions
+            .iter()
+            .map(Into::into)
+            .collect(),
         ..Default::default()
     }
     .encode_to_vec()
@@ -146,9 +156,23 @@ mod tests {
                     title: "Build #41 passed".into(),
                     body: "".into(),
                     data: r#"{"a":[1,2]}"#.into(),
+                    presentation: crate::notification::Presentation {
+                        category: if id == 0 {
+                            String::new()
+                        } else {
+                            "builds".into()
+                        },
+                        severity: crate::notification::Severity::Critical,
+                        actor: "ci".into(),
+                        action_url: "/b/41".into(),
+                        actions: vec![crate::notification::Action {
+                            label: "Open".into(),
+                            url: "https://ci.example.com/41".into(),
+                        }],
+                    },
                     created_at: at,
                 }),
-                read: false,
+                read_at: None,
             };
             let event = StreamEvent::new(seq, epoch, EventBody::Notification(n.clone()));
             let shared = shared_fields(&n.content);

@@ -8,7 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use herald::proto::{self, event::Kind, mark_read_request::Target, resync::Reason as ResyncReason};
+use herald::proto::{
+    self, event::Kind, mark_read_request::Target, notifications_client::NotificationsClient,
+    resync::Reason as ResyncReason,
+};
 use tonic::Code;
 
 fn resync_reason(event: &proto::Event) -> Option<ResyncReason> {
@@ -27,6 +30,22 @@ fn caught_up_kind() -> Option<Kind> {
             nanos: 0,
         }),
     }))
+}
+
+/// Sends `request`, which must be refused INVALID_ARGUMENT with a message
+/// that starts with `field`.
+async fn refused_naming(
+    client: &mut NotificationsClient<tonic::transport::Channel>,
+    field: &str,
+    request: proto::SendNotificationRequest,
+) {
+    let err = send(client, request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+    assert!(
+        err.message().starts_with(&format!("{field}:")),
+        "expected the message to name {field}: {}",
+        err.message()
+    );
 }
 
 fn replicas(backend: Backend) -> usize {
@@ -389,15 +408,8 @@ async fn list_pages_newest_first_and_agrees_with_count(backend: Backend) {
             .await
             .unwrap();
     }
+    mark_up_to(&mut a, "alice", 2).await;
     let alice = token("alice", "", "");
-    a.mark_read(authed(
-        proto::MarkReadRequest {
-            target: Some(Target::UpToSeq(2)),
-        },
-        &alice,
-    ))
-    .await
-    .unwrap();
     let mut all = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -526,13 +538,7 @@ async fn bad_input_is_refused_naming_the_field_and_stores_nothing(backend: Backe
         ),
     ];
     for (field, request) in cases {
-        let err = send(&mut a, request).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-        assert!(
-            err.message().starts_with(&format!("{field}:")),
-            "expected the message to name {field}: {}",
-            err.message()
-        );
+        refused_naming(&mut a, field, request).await;
     }
     assert_eq!(unread(&mut a, "alice").await, 0);
 
@@ -724,6 +730,145 @@ async fn bulk_send_answers_each_item_and_a_bad_one_fails_alone(backend: Backend)
     d.stop().await;
 }
 
+/// A send with every presentation field filled, to two recipients.
+fn rich_note(recipients: &[&str], title: &str) -> proto::SendNotificationRequest {
+    proto::SendNotificationRequest {
+        category: "builds".into(),
+        severity: proto::Severity::Critical as i32,
+        actor: "ci-runner".into(),
+        action_url: "https://ci.example.com/builds/42".into(),
+        actions: vec![
+            proto::Action {
+                label: "Open".into(),
+                url: "/builds/42".into(),
+            },
+            proto::Action {
+                label: "Retry \"now\" ✓".into(),
+                url: "https://ci.example.com/builds/42/retry?x=1&y=2".into(),
+            },
+        ],
+        ..note(recipients, title)
+    }
+}
+
+/// The presentation fields of a notification, to compare.
+fn presentation(n: &proto::Notification) -> (String, i32, String, String, Vec<proto::Action>) {
+    (
+        n.category.clone(),
+        n.severity,
+        n.actor.clone(),
+        n.action_url.clone(),
+        n.actions.clone(),
+    )
+}
+
+async fn presentation_fields_are_stored_and_returned_everywhere(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let (mut a, mut b) = (d.client(0).await, d.client(d.replica(1)).await);
+    let mut live = subscribe(&mut b, "alice", None).await;
+    until_caught_up(&mut live).await;
+    let sent = rich_note(&["alice", "bob"], "rich");
+    let want = (
+        "builds".to_owned(),
+        proto::Severity::Critical as i32,
+        "ci-runner".to_owned(),
+        sent.action_url.clone(),
+        sent.actions.clone(),
+    );
+    send(&mut a, sent).await.unwrap();
+    // Without an actor, the sending token's user; without a severity, normal.
+    send(&mut a, note(&["alice"], "plain")).await.unwrap();
+
+    // Live, on the other replica (through the bus payload).
+    let event = next_event(&mut live).await;
+    assert_eq!(presentation(notification(&event)), want);
+    let plain = next_event(&mut live).await;
+    let plain = notification(&plain);
+    assert_eq!(plain.actor, "billing-service", "the sender's sub");
+    assert_eq!(plain.severity, proto::Severity::Normal as i32);
+    assert!(plain.category.is_empty() && plain.actions.is_empty());
+    assert!(plain.read_at.is_none());
+
+    // In a backlog read from the store.
+    let mut again = subscribe(&mut a, "bob", Some(0)).await;
+    let (backlog, _) = until_caught_up(&mut again).await;
+    assert_eq!(presentation(notification(&backlog[0])), want);
+
+    // Listed, with read_at once read.
+    let listed = list(&mut a, "alice", false, 10).await;
+    assert_eq!(presentation(&listed[1]), want);
+    assert!(listed.iter().all(|n| !n.read && n.read_at.is_none()));
+    mark_up_to(&mut a, "alice", 1).await;
+    let listed = list(&mut a, "alice", false, 10).await;
+    let read_at = listed[1].read_at.expect("read_at once read");
+    let now = std::time::SystemTime::now();
+    let read_at = std::time::SystemTime::try_from(read_at).unwrap();
+    assert!(read_at <= now && now.duration_since(read_at).unwrap() < Duration::from_secs(60));
+    assert!(listed[1].read && listed[0].read_at.is_none());
+
+    // An idempotent replay must match presentation fields too.
+    let keyed = proto::SendNotificationRequest {
+        idempotency_key: "k".into(),
+        ..rich_note(&["carol"], "keyed")
+    };
+    send(&mut a, keyed.clone()).await.unwrap();
+    let err = send(
+        &mut a,
+        proto::SendNotificationRequest {
+            severity: proto::Severity::Low as i32,
+            ..keyed
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    d.stop().await;
+}
+
+async fn bad_presentation_fields_are_refused_naming_the_field(backend: Backend) {
+    let d = Deployment::start(backend, 1).await;
+    let mut a = d.client(0).await;
+    fn action(label: &str, url: &str) -> proto::Action {
+        proto::Action {
+            label: label.into(),
+            url: url.into(),
+        }
+    }
+    type Mutation = fn(&mut proto::SendNotificationRequest);
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("severity", |r| r.severity = 9),
+        ("category", |r| r.category = "no spaces".into()),
+        ("category", |r| r.category = "c".repeat(65)),
+        ("actor", |r| r.actor = "a".repeat(129)),
+        ("action_url", |r| {
+            r.action_url = "javascript:alert(1)".into()
+        }),
+        ("action_url", |r| r.action_url = "//evil.example/x".into()),
+        ("action_url", |r| r.action_url = "https://e.com/a b".into()),
+        ("action_url", |r| {
+            r.action_url = format!("/{}", "x".repeat(2048))
+        }),
+        ("actions", |r| r.actions = vec![action("a", "/a"); 6]),
+        ("actions[1].label", |r| {
+            r.actions = vec![action("a", "/a"), action("", "/b")]
+        }),
+        ("actions[0].label", |r| {
+            r.actions = vec![action(&"l".repeat(65), "/a")]
+        }),
+        ("actions[0].url", |r| {
+            r.actions = vec![action("a", "ftp://x.example/")]
+        }),
+        ("actions[0].url", |r| r.actions = vec![action("a", "")]),
+    ];
+    for (field, mutate) in cases {
+        let mut request = rich_note(&["alice"], "t");
+        mutate(&mut request);
+        refused_naming(&mut a, field, request).await;
+    }
+    assert_eq!(unread(&mut a, "alice").await, 0, "nothing stored");
+    d.stop().await;
+}
+
 async fn server_stop_ends_streams_with_unavailable(backend: Backend) {
     let d = Deployment::start(backend, 1).await;
     let mut a = d.client(0).await;
@@ -749,4 +894,6 @@ conformance!(
     slow_subscriber_catches_up_from_the_store,
     server_stop_ends_streams_with_unavailable,
     bulk_send_answers_each_item_and_a_bad_one_fails_alone,
+    presentation_fields_are_stored_and_returned_everywhere,
+    bad_presentation_fields_are_refused_naming_the_field,
 );

@@ -61,11 +61,17 @@ proptest! {
         body in nasty(),
         data in prop_oneof![nasty(), json_object()],
         key in nasty(),
+        category in nasty(),
+        severity in -1i32..6,
+        actor in nasty(),
+        link in prop_oneof![nasty(), Just("https://example.com/x".to_owned()), Just("/x".to_owned())],
+        labels in prop::collection::vec(nasty(), 0..7),
     ) {
         let limits = SendLimits { max_recipients: 4, ..SendLimits::default() };
         let request = proto::SendNotificationRequest {
             recipients: recipients.clone(), r#type: kind, title, body, data,
-            idempotency_key: key,
+            idempotency_key: key, category, severity, actor, action_url: link.clone(),
+            actions: labels.into_iter().map(|label| proto::Action { label, url: link.clone() }).collect(),
         };
         match NewNotification::parse(request, &limits) {
             Ok(n) => {
@@ -83,9 +89,16 @@ proptest! {
                 let v: serde_json::Value = serde_json::from_str(&n.data).unwrap();
                 prop_assert!(v.is_object());
                 prop_assert!(depth(&v) <= limits.max_data_depth);
+                let p = &n.presentation;
+                prop_assert!(p.category.len() <= 64 && p.actions.len() <= 5);
+                for url in std::iter::once(&p.action_url).chain(p.actions.iter().map(|a| &a.url)) {
+                    prop_assert!(url.is_empty() || url.starts_with('/') || url.starts_with("http"), "{}", url);
+                    prop_assert!(!url.chars().any(|c| c.is_control() || c.is_whitespace()));
+                }
             }
             Err(e) => {
-                let known = ["recipients", "type", "title", "body", "data", "idempotency_key"];
+                let known = ["recipients", "type", "title", "body", "data", "idempotency_key",
+                    "category", "severity", "actor", "action_url", "actions"];
                 prop_assert!(known.iter().any(|f| e.field.starts_with(f)), "unknown field {}", e.field);
             }
         }
@@ -145,6 +158,7 @@ proptest! {
                 b: "\u{e9}".repeat(*body / 2),
                 d: "{}".into(),
                 at: 0,
+                p: Default::default(),
                 r: users.iter().enumerate().map(|(k, u)| (u.clone(), k as u64 + 1, i as i64)).collect(),
             })
             .collect();

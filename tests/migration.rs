@@ -31,7 +31,7 @@ async fn a_v1_database_is_upgraded_with_nothing_lost() {
         let sql = db.connect().await;
         let fingerprint = NewNotification::parse(keyed_request(), &SendLimits::default())
             .unwrap()
-            .fingerprint();
+            .fingerprint("billing-service");
         // As v1 wrote them: alice has seqs 1, 2 (notifications; 1 read),
         // 3 (the read event), 4 (a notification with data); bob's seq 1
         // was pruned, seq 2 remains.

@@ -1,7 +1,7 @@
 //! Domain values → wire messages.
 
 use crate::{
-    notification::{Delivery, Epoch, EventBody, Notification, StreamEvent},
+    notification::{Action, Delivery, Epoch, EventBody, Notification, StreamEvent},
     proto,
 };
 
@@ -16,7 +16,28 @@ impl From<&Notification> for proto::Notification {
             body: n.content.body.clone(),
             data: n.content.data.clone(),
             created_at: Some(n.content.created_at.into()),
-            read: n.read,
+            read: n.read_at.is_some(),
+            category: n.content.presentation.category.clone(),
+            severity: n.content.presentation.severity.to_proto() as i32,
+            actor: n.content.presentation.actor.clone(),
+            action_url: n.content.presentation.action_url.clone(),
+            actions: n
+                .content
+                .presentation
+                .actions
+                .iter()
+                .map(Into::into)
+                .collect(),
+            read_at: n.read_at.map(Into::into),
+        }
+    }
+}
+
+impl From<&Action> for proto::Action {
+    fn from(a: &Action) -> Self {
+        Self {
+            label: a.label.clone(),
+            url: a.url.clone(),
         }
     }
 }

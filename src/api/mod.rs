@@ -202,7 +202,8 @@ impl<S: Store> NotificationsService<S> {
     ) -> Result<Response<proto::SendNotificationResponse>, Status> {
         let identity = self.identify(&request)?;
         identity.require_send()?;
-        let new = NewNotification::parse(request.into_inner(), &self.limits)?;
+        let mut new = NewNotification::parse(request.into_inner(), &self.limits)?;
+        new.presentation.default_actor(&identity.user);
         self.rates.check_send(
             identity.tenant.as_str(),
             identity.user.as_str(),
@@ -256,12 +257,13 @@ impl<S: Store> NotificationsService<S> {
             .into_iter()
             .enumerate()
             .map(|(i, item)| {
-                let new = NewNotification::parse(item, &self.limits).map_err(|e| {
+                let mut new = NewNotification::parse(item, &self.limits).map_err(|e| {
                     Status::from(InvalidArgument::new(
                         format!("notifications[{i}].{}", e.field),
                         e.reason,
                     ))
                 })?;
+                new.presentation.default_actor(&identity.user);
                 self.rates.check_send(tenant, sender, &new.recipients)?;
                 Ok(new)
             })

@@ -163,6 +163,10 @@ struct Load {
     /// connection each) instead of gRPC streams.
     #[arg(long)]
     sse: bool,
+    /// Sends carry every presentation field (category, severity, actor,
+    /// action URL, two actions), as a rich inbox's would.
+    #[arg(long)]
+    rich: bool,
     /// The first part of each run, e.g. `1s`, whose sends are checked for
     /// loss, duplicates and order but left out of the latency figures
     /// (fresh connections, caches and prepared statements warm up).
@@ -751,6 +755,7 @@ async fn drive(
     let channels = bench.channels(0, load.send_connections).await?;
     let token = bench.token("bench-sender", SEND_SCOPE)?;
     let callers = load.callers.max(1);
+    let rich = load.rich;
     let period = Duration::from_secs_f64(callers as f64 / rate.max(1) as f64);
     let end = tokio::time::Instant::now() + load.duration;
     let warm_until = tokio::time::Instant::now() + load.warmup.min(load.duration);
@@ -779,13 +784,30 @@ async fn drive(
                 } else {
                     "t"
                 };
-                let request = |users: &[usize]| proto::SendNotificationRequest {
-                    recipients: users.iter().map(|u| format!("u{u}")).collect(),
-                    r#type: "bench".into(),
-                    title: format!("{mark}:{}", now_ns()),
-                    body: String::new(),
-                    data: String::new(),
-                    idempotency_key: String::new(),
+                let request = |users: &[usize]| {
+                    let mut r = proto::SendNotificationRequest {
+                        recipients: users.iter().map(|u| format!("u{u}")).collect(),
+                        r#type: "bench".into(),
+                        title: format!("{mark}:{}", now_ns()),
+                        ..Default::default()
+                    };
+                    if rich {
+                        r.category = "builds".into();
+                        r.severity = proto::Severity::High as i32;
+                        r.actor = "ci-runner".into();
+                        r.action_url = "https://ci.example.com/builds/42".into();
+                        r.actions = vec![
+                            proto::Action {
+                                label: "Open".into(),
+                                url: "/builds/42".into(),
+                            },
+                            proto::Action {
+                                label: "Retry".into(),
+                                url: "/builds/42/retry".into(),
+                            },
+                        ];
+                    }
+                    r
                 };
                 if items <= 1 {
                     let users = pick(&mut rng);

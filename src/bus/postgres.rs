@@ -41,7 +41,9 @@ use tokio_util::sync::CancellationToken;
 use super::{Bus, Committed, Staged};
 use crate::{
     hub::Hub,
-    notification::{Content, Epoch, EventBody, Notification, ReadChange, StreamEvent, StreamKey},
+    notification::{
+        Content, Epoch, EventBody, Notification, Presentation, ReadChange, StreamEvent, StreamKey,
+    },
     store::{StoreError, postgres},
     telemetry::names,
     wire,
@@ -78,6 +80,10 @@ pub enum Payload {
         d: String,
         /// Stored at, microseconds since the Unix epoch.
         at: i64,
+        /// Category, severity, actor and links; left out when all default
+        /// (and by replicas that predate them).
+        #[serde(default, skip_serializing_if = "Presentation::is_default")]
+        p: Presentation,
         /// Recipients: (user, seq, notification id).
         r: Vec<(String, u64, i64)>,
     },
@@ -163,6 +169,7 @@ impl Payload {
                 b,
                 d,
                 at,
+                p,
                 r,
             } => {
                 let shell = |r: Vec<(String, u64, i64)>| Payload::Notification {
@@ -173,6 +180,7 @@ impl Payload {
                     b: b.clone(),
                     d: d.clone(),
                     at,
+                    p: p.clone(),
                     r,
                 };
                 let base = json(&shell(Vec::new())).len();
@@ -260,6 +268,7 @@ pub fn payloads(events: &[Committed]) -> Vec<Payload> {
                     b: n.content.body.clone(),
                     d: n.content.data.clone(),
                     at: crate::store::postgres::micros(n.content.created_at),
+                    p: n.content.presentation.clone(),
                     r: vec![recipient],
                 });
                 last_content = Some(&n.content);
@@ -335,6 +344,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             b,
             d,
             at,
+            p,
             r,
         } => {
             let epoch = stamp(e);
@@ -358,6 +368,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                         title: ti.clone(),
                         body: b.clone(),
                         data: d.clone(),
+                        presentation: p.clone(),
                         created_at: micros_to_time(at),
                     })
                 });
@@ -366,7 +377,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                     seq,
                     recipient: user.clone(),
                     content: content.clone(),
-                    read: false,
+                    read_at: None,
                 });
                 let event = if share {
                     let shared = shared.get_or_insert_with(|| wire::shared_fields(content));
@@ -724,6 +735,7 @@ mod tests {
             b: "x".repeat(body),
             d: "{}".into(),
             at: 1,
+            p: Presentation::default(),
             r: (0..recipients)
                 .map(|i| (format!("user-{i}"), i as u64 + 1, i as i64 + 1))
                 .collect(),

@@ -370,7 +370,7 @@ async fn write_batch(
     keyed.sort_by_key(|&i| idem_key(&jobs[i]));
     let fingerprints: HashMap<usize, String> = keyed
         .iter()
-        .map(|&i| (i, jobs[i].n.fingerprint()))
+        .map(|&i| (i, jobs[i].n.fingerprint(&jobs[i].sender)))
         .collect();
     if !keyed.is_empty() {
         let mut first_of_key = Vec::new();
@@ -426,6 +426,7 @@ async fn write_batch(
                 title: &n.title,
                 body: &n.body,
                 data: &n.data,
+                presentation: &n.presentation,
             }
         })
         .collect();

@@ -32,7 +32,8 @@ use super::{
 use crate::{
     bus::{Bus, Committed, Staged},
     notification::{
-        Content, Epoch, EventBody, Notification, ReadChange, StreamEvent, StreamKey, StreamRange,
+        Content, Epoch, EventBody, Notification, Presentation, ReadChange, Severity, StreamEvent,
+        StreamKey, StreamRange,
     },
 };
 
@@ -47,6 +48,8 @@ pub struct NewContent<'a> {
     pub body: &'a str,
     /// JSON object text.
     pub data: &'a str,
+    /// Category, severity, actor and links.
+    pub presentation: &'a Presentation,
 }
 
 /// An event to append, before it has a seq.
@@ -93,10 +96,13 @@ const TAKE_SEQS: &str = "WITH taken AS ( \
 // Contents and their notifications in one statement (data-modifying CTEs
 // always run: PostgreSQL docs, "Data-Modifying Statements in WITH").
 const INSERT_NOTIFICATIONS: &str = "WITH c AS ( \
-       INSERT INTO contents (id, type, title, body, data, created_at) \
-       SELECT id, type, title, body, data::json, $11 \
-       FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-         AS c(id, type, title, body, data) \
+       INSERT INTO contents (id, type, title, body, data, created_at, \
+                             category, severity, actor, action_url, actions) \
+       SELECT id, type, title, body, data::json, $11, \
+              category, severity, actor, action_url, actions \
+       FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                   $12::text[], $13::int2[], $14::text[], $15::text[], $16::text[]) \
+         AS c(id, type, title, body, data, category, severity, actor, action_url, actions) \
      ) INSERT INTO notifications (id, tenant, user_id, seq, content_id, created_at) \
      SELECT id, tenant, user_id, seq, content_id, $11 \
      FROM unnest($6::int8[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
@@ -242,6 +248,11 @@ pub struct Appending<'c> {
     c_titles: Vec<&'c str>,
     c_bodies: Vec<&'c str>,
     c_data: Vec<&'c str>,
+    c_categories: Vec<&'c str>,
+    c_severities: Vec<i16>,
+    c_actors: Vec<&'c str>,
+    c_action_urls: Vec<&'c str>,
+    c_actions: Vec<String>,
     note_ids: Vec<i64>,
     n_tenants: Vec<&'c str>,
     n_users: Vec<&'c str>,
@@ -262,6 +273,11 @@ impl<'c> Appending<'c> {
             c_titles: Vec::new(),
             c_bodies: Vec::new(),
             c_data: Vec::new(),
+            c_categories: Vec::new(),
+            c_severities: Vec::new(),
+            c_actors: Vec::new(),
+            c_action_urls: Vec::new(),
+            c_actions: Vec::new(),
             note_ids: Vec::new(),
             n_tenants: Vec::new(),
             n_users: Vec::new(),
@@ -305,6 +321,11 @@ impl<'c> Appending<'c> {
                     &self.n_seqs,
                     &self.note_contents,
                     &self.at,
+                    &self.c_categories,
+                    &self.c_severities,
+                    &self.c_actors,
+                    &self.c_action_urls,
+                    &self.c_actions,
                 ],
             );
         }
@@ -405,6 +426,7 @@ pub async fn take<'c>(
                 title: c.title.to_owned(),
                 body: c.body.to_owned(),
                 data: c.data.to_owned(),
+                presentation: c.presentation.clone(),
                 created_at: taken.at,
             })
         })
@@ -434,7 +456,7 @@ pub async fn take<'c>(
                     .get(*c)
                     .ok_or_else(|| StoreError::internal("no such content"))?
                     .clone(),
-                read: false,
+                read_at: None,
             }),
             NewEvent::Read(r) => EventBody::Read(r.clone()),
         };
@@ -466,6 +488,26 @@ pub async fn take<'c>(
         c_titles: contents.iter().map(|c| c.title).collect(),
         c_bodies: contents.iter().map(|c| c.body).collect(),
         c_data: contents.iter().map(|c| c.data).collect(),
+        c_categories: contents
+            .iter()
+            .map(|c| c.presentation.category.as_str())
+            .collect(),
+        c_severities: contents
+            .iter()
+            .map(|c| c.presentation.severity.as_i16())
+            .collect(),
+        c_actors: contents
+            .iter()
+            .map(|c| c.presentation.actor.as_str())
+            .collect(),
+        c_action_urls: contents
+            .iter()
+            .map(|c| c.presentation.action_url.as_str())
+            .collect(),
+        c_actions: contents
+            .iter()
+            .map(|c| c.presentation.actions_json())
+            .collect(),
         n_tenants: notes.iter().map(|&i| appends[i].tenant).collect(),
         n_users: notes.iter().map(|&i| appends[i].user).collect(),
         n_seqs: notes.iter().map(|&i| seqs[i]).collect(),
@@ -479,7 +521,8 @@ pub async fn take<'c>(
 /// Columns of a notification joined with its content, as [`notification`]
 /// reads them.
 pub const NOTIFICATION_COLUMNS: &str = "n.id, n.seq, n.user_id, c.type, c.title, c.body, \
-     c.data::text AS data, c.created_at, n.read_at IS NOT NULL AS read";
+     c.data::text AS data, c.created_at, n.read_at, c.category, c.severity, c.actor, \
+     c.action_url, c.actions";
 
 /// A notification row (see [`NOTIFICATION_COLUMNS`]). Content is not
 /// shared between rows read this way.
@@ -493,9 +536,16 @@ pub fn notification(row: &tokio_postgres::Row) -> Result<Notification, tokio_pos
             title: row.try_get("title")?,
             body: row.try_get("body")?,
             data: row.try_get("data")?,
+            presentation: Presentation {
+                category: row.try_get("category")?,
+                severity: Severity::from_i16(row.try_get("severity")?),
+                actor: row.try_get("actor")?,
+                action_url: row.try_get("action_url")?,
+                actions: Presentation::actions_from_json(row.try_get("actions")?),
+            },
             created_at: row.try_get("created_at")?,
         }),
-        read: row.try_get("read")?,
+        read_at: row.try_get("read_at")?,
     })
 }
 
@@ -517,8 +567,8 @@ pub async fn read_range(
                  FROM notifications n JOIN contents c ON c.id = n.content_id \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 \
                  UNION ALL \
-                 SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, \
-                        notification_ids, up_to_seq \
+                 SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                        NULL, NULL, NULL, NULL, notification_ids, up_to_seq \
                  FROM read_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
                ) AS u ORDER BY seq LIMIT $4 \
              ) AS e ON true ORDER BY e.seq"
@@ -541,7 +591,7 @@ pub async fn read_range(
         let id: Option<i64> = row.try_get("id").map_err(pg_error)?;
         let body = match id {
             Some(_) => EventBody::Notification(Notification {
-                read: false,
+                read_at: None,
                 ..notification(row).map_err(pg_error)?
             }),
             None => EventBody::Read(ReadChange {

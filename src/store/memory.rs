@@ -183,7 +183,7 @@ impl Store for MemoryStore {
             .idempotency_key
             .as_ref()
             .map(|k| (tenant.to_owned(), sender.to_owned(), k.clone()));
-        let fingerprint = n.fingerprint();
+        let fingerprint = n.fingerprint(sender);
         if let Some((stored, deliveries, _)) = idem.as_ref().and_then(|k| inner.idempotency.get(k))
         {
             return if *stored == fingerprint {
@@ -201,6 +201,7 @@ impl Store for MemoryStore {
             title: n.title.clone(),
             body: n.body.clone(),
             data: n.data.clone(),
+            presentation: n.presentation.clone(),
             created_at: now,
         });
         let mut deliveries = Vec::with_capacity(n.recipients.len());
@@ -214,7 +215,7 @@ impl Store for MemoryStore {
                     seq,
                     recipient: recipient.to_string(),
                     content: content.clone(),
-                    read: false,
+                    read_at: None,
                 })
             });
             deliveries.push(Delivery {
@@ -244,13 +245,14 @@ impl Store for MemoryStore {
         let Some(log) = inner.users.get_mut(&key(tenant, user)) else {
             return Ok(MarkOutcome::default());
         };
+        let now = SystemTime::now();
         let mut marked = 0usize;
         let change = match target {
             ReadTarget::Ids(wanted) => {
                 let mut ids = Vec::new();
                 for n in log.notifications.values_mut() {
-                    if !n.read && wanted.binary_search(&n.id).is_ok() {
-                        n.read = true;
+                    if n.read_at.is_none() && wanted.binary_search(&n.id).is_ok() {
+                        n.read_at = Some(now);
                         ids.push(n.id);
                     }
                 }
@@ -260,8 +262,8 @@ impl Store for MemoryStore {
             ReadTarget::UpTo(seq) => {
                 let up_to = (*seq).min(log.head.last_seq);
                 for n in log.notifications.range_mut(..=up_to).map(|(_, n)| n) {
-                    if !n.read {
-                        n.read = true;
+                    if n.read_at.is_none() {
+                        n.read_at = Some(now);
                         marked += 1;
                     }
                 }
@@ -342,7 +344,7 @@ impl Store for MemoryStore {
             .notifications
             .range(after_seq + 1..=up_to_seq)
             .map(|(_, n)| n)
-            .filter(|n| !n.read)
+            .filter(|n| n.read_at.is_none())
             .take(limit)
             .cloned()
             .collect())
@@ -363,7 +365,7 @@ impl Store for MemoryStore {
             .range(..query.before_seq)
             .rev()
             .map(|(_, n)| n)
-            .filter(|n| !query.unread_only || !n.read)
+            .filter(|n| !query.unread_only || n.read_at.is_none())
             .take(query.limit)
             .cloned()
             .collect())
@@ -375,7 +377,11 @@ impl Store for MemoryStore {
             .users
             .get(&key(tenant, user))
             .map(|log| {
-                let unread = log.notifications.values().filter(|n| !n.read).count();
+                let unread = log
+                    .notifications
+                    .values()
+                    .filter(|n| n.read_at.is_none())
+                    .count();
                 (unread as u64, log.head.last_seq)
             })
             .unwrap_or((0, inner.dropped_seq)))

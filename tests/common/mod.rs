@@ -306,7 +306,7 @@ pub fn note(recipients: &[&str], title: &str) -> proto::SendNotificationRequest 
         title: title.into(),
         body: "body".into(),
         data: r#"{"k":1}"#.into(),
-        idempotency_key: String::new(),
+        ..Default::default()
     }
 }
 
@@ -403,6 +403,25 @@ pub fn notification(event: &proto::Event) -> &proto::Notification {
         Some(Kind::Notification(n)) => n,
         other => panic!("expected a notification, got {other:?}"),
     }
+}
+
+/// Marks `user`'s notifications read up to `seq` (`MarkRead` with
+/// `up_to_seq`).
+pub async fn mark_up_to(
+    client: &mut NotificationsClient<Channel>,
+    user: &str,
+    seq: u64,
+) -> proto::MarkReadResponse {
+    client
+        .mark_read(authed(
+            proto::MarkReadRequest {
+                target: Some(proto::mark_read_request::Target::UpToSeq(seq)),
+            },
+            &token(user, "", ""),
+        ))
+        .await
+        .expect("mark read")
+        .into_inner()
 }
 
 /// The user's unread count.

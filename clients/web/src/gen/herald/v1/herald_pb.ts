@@ -25,7 +25,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file herald/v1/herald.proto.
  */
 export const file_herald_v1_herald: GenFile = /*@__PURE__*/
-  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEisQEKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgifwoXU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QSEgoKcmVjaXBpZW50cxgBIAMoCRIMCgR0eXBlGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEZGF0YRgFIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBiABKAkiQwoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQiQwoYU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEicKCmRlbGl2ZXJpZXMYASADKAsyEy5oZXJhbGQudjEuRGVsaXZlcnkiVQoYU2VuZE5vdGlmaWNhdGlvbnNSZXF1ZXN0EjkKDW5vdGlmaWNhdGlvbnMYASADKAsyIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QicAoXU2VuZE5vdGlmaWNhdGlvbnNSZXN1bHQSDQoFaW5kZXgYASABKA0SDAoEY29kZRgCIAEoBRIPCgdtZXNzYWdlGAMgASgJEicKCmRlbGl2ZXJpZXMYBCADKAsyEy5oZXJhbGQudjEuRGVsaXZlcnkiUAoZU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRIzCgdyZXN1bHRzGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVzdWx0IlYKEFN1YnNjcmliZVJlcXVlc3QSFgoJYWZ0ZXJfc2VxGAEgASgESACIAQESDQoFdHlwZXMYAiADKAkSDQoFZXBvY2gYAyABKARCDAoKX2FmdGVyX3NlcSKDAgoFRXZlbnQSCwoDc2VxGAEgASgEEi8KDG5vdGlmaWNhdGlvbhgCIAEoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb25IABIrCgRyZWFkGAMgASgLMhsuaGVyYWxkLnYxLlJlYWRTdGF0ZUNoYW5nZWRIABIoCgljYXVnaHRfdXAYBCABKAsyEy5oZXJhbGQudjEuQ2F1Z2h0VXBIABIpCgloZWFydGJlYXQYBSABKAsyFC5oZXJhbGQudjEuSGVhcnRiZWF0SAASIwoGcmVzeW5jGAYgASgLMhEuaGVyYWxkLnYxLlJlc3luY0gAEg0KBWVwb2NoGAcgASgEQgYKBGtpbmQiPwoQUmVhZFN0YXRlQ2hhbmdlZBIYChBub3RpZmljYXRpb25faWRzGAEgAygDEhEKCXVwX3RvX3NlcRgCIAEoBCJBCghDYXVnaHRVcBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPAoJSGVhcnRiZWF0Ei8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKZAQoGUmVzeW5jEigKBnJlYXNvbhgBIAEoDjIYLmhlcmFsZC52MS5SZXN5bmMuUmVhc29uImUKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUFTT05fRVBPQ0hfQ0hBTkdFRBABEhEKDVJFQVNPTl9QUlVORUQQAhIWChJSRUFTT05fQkVZT05EX0hFQUQQAyJbCg9NYXJrUmVhZFJlcXVlc3QSKQoDaWRzGAEgASgLMhouaGVyYWxkLnYxLk5vdGlmaWNhdGlvbklkc0gAEhMKCXVwX3RvX3NlcRgCIAEoBEgAQggKBnRhcmdldCIeCg9Ob3RpZmljYXRpb25JZHMSCwoDaWRzGAEgAygDIi8KEE1hcmtSZWFkUmVzcG9uc2USDgoGbWFya2VkGAEgASgNEgsKA3NlcRgCIAEoBCJWChhMaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QSEwoLdW5yZWFkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkiZAoZTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRIuCg1ub3RpZmljYXRpb25zGAEgAygLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiFwoVR2V0VW5yZWFkQ291bnRSZXF1ZXN0IjUKFkdldFVucmVhZENvdW50UmVzcG9uc2USDgoGdW5yZWFkGAEgASgEEgsKA3NlcRgCIAEoBCIbChlDcmVhdGVTdHJlYW1UaWNrZXRSZXF1ZXN0IlwKGkNyZWF0ZVN0cmVhbVRpY2tldFJlc3BvbnNlEg4KBnRpY2tldBgBIAEoCRIuCgpleHBpcmVzX2F0GAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcDLpBAoNTm90aWZpY2F0aW9ucxJbChBTZW5kTm90aWZpY2F0aW9uEiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0GiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXNwb25zZRJeChFTZW5kTm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRI8CglTdWJzY3JpYmUSGy5oZXJhbGQudjEuU3Vic2NyaWJlUmVxdWVzdBoQLmhlcmFsZC52MS5FdmVudDABEkMKCE1hcmtSZWFkEhouaGVyYWxkLnYxLk1hcmtSZWFkUmVxdWVzdBobLmhlcmFsZC52MS5NYXJrUmVhZFJlc3BvbnNlEl4KEUxpc3ROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlElUKDkdldFVucmVhZENvdW50EiAuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVxdWVzdBohLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlc3BvbnNlEmEKEkNyZWF0ZVN0cmVhbVRpY2tldBIkLmhlcmFsZC52MS5DcmVhdGVTdHJlYW1UaWNrZXRSZXF1ZXN0GiUuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEi3gIKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIkCgZBY3Rpb24SDQoFbGFiZWwYASABKAkSCwoDdXJsGAIgASgJIv8BChdTZW5kTm90aWZpY2F0aW9uUmVxdWVzdBISCgpyZWNpcGllbnRzGAEgAygJEgwKBHR5cGUYAiABKAkSDQoFdGl0bGUYAyABKAkSDAoEYm9keRgEIAEoCRIMCgRkYXRhGAUgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIQCghjYXRlZ29yeRgHIAEoCRIlCghzZXZlcml0eRgIIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRINCgVhY3RvchgJIAEoCRISCgphY3Rpb25fdXJsGAogASgJEiIKB2FjdGlvbnMYCyADKAsyES5oZXJhbGQudjEuQWN0aW9uIkMKCERlbGl2ZXJ5EhEKCXJlY2lwaWVudBgBIAEoCRIXCg9ub3RpZmljYXRpb25faWQYAiABKAMSCwoDc2VxGAMgASgEIkMKGFNlbmROb3RpZmljYXRpb25SZXNwb25zZRInCgpkZWxpdmVyaWVzGAEgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlUKGFNlbmROb3RpZmljYXRpb25zUmVxdWVzdBI5Cg1ub3RpZmljYXRpb25zGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0InAKF1NlbmROb3RpZmljYXRpb25zUmVzdWx0Eg0KBWluZGV4GAEgASgNEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRInCgpkZWxpdmVyaWVzGAQgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlAKGVNlbmROb3RpZmljYXRpb25zUmVzcG9uc2USMwoHcmVzdWx0cxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1Jlc3VsdCJWChBTdWJzY3JpYmVSZXF1ZXN0EhYKCWFmdGVyX3NlcRgBIAEoBEgAiAEBEg0KBXR5cGVzGAIgAygJEg0KBWVwb2NoGAMgASgEQgwKCl9hZnRlcl9zZXEigwIKBUV2ZW50EgsKA3NlcRgBIAEoBBIvCgxub3RpZmljYXRpb24YAiABKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uSAASKwoEcmVhZBgDIAEoCzIbLmhlcmFsZC52MS5SZWFkU3RhdGVDaGFuZ2VkSAASKAoJY2F1Z2h0X3VwGAQgASgLMhMuaGVyYWxkLnYxLkNhdWdodFVwSAASKQoJaGVhcnRiZWF0GAUgASgLMhQuaGVyYWxkLnYxLkhlYXJ0YmVhdEgAEiMKBnJlc3luYxgGIAEoCzIRLmhlcmFsZC52MS5SZXN5bmNIABINCgVlcG9jaBgHIAEoBEIGCgRraW5kIj8KEFJlYWRTdGF0ZUNoYW5nZWQSGAoQbm90aWZpY2F0aW9uX2lkcxgBIAMoAxIRCgl1cF90b19zZXEYAiABKAQiQQoIQ2F1Z2h0VXASNQoSaGVhcnRiZWF0X2ludGVydmFsGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjwKCUhlYXJ0YmVhdBIvCgtzZXJ2ZXJfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAimQEKBlJlc3luYxIoCgZyZWFzb24YASABKA4yGC5oZXJhbGQudjEuUmVzeW5jLlJlYXNvbiJlCgZSZWFzb24SFgoSUkVBU09OX1VOU1BFQ0lGSUVEEAASGAoUUkVBU09OX0VQT0NIX0NIQU5HRUQQARIRCg1SRUFTT05fUFJVTkVEEAISFgoSUkVBU09OX0JFWU9ORF9IRUFEEAMiWwoPTWFya1JlYWRSZXF1ZXN0EikKA2lkcxgBIAEoCzIaLmhlcmFsZC52MS5Ob3RpZmljYXRpb25JZHNIABITCgl1cF90b19zZXEYAiABKARIAEIICgZ0YXJnZXQiHgoPTm90aWZpY2F0aW9uSWRzEgsKA2lkcxgBIAMoAyIvChBNYXJrUmVhZFJlc3BvbnNlEg4KBm1hcmtlZBgBIAEoDRILCgNzZXEYAiABKAQiVgoYTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0EhMKC3VucmVhZF9vbmx5GAEgASgIEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJImQKGUxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USLgoNbm90aWZpY2F0aW9ucxgBIAMoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIhcKFUdldFVucmVhZENvdW50UmVxdWVzdCI1ChZHZXRVbnJlYWRDb3VudFJlc3BvbnNlEg4KBnVucmVhZBgBIAEoBBILCgNzZXEYAiABKAQiGwoZQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdCJcChpDcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZRIOCgZ0aWNrZXQYASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqdQoIU2V2ZXJpdHkSGAoUU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIQCgxTRVZFUklUWV9MT1cQARITCg9TRVZFUklUWV9OT1JNQUwQAhIRCg1TRVZFUklUWV9ISUdIEAMSFQoRU0VWRVJJVFlfQ1JJVElDQUwQBDLpBAoNTm90aWZpY2F0aW9ucxJbChBTZW5kTm90aWZpY2F0aW9uEiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0GiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXNwb25zZRJeChFTZW5kTm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRI8CglTdWJzY3JpYmUSGy5oZXJhbGQudjEuU3Vic2NyaWJlUmVxdWVzdBoQLmhlcmFsZC52MS5FdmVudDABEkMKCE1hcmtSZWFkEhouaGVyYWxkLnYxLk1hcmtSZWFkUmVxdWVzdBobLmhlcmFsZC52MS5NYXJrUmVhZFJlc3BvbnNlEl4KEUxpc3ROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlElUKDkdldFVucmVhZENvdW50EiAuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVxdWVzdBohLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlc3BvbnNlEmEKEkNyZWF0ZVN0cmVhbVRpY2tldBIkLmhlcmFsZC52MS5DcmVhdGVTdHJlYW1UaWNrZXRSZXF1ZXN0GiUuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A notification as stored for one recipient.
@@ -96,6 +96,52 @@ export type Notification = Message<"herald.v1.Notification"> & {
    * @generated from field: bool read = 9;
    */
   read: boolean;
+
+  /**
+   * The sender's grouping of notifications, e.g. `billing` or `comments`;
+   * empty when none was given.
+   *
+   * @generated from field: string category = 10;
+   */
+  category: string;
+
+  /**
+   * How urgent it is; SEVERITY_NORMAL unless the sender said otherwise.
+   *
+   * @generated from field: herald.v1.Severity severity = 11;
+   */
+  severity: Severity;
+
+  /**
+   * Who or what caused it: the sender's `actor`, or the sending token's
+   * user (`sub`) when none was given.
+   *
+   * @generated from field: string actor = 12;
+   */
+  actor: string;
+
+  /**
+   * Where the notification leads when opened (absolute http(s) URL or a
+   * path on the app's own origin); empty when none.
+   *
+   * @generated from field: string action_url = 13;
+   */
+  actionUrl: string;
+
+  /**
+   * Buttons to show with it, in order.
+   *
+   * @generated from field: repeated herald.v1.Action actions = 14;
+   */
+  actions: Action[];
+
+  /**
+   * When the recipient marked it read; absent while unread (and in
+   * `Event`s). Current in ListNotifications.
+   *
+   * @generated from field: google.protobuf.Timestamp read_at = 15;
+   */
+  readAt?: Timestamp | undefined;
 };
 
 /**
@@ -104,6 +150,35 @@ export type Notification = Message<"herald.v1.Notification"> & {
  */
 export const NotificationSchema: GenMessage<Notification> = /*@__PURE__*/
   messageDesc(file_herald_v1_herald, 0);
+
+/**
+ * A button on a notification.
+ *
+ * @generated from message herald.v1.Action
+ */
+export type Action = Message<"herald.v1.Action"> & {
+  /**
+   * What the button says: 1 to 64 bytes.
+   *
+   * @generated from field: string label = 1;
+   */
+  label: string;
+
+  /**
+   * Where it leads: an absolute http(s) URL or a path starting with `/`,
+   * at most 2,048 bytes.
+   *
+   * @generated from field: string url = 2;
+   */
+  url: string;
+};
+
+/**
+ * Describes the message herald.v1.Action.
+ * Use `create(ActionSchema)` to create a new message.
+ */
+export const ActionSchema: GenMessage<Action> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 1);
 
 /**
  * @generated from message herald.v1.SendNotificationRequest
@@ -156,6 +231,45 @@ export type SendNotificationRequest = Message<"herald.v1.SendNotificationRequest
    * @generated from field: string idempotency_key = 6;
    */
   idempotencyKey: string;
+
+  /**
+   * Optional grouping, e.g. `billing`: at most 64 bytes of ASCII letters,
+   * digits, `.`, `_`, `-`, `:` and `/`.
+   *
+   * @generated from field: string category = 7;
+   */
+  category: string;
+
+  /**
+   * Optional; unspecified means SEVERITY_NORMAL. A value this server does
+   * not know is INVALID_ARGUMENT.
+   *
+   * @generated from field: herald.v1.Severity severity = 8;
+   */
+  severity: Severity;
+
+  /**
+   * Optional: who caused it (a user id or a service name), at most 128
+   * bytes; empty means the sending token's user (`sub`).
+   *
+   * @generated from field: string actor = 9;
+   */
+  actor: string;
+
+  /**
+   * Optional: where opening it leads: an absolute http(s) URL or a path
+   * starting with `/`, at most 2,048 bytes.
+   *
+   * @generated from field: string action_url = 10;
+   */
+  actionUrl: string;
+
+  /**
+   * Optional buttons, at most 5 (see Action).
+   *
+   * @generated from field: repeated herald.v1.Action actions = 11;
+   */
+  actions: Action[];
 };
 
 /**
@@ -163,7 +277,7 @@ export type SendNotificationRequest = Message<"herald.v1.SendNotificationRequest
  * Use `create(SendNotificationRequestSchema)` to create a new message.
  */
 export const SendNotificationRequestSchema: GenMessage<SendNotificationRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 1);
+  messageDesc(file_herald_v1_herald, 2);
 
 /**
  * What was stored for one recipient.
@@ -192,7 +306,7 @@ export type Delivery = Message<"herald.v1.Delivery"> & {
  * Use `create(DeliverySchema)` to create a new message.
  */
 export const DeliverySchema: GenMessage<Delivery> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 2);
+  messageDesc(file_herald_v1_herald, 3);
 
 /**
  * @generated from message herald.v1.SendNotificationResponse
@@ -211,7 +325,7 @@ export type SendNotificationResponse = Message<"herald.v1.SendNotificationRespon
  * Use `create(SendNotificationResponseSchema)` to create a new message.
  */
 export const SendNotificationResponseSchema: GenMessage<SendNotificationResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 3);
+  messageDesc(file_herald_v1_herald, 4);
 
 /**
  * @generated from message herald.v1.SendNotificationsRequest
@@ -232,7 +346,7 @@ export type SendNotificationsRequest = Message<"herald.v1.SendNotificationsReque
  * Use `create(SendNotificationsRequestSchema)` to create a new message.
  */
 export const SendNotificationsRequestSchema: GenMessage<SendNotificationsRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 4);
+  messageDesc(file_herald_v1_herald, 5);
 
 /**
  * The outcome of one item of a SendNotificationsRequest.
@@ -278,7 +392,7 @@ export type SendNotificationsResult = Message<"herald.v1.SendNotificationsResult
  * Use `create(SendNotificationsResultSchema)` to create a new message.
  */
 export const SendNotificationsResultSchema: GenMessage<SendNotificationsResult> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 5);
+  messageDesc(file_herald_v1_herald, 6);
 
 /**
  * @generated from message herald.v1.SendNotificationsResponse
@@ -297,7 +411,7 @@ export type SendNotificationsResponse = Message<"herald.v1.SendNotificationsResp
  * Use `create(SendNotificationsResponseSchema)` to create a new message.
  */
 export const SendNotificationsResponseSchema: GenMessage<SendNotificationsResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 6);
+  messageDesc(file_herald_v1_herald, 7);
 
 /**
  * @generated from message herald.v1.SubscribeRequest
@@ -339,7 +453,7 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 7);
+  messageDesc(file_herald_v1_herald, 8);
 
 /**
  * One event of a user's stream.
@@ -408,7 +522,7 @@ export type Event = Message<"herald.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 8);
+  messageDesc(file_herald_v1_herald, 9);
 
 /**
  * Some of the user's notifications were marked read.
@@ -436,7 +550,7 @@ export type ReadStateChanged = Message<"herald.v1.ReadStateChanged"> & {
  * Use `create(ReadStateChangedSchema)` to create a new message.
  */
 export const ReadStateChangedSchema: GenMessage<ReadStateChanged> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 9);
+  messageDesc(file_herald_v1_herald, 10);
 
 /**
  * The backlog has been sent; what follows is live.
@@ -459,7 +573,7 @@ export type CaughtUp = Message<"herald.v1.CaughtUp"> & {
  * Use `create(CaughtUpSchema)` to create a new message.
  */
 export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 10);
+  messageDesc(file_herald_v1_herald, 11);
 
 /**
  * Sent when the stream has been idle for the heartbeat interval, so proxies
@@ -479,7 +593,7 @@ export type Heartbeat = Message<"herald.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 11);
+  messageDesc(file_herald_v1_herald, 12);
 
 /**
  * The server cannot continue from the requested resume position: the
@@ -501,7 +615,7 @@ export type Resync = Message<"herald.v1.Resync"> & {
  * Use `create(ResyncSchema)` to create a new message.
  */
 export const ResyncSchema: GenMessage<Resync> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 12);
+  messageDesc(file_herald_v1_herald, 13);
 
 /**
  * Why the position could not be continued.
@@ -543,7 +657,7 @@ export enum Resync_Reason {
  * Describes the enum herald.v1.Resync.Reason.
  */
 export const Resync_ReasonSchema: GenEnum<Resync_Reason> = /*@__PURE__*/
-  enumDesc(file_herald_v1_herald, 12, 0);
+  enumDesc(file_herald_v1_herald, 13, 0);
 
 /**
  * @generated from message herald.v1.MarkReadRequest
@@ -579,7 +693,7 @@ export type MarkReadRequest = Message<"herald.v1.MarkReadRequest"> & {
  * Use `create(MarkReadRequestSchema)` to create a new message.
  */
 export const MarkReadRequestSchema: GenMessage<MarkReadRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 13);
+  messageDesc(file_herald_v1_herald, 14);
 
 /**
  * @generated from message herald.v1.NotificationIds
@@ -596,7 +710,7 @@ export type NotificationIds = Message<"herald.v1.NotificationIds"> & {
  * Use `create(NotificationIdsSchema)` to create a new message.
  */
 export const NotificationIdsSchema: GenMessage<NotificationIds> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 14);
+  messageDesc(file_herald_v1_herald, 15);
 
 /**
  * @generated from message herald.v1.MarkReadResponse
@@ -622,7 +736,7 @@ export type MarkReadResponse = Message<"herald.v1.MarkReadResponse"> & {
  * Use `create(MarkReadResponseSchema)` to create a new message.
  */
 export const MarkReadResponseSchema: GenMessage<MarkReadResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 15);
+  messageDesc(file_herald_v1_herald, 16);
 
 /**
  * @generated from message herald.v1.ListNotificationsRequest
@@ -655,7 +769,7 @@ export type ListNotificationsRequest = Message<"herald.v1.ListNotificationsReque
  * Use `create(ListNotificationsRequestSchema)` to create a new message.
  */
 export const ListNotificationsRequestSchema: GenMessage<ListNotificationsRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 16);
+  messageDesc(file_herald_v1_herald, 17);
 
 /**
  * @generated from message herald.v1.ListNotificationsResponse
@@ -681,7 +795,7 @@ export type ListNotificationsResponse = Message<"herald.v1.ListNotificationsResp
  * Use `create(ListNotificationsResponseSchema)` to create a new message.
  */
 export const ListNotificationsResponseSchema: GenMessage<ListNotificationsResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 17);
+  messageDesc(file_herald_v1_herald, 18);
 
 /**
  * @generated from message herald.v1.GetUnreadCountRequest
@@ -694,7 +808,7 @@ export type GetUnreadCountRequest = Message<"herald.v1.GetUnreadCountRequest"> &
  * Use `create(GetUnreadCountRequestSchema)` to create a new message.
  */
 export const GetUnreadCountRequestSchema: GenMessage<GetUnreadCountRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 18);
+  messageDesc(file_herald_v1_herald, 19);
 
 /**
  * @generated from message herald.v1.GetUnreadCountResponse
@@ -718,7 +832,7 @@ export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse">
  * Use `create(GetUnreadCountResponseSchema)` to create a new message.
  */
 export const GetUnreadCountResponseSchema: GenMessage<GetUnreadCountResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 19);
+  messageDesc(file_herald_v1_herald, 20);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketRequest
@@ -731,7 +845,7 @@ export type CreateStreamTicketRequest = Message<"herald.v1.CreateStreamTicketReq
  * Use `create(CreateStreamTicketRequestSchema)` to create a new message.
  */
 export const CreateStreamTicketRequestSchema: GenMessage<CreateStreamTicketRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 20);
+  messageDesc(file_herald_v1_herald, 21);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketResponse
@@ -759,7 +873,48 @@ export type CreateStreamTicketResponse = Message<"herald.v1.CreateStreamTicketRe
  * Use `create(CreateStreamTicketResponseSchema)` to create a new message.
  */
 export const CreateStreamTicketResponseSchema: GenMessage<CreateStreamTicketResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 21);
+  messageDesc(file_herald_v1_herald, 22);
+
+/**
+ * How urgent a notification is. Clients may sort or style by it, and
+ * filter on a minimum.
+ *
+ * @generated from enum herald.v1.Severity
+ */
+export enum Severity {
+  /**
+   * Not given: a send without severity is stored as NORMAL.
+   *
+   * @generated from enum value: SEVERITY_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: SEVERITY_LOW = 1;
+   */
+  LOW = 1,
+
+  /**
+   * @generated from enum value: SEVERITY_NORMAL = 2;
+   */
+  NORMAL = 2,
+
+  /**
+   * @generated from enum value: SEVERITY_HIGH = 3;
+   */
+  HIGH = 3,
+
+  /**
+   * @generated from enum value: SEVERITY_CRITICAL = 4;
+   */
+  CRITICAL = 4,
+}
+
+/**
+ * Describes the enum herald.v1.Severity.
+ */
+export const SeveritySchema: GenEnum<Severity> = /*@__PURE__*/
+  enumDesc(file_herald_v1_herald, 0);
 
 /**
  * The notification service. One per deployment; any replica serves any call.
