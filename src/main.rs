@@ -128,6 +128,21 @@ struct SendArgs {
     /// Idempotency key.
     #[arg(long, default_value = "")]
     idempotency_key: String,
+    /// Category, e.g. `billing`.
+    #[arg(long, default_value = "")]
+    category: String,
+    /// Severity: low, normal, high or critical.
+    #[arg(long, value_parser = ["low", "normal", "high", "critical"])]
+    severity: Option<String>,
+    /// Who caused it (default: the sender).
+    #[arg(long, default_value = "")]
+    actor: String,
+    /// Where opening it leads: an http(s) URL or a path starting with `/`.
+    #[arg(long, default_value = "")]
+    action_url: String,
+    /// A button, `label=url` (repeatable, at most 5).
+    #[arg(long = "action", value_parser = parse_action)]
+    actions: Vec<proto::Action>,
     /// The sender, when minting a token.
     #[arg(long = "as", default_value = "herald-cli")]
     sender: String,
@@ -254,6 +269,17 @@ async fn shutdown_signal() {
     }
 }
 
+/// `label=url` → an action (the URL is checked by the server).
+fn parse_action(value: &str) -> Result<proto::Action, String> {
+    let (label, url) = value
+        .split_once('=')
+        .ok_or_else(|| format!("{value:?} is not label=url"))?;
+    Ok(proto::Action {
+        label: label.to_owned(),
+        url: url.to_owned(),
+    })
+}
+
 async fn send(args: SendArgs) -> anyhow::Result<()> {
     let token = args.client.token(&args.sender, SEND_SCOPE)?;
     let mut client = args.client.client().await?;
@@ -264,7 +290,17 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
         body: args.body,
         data: args.data,
         idempotency_key: args.idempotency_key,
-        ..Default::default()
+        category: args.category,
+        severity: match args.severity.as_deref() {
+            Some("low") => proto::Severity::Low,
+            Some("high") => proto::Severity::High,
+            Some("critical") => proto::Severity::Critical,
+            Some(_) => proto::Severity::Normal,
+            None => proto::Severity::Unspecified,
+        } as i32,
+        actor: args.actor,
+        action_url: args.action_url,
+        actions: args.actions,
     };
     let response = client
         .send_notification(authorized(request, &token)?)
@@ -312,6 +348,11 @@ fn event_json(event: &proto::Event) -> serde_json::Value {
                 "body": n.body,
                 "data": serde_json::from_str::<serde_json::Value>(&n.data).unwrap_or_default(),
                 "created_at": n.created_at.map(|t| t.to_string()),
+                "category": n.category,
+                "severity": n.severity().as_str_name(),
+                "actor": n.actor,
+                "action_url": n.action_url,
+                "actions": n.actions.iter().map(|a| json!({"label": a.label, "url": a.url})).collect::<Vec<_>>(),
             }),
         ),
         Some(Kind::Read(r)) => (
