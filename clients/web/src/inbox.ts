@@ -7,7 +7,7 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import type { HeraldClient } from "./client.js";
 import { HeraldError, toHeraldError } from "./errors.js";
-import type { Notification, Resync_Reason } from "./gen/herald/v1/herald_pb.js";
+import { Severity, type Notification, type Resync_Reason } from "./gen/herald/v1/herald_pb.js";
 import {
   resolveStreamTiming,
   type ConnectionState,
@@ -35,6 +35,16 @@ export interface InboxItem {
   readonly createdAt: Date | undefined;
   /** Whether the user has marked it read (on any device). */
   readonly read: boolean;
+  /** The sender's grouping, e.g. `billing`; empty when none. */
+  readonly category: string;
+  /** How urgent it is (`Severity.NORMAL` unless the sender said otherwise). */
+  readonly severity: Severity;
+  /** Who or what caused it (the sender's `actor`, or the sending service). */
+  readonly actor: string;
+  /** Where opening it leads (an http(s) URL or a path on the app's origin); empty when none. */
+  readonly actionUrl: string;
+  /** Buttons to show with it, in order: `{ label, url }`. */
+  readonly actions: readonly { readonly label: string; readonly url: string }[];
 }
 
 /** The inbox's latest `resync`: when the stream could not be continued and the inbox was refetched. */
@@ -205,6 +215,12 @@ export function createInbox(options: InboxOptions): Inbox {
       createdAt: n.createdAt ? timestampDate(n.createdAt) : undefined,
       // Read state only ever goes from unread to read.
       read: read || (known?.read ?? false) || n.seq <= readUpTo,
+      category: n.category,
+      // A server that predates severities sends none: normal.
+      severity: n.severity === Severity.UNSPECIFIED ? Severity.NORMAL : n.severity,
+      actor: n.actor,
+      actionUrl: n.actionUrl,
+      actions: n.actions.map((a) => ({ label: a.label, url: a.url })),
     });
   };
 

@@ -96,6 +96,11 @@ async function pageState(page) {
         read: li.getAttribute("data-read") === "true",
         shownAt: Number(li.getAttribute("data-shown-at")),
         title: li.querySelector('[data-testid="notification-title"]')?.textContent ?? "",
+        severity: li.querySelector('[data-testid="severity"]')?.textContent ?? "",
+        actions: [...li.querySelectorAll('[data-testid="notification-action"]')].map((a) => [
+          a.textContent,
+          a.getAttribute("href"),
+        ]),
       })),
     };
   }, q);
@@ -158,9 +163,9 @@ async function main() {
   log(`replicas A ${A.url} and B ${B.url} ready`);
 
   /** Sends one notification to alice through `client`; resolves with its seq. */
-  const send = async (client, title, body = "", type = "demo") => {
+  const send = async (client, title, body = "", type = "demo", extra = {}) => {
     const response = await client.sendNotification(
-      { recipients: ["alice"], type, title, body, data: "{}" },
+      { recipients: ["alice"], type, title, body, data: "{}", ...extra },
       auth(sender),
     );
     return Number(response.deliveries[0].seq);
@@ -191,20 +196,35 @@ async function main() {
   log("page 1 (alice, replica A) is live");
 
   const latencies = [];
+  // The first carries every presentation field: the page shows its
+  // severity and its action buttons.
+  const rich = {
+    category: "builds",
+    severity: 3, // herald.v1.Severity.HIGH
+    actionUrl: "/builds/41",
+    actions: [
+      { label: "Open build", url: "/builds/41" },
+      { label: "Logs", url: "https://ci.example.com/41/logs" },
+    ],
+  };
   const messages = [
-    ["build.passed", "Build #41 passed", "main · 212 tests · 3 min 12 s"],
+    ["build.passed", "Build #41 passed", "main · 212 tests · 3 min 12 s", rich],
     ["chat.mention", "You were mentioned in #release", "bob: @alice can you sign off the 1.4 notes?"],
     ["deploy.finished", "Deploy to staging finished", "herald 1.4.0-rc.2 is live on staging"],
     ["review.comment", "New comment on PR #1024", "carol: looks good, one nit on the retry loop"],
     ["report.ready", "Weekly report is ready", "Open rate up 12 % week over week"],
   ];
   const titles = messages.map(([, title]) => title);
-  for (const [type, title, body] of messages) {
+  for (const [type, title, body, extra] of messages) {
     const sentAt = Date.now();
-    const seq = await send(nativeB, title, body, type);
+    const seq = await send(nativeB, title, body, type, extra);
     const state = await waitFor(page1, (s) => s.items.some((i) => i.seq === seq), `seq ${seq} on page 1`, 5000);
     const item = state.items.find((i) => i.seq === seq);
     check(item.title === title, `seq ${seq} shows "${item.title}", expected "${title}"`);
+    const actions = JSON.stringify(item.actions);
+    const wantActions = JSON.stringify((extra?.actions ?? []).map((a) => [a.label, a.url]));
+    check(actions === wantActions, `seq ${seq} shows actions ${actions}, expected ${wantActions}`);
+    check(item.severity === (extra ? "high" : ""), `seq ${seq} shows severity "${item.severity}"`);
     latencies.push(item.shownAt - sentAt);
   }
   const sorted = [...latencies].sort((a, b) => a - b);

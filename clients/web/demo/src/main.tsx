@@ -20,6 +20,7 @@ import { createRoot } from "react-dom/client";
 import {
   createHeraldClient,
   Resync_Reason,
+  Severity,
   type ConnectionState,
   type InboxItem,
   type InboxResync,
@@ -32,6 +33,21 @@ const token = params.get("token") ?? "";
 const types = (params.get("types") ?? "").split(",").filter((t) => t !== "");
 const heartbeatIntervalMs = positive(params.get("heartbeat")) ?? 15_000;
 const historySize = positive(params.get("history")) ?? 20;
+
+/**
+ * A link the page may follow: an http(s) URL or a path on this origin. The
+ * server accepts nothing else, but a page should not trust its data to
+ * keep `javascript:` out of an `href`.
+ */
+function safeHref(url: string): string | undefined {
+  if (url.startsWith("/") && !url.startsWith("//")) return url;
+  try {
+    const parsed = new URL(url);
+    return parsed.protocol === "http:" || parsed.protocol === "https:" ? url : undefined;
+  } catch {
+    return undefined;
+  }
+}
 
 function positive(value: string | null): number | undefined {
   const n = value === null ? NaN : Number(value);
@@ -90,13 +106,29 @@ function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) 
     >
       <div className="content">
         <div className="title" data-testid="notification-title">
-          {item.title}
+          {safeHref(item.actionUrl) ? <a href={safeHref(item.actionUrl)}>{item.title}</a> : item.title}
         </div>
         {item.body !== "" && <p className="body">{item.body}</p>}
         <div className="meta">
+          {item.severity !== Severity.NORMAL && (
+            <span className={`severity severity-${Severity[item.severity].toLowerCase()}`} data-testid="severity">
+              {Severity[item.severity].toLowerCase()}
+            </span>
+          )}
+          {item.category !== "" && <>{item.category} · </>}
           {item.type} · #{item.seq.toString()}
+          {item.actor !== "" && <> · by {item.actor}</>}
           {item.createdAt && <> · {item.createdAt.toLocaleTimeString()}</>}
         </div>
+        {item.actions.length > 0 && (
+          <div className="actions">
+            {item.actions.map((a, i) => (
+              <a key={i} className="action" data-testid="notification-action" href={safeHref(a.url)}>
+                {a.label}
+              </a>
+            ))}
+          </div>
+        )}
       </div>
       <button data-testid="mark-read" disabled={item.read} onClick={() => onMarkRead(item.id)}>
         {item.read ? "Read" : "Mark read"}
