@@ -834,7 +834,7 @@ async fn run_streams(bench: &Bench, streams: usize, connections: usize) -> anyho
             Ok::<_, anyhow::Error>(())
         }));
     }
-    ready.wait().await;
+    all_open(&ready, &mut held).await?;
     streams_row(
         bench,
         streams,
@@ -883,7 +883,7 @@ async fn run_streams_grpc_web(bench: &Bench, streams: usize) -> anyhow::Result<R
             Ok::<_, anyhow::Error>(())
         }));
     }
-    ready.wait().await;
+    all_open(&ready, &mut held).await?;
     streams_row(
         bench,
         streams,
@@ -893,6 +893,28 @@ async fn run_streams_grpc_web(bench: &Bench, streams: usize) -> anyhow::Result<R
         held,
     )
     .await
+}
+
+/// Waits until every stream task has passed `ready` (its stream is open
+/// and caught up), or fails with the first task that ended before: a
+/// stream that cannot open would otherwise leave the barrier waiting
+/// forever.
+async fn all_open(
+    ready: &Barrier,
+    held: &mut [tokio::task::JoinHandle<anyhow::Result<()>>],
+) -> anyhow::Result<()> {
+    let mut opened = std::pin::pin!(ready.wait());
+    loop {
+        tokio::select! {
+            _ = &mut opened => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(task) = held.iter_mut().find(|task| task.is_finished()) {
+                    task.await??;
+                    bail!("a stream ended before all were open");
+                }
+            }
+        }
+    }
 }
 
 /// A `Subscribe` call in grpc-web over its own HTTP/1.1 connection.
