@@ -72,6 +72,7 @@ for i in $(seq 1 "$runs"); do
   b --json "$out/bulk-$i.json" bulk --subscribers 2000 --rate 200 --items 500 --duration 10s --callers 16
   b --replicas 1 --json "$out/streams50k-$i.json" streams --streams 50000 --stream-connections 500
   b --replicas 1 --json "$out/streams10k-$i.json" streams --streams 10000 --stream-connections 10000
+  b --replicas 1 --json "$out/streams10k-grpcweb-$i.json" streams --streams 10000 --grpc-web
   b --replicas 1 --json "$out/streams10k-sse-$i.json" streams --streams 10000 --sse
   # Group-commit window at low load: it must not add latency.
   for w in 0s 2ms; do

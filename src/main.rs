@@ -49,7 +49,7 @@ enum Command {
         secret: SecretArgs,
     },
     /// Send a notification and print what was stored, as JSON.
-    Send(SendArgs),
+    Send(Box<SendArgs>),
     /// Stream a user's events, one JSON object per line.
     Subscribe(SubscribeArgs),
 }
@@ -206,13 +206,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Send(args) => send(args).await,
+        Command::Send(args) => send(*args).await,
         Command::Subscribe(args) => subscribe(args).await,
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
+    transparent_huge_pages(args.transparent_huge_pages);
     let config = args.into_config()?;
     raise_open_files_limit();
     let grace = config.shutdown_grace;
@@ -244,6 +245,28 @@ fn raise_open_files_limit() {
             "open-files limit (RLIMIT_NOFILE) already at its hard limit"
         ),
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
+/// Opts the process out of transparent huge pages unless `allowed`
+/// (`--transparent-huge-pages`): mimalloc advises huge pages for its heap,
+/// and the kernel then makes a whole 2 MiB page resident for the first byte
+/// touched in it, which idle connections pay for (BENCHMARKS.md, `streams`).
+/// The kernel checks the flag at each page fault, so memory mapped before
+/// this call is covered too (prctl(2), `PR_SET_THP_DISABLE`).
+fn transparent_huge_pages(allowed: bool) {
+    if allowed {
+        tracing::info!("transparent huge pages allowed (--transparent-huge-pages)");
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_THP_DISABLE takes plain integer arguments and
+        // changes only this process's memory policy.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!(error = %e, "cannot opt out of transparent huge pages");
+        }
     }
 }
 

@@ -103,5 +103,13 @@ fn bench_scenarios_deliver_everything_once_in_order() {
     assert_eq!((&row["lost"], &row["duplicates"]), (&0.into(), &0.into()));
     assert!(row["sent"].as_u64().unwrap() >= 25);
     assert_eq!(row["delivered"], row["sent"]);
+
+    // Idle streams as browsers hold them: real grpc-web calls, each on its
+    // own HTTP/1.1 connection, every one caught up.
+    let row = run_bench(
+        &dir.join("streams-grpc-web.json"),
+        &["streams", "--streams", "20", "--grpc-web"],
+    );
+    assert_eq!(row["streams"], 20);
     std::fs::remove_dir_all(&dir).ok();
 }

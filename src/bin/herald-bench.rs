@@ -125,8 +125,9 @@ enum Scenario {
         #[arg(long, default_value_t = 100)]
         items: usize,
     },
-    /// Open S idle streams on replica A over N HTTP/2 connections; report
-    /// RSS per stream and time to open them.
+    /// Open S idle streams on replica A over N HTTP/2 connections (or, with
+    /// `--grpc-web`, one HTTP/1.1 connection each); report RSS per stream
+    /// and time to open them.
     Streams {
         /// Streams to open.
         #[arg(long, default_value_t = 10_000)]
@@ -136,8 +137,13 @@ enum Scenario {
         stream_connections: usize,
         /// Open them as Server-Sent Events instead, each on its own
         /// HTTP/1.1 connection (`--stream-connections` is ignored).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "grpc_web")]
         sse: bool,
+        /// Open each stream as a browser does: a grpc-web call
+        /// (`application/grpc-web+proto`) on its own HTTP/1.1 connection;
+        /// `--stream-connections` is then ignored.
+        #[arg(long)]
+        grpc_web: bool,
     },
 }
 
@@ -999,7 +1005,189 @@ async fn run_streams(
             Ok::<_, anyhow::Error>(())
         }));
     }
-    ready.wait().await;
+    all_open(&ready, &mut held).await?;
+    let over = if sse {
+        "SSE, one HTTP/1.1 connection each".to_owned()
+    } else {
+        format!("gRPC over {connections} HTTP/2 connections")
+    };
+    streams_row(bench, streams, &over, started, before, held).await
+}
+
+/// Opens `streams` idle streams on replica A as grpc-web calls, each on its
+/// own HTTP/1.1 connection, the way a browser's grpc-web client holds one
+/// (a `fetch` whose response body stays open); reports like
+/// [`run_streams`].
+async fn run_streams_grpc_web(bench: &Bench, streams: usize) -> anyhow::Result<Row> {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = bench.usage();
+    let started = Instant::now();
+    let url = bench.replicas[0].url.clone();
+    let authority: Arc<str> = url
+        .strip_prefix("http://")
+        .context("grpc-web streams need an http:// replica URL")?
+        .trim_end_matches('/')
+        .into();
+    let ready = Arc::new(Barrier::new(streams + 1));
+    let mut held = Vec::with_capacity(streams);
+    let opening = Arc::new(tokio::sync::Semaphore::new(512));
+    for s in 0..streams {
+        let token = bench.token(&format!("idle{s}"), "")?;
+        let ready = ready.clone();
+        let opening = opening.clone();
+        let authority = authority.clone();
+        held.push(tokio::spawn(async move {
+            let permit = opening.acquire_owned().await?;
+            let mut events = GrpcWebStream::open(&authority, &token).await?;
+            loop {
+                let event = events.next().await?.context("stream ended early")?;
+                if matches!(event.kind, Some(Kind::CaughtUp(_))) {
+                    break;
+                }
+            }
+            drop(permit);
+            ready.wait().await;
+            while events.next().await?.is_some() {}
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    all_open(&ready, &mut held).await?;
+    streams_row(
+        bench,
+        streams,
+        "grpc-web, one HTTP/1.1 connection each",
+        started,
+        before,
+        held,
+    )
+    .await
+}
+
+/// Waits until every stream task has passed `ready` (its stream is open
+/// and caught up), or fails with the first task that ended before: a
+/// stream that cannot open would otherwise leave the barrier waiting
+/// forever.
+async fn all_open(
+    ready: &Barrier,
+    held: &mut [tokio::task::JoinHandle<anyhow::Result<()>>],
+) -> anyhow::Result<()> {
+    let mut opened = std::pin::pin!(ready.wait());
+    loop {
+        tokio::select! {
+            _ = &mut opened => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {
+                if let Some(task) = held.iter_mut().find(|task| task.is_finished()) {
+                    task.await??;
+                    bail!("a stream ended before all were open");
+                }
+            }
+        }
+    }
+}
+
+/// A `Subscribe` call in grpc-web over its own HTTP/1.1 connection.
+struct GrpcWebStream {
+    body: hyper::body::Incoming,
+    buffered: bytes::BytesMut,
+    ended: bool,
+}
+
+impl GrpcWebStream {
+    /// Connects to `authority` and calls `Subscribe` as grpc-web: `POST`
+    /// with `content-type: application/grpc-web+proto`, the bearer token,
+    /// and one length-prefixed `SubscribeRequest` (gRPC-Web protocol,
+    /// PROTOCOL-WEB.md in grpc/grpc).
+    async fn open(authority: &str, token: &str) -> anyhow::Result<Self> {
+        use prost::Message;
+        let tcp = tokio::net::TcpStream::connect(authority)
+            .await
+            .with_context(|| format!("connect to {authority}"))?;
+        tcp.set_nodelay(true)?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(connection);
+        let message = proto::SubscribeRequest::default().encode_to_vec();
+        let mut frame = Vec::with_capacity(5 + message.len());
+        frame.push(0); // a data frame, uncompressed
+        frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        frame.extend_from_slice(&message);
+        let request = http::Request::post("/herald.v1.Notifications/Subscribe")
+            .header(http::header::HOST, authority)
+            .header(http::header::CONTENT_TYPE, "application/grpc-web+proto")
+            .header("x-grpc-web", "1")
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .body(http_body_util::Full::new(bytes::Bytes::from(frame)))?;
+        let response = sender.send_request(request).await?;
+        if response.status() != http::StatusCode::OK {
+            bail!("grpc-web Subscribe answered HTTP {}", response.status());
+        }
+        if let Some(status) = response.headers().get("grpc-status")
+            && status != "0"
+        {
+            bail!("grpc-web Subscribe failed: grpc-status {status:?}");
+        }
+        Ok(Self {
+            body: response.into_body(),
+            buffered: bytes::BytesMut::new(),
+            ended: false,
+        })
+    }
+
+    /// The next event; `None` once the call ended with status OK.
+    async fn next(&mut self) -> anyhow::Result<Option<proto::Event>> {
+        use bytes::Buf;
+        use http_body_util::BodyExt;
+        use prost::Message;
+        loop {
+            if self.buffered.len() >= 5 {
+                let flags = self.buffered[0];
+                let len = u32::from_be_bytes(self.buffered[1..5].try_into()?) as usize;
+                if self.buffered.len() >= 5 + len {
+                    self.buffered.advance(5);
+                    let payload = self.buffered.split_to(len).freeze();
+                    if flags & 0x80 != 0 {
+                        // Trailers, as an HTTP/1 header block.
+                        let trailers = String::from_utf8_lossy(&payload).to_lowercase();
+                        self.ended = true;
+                        if trailers.contains("grpc-status:0") || trailers.contains("grpc-status: 0")
+                        {
+                            return Ok(None);
+                        }
+                        bail!("grpc-web stream ended: {}", trailers.trim());
+                    }
+                    return Ok(Some(proto::Event::decode(payload)?));
+                }
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            match self.body.frame().await {
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.buffered.extend_from_slice(&data);
+                    }
+                }
+                None => {
+                    self.ended = true;
+                    if !self.buffered.is_empty() {
+                        bail!("grpc-web stream ended inside a frame");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Measures replica A once `held` streams are open (opened since `started`,
+/// RSS `before` them), then closes them; prints the per-stream RSS.
+async fn streams_row(
+    bench: &Bench,
+    streams: usize,
+    over: &str,
+    started: Instant,
+    before: Vec<Usage>,
+    held: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+) -> anyhow::Result<Row> {
     let open_s = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = bench.usage();
@@ -1011,11 +1199,6 @@ async fn run_streams(
         .zip(&before)
         .map(|(a, b)| (a.rss_kib.saturating_sub(b.rss_kib)) as f64 / streams as f64)
         .collect();
-    let over = if sse {
-        "SSE, one HTTP/1.1 connection each".to_owned()
-    } else {
-        format!("gRPC over {connections} HTTP/2 connections")
-    };
     println!(
         "opened {streams} streams ({over}) in {open_s:.2} s; \
          replica A RSS {} → {} KiB = {:.2} KiB per stream",
@@ -1120,8 +1303,13 @@ async fn run(bench: &Bench, scenario: &Scenario) -> anyhow::Result<Vec<Row>> {
             streams,
             stream_connections,
             sse,
+            grpc_web,
         } => {
-            let row = run_streams(bench, *streams, *stream_connections, *sse).await?;
+            let row = if *grpc_web {
+                run_streams_grpc_web(bench, *streams).await?
+            } else {
+                run_streams(bench, *streams, *stream_connections, *sse).await?
+            };
             row.print();
             rows.push(row);
         }
