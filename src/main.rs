@@ -348,6 +348,7 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
         after_seq: args.after_seq,
         types: args.types,
         epoch: args.epoch,
+        ..Default::default()
     };
     let mut stream = client
         .subscribe(authorized(request, &token)?)

@@ -202,6 +202,95 @@ impl Severity {
     }
 }
 
+/// Most entries in a filter's `types` or `categories`.
+pub const MAX_FILTER_ENTRIES: usize = 64;
+
+/// Which notifications a stream, a listing or a count covers: types (exact,
+/// or prefixes from `prefix.*` patterns), categories, and a minimum
+/// severity. Each part that is empty (or unspecified) lets everything
+/// through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NotificationFilter {
+    /// Exact types.
+    pub types: Vec<String>,
+    /// Type prefixes, each ending in `.` (from patterns `prefix.*`).
+    pub type_prefixes: Vec<String>,
+    /// Exact categories.
+    pub categories: Vec<String>,
+    /// The least severity let through; `None` for all.
+    pub min_severity: Option<Severity>,
+}
+
+impl NotificationFilter {
+    /// Parses a request's filter fields; errors name `{field_prefix}types[i]`,
+    /// `{field_prefix}categories[i]` or `{field_prefix}min_severity`.
+    pub fn parse(
+        field_prefix: &str,
+        types: &[String],
+        categories: &[String],
+        min_severity: i32,
+    ) -> Result<Self, InvalidArgument> {
+        let mut filter = Self::default();
+        for (list, what) in [(types, "types"), (categories, "categories")] {
+            if list.len() > MAX_FILTER_ENTRIES {
+                return Err(InvalidArgument::new(
+                    format!("{field_prefix}{what}"),
+                    format!(
+                        "names {} entries, more than {MAX_FILTER_ENTRIES}",
+                        list.len()
+                    ),
+                ));
+            }
+        }
+        for (i, t) in types.iter().enumerate() {
+            let field = format!("{field_prefix}types[{i}]");
+            match t.strip_suffix(".*") {
+                Some(prefix) => {
+                    let prefix = NotificationType::parse(&field, prefix)?;
+                    filter.type_prefixes.push(format!("{}.", prefix.as_str()));
+                }
+                None => filter
+                    .types
+                    .push(NotificationType::parse(&field, t)?.as_str().to_owned()),
+            }
+        }
+        for (i, c) in categories.iter().enumerate() {
+            let field = format!("{field_prefix}categories[{i}]");
+            filter
+                .categories
+                .push(NotificationType::parse(&field, c)?.as_str().to_owned());
+        }
+        if min_severity != proto::Severity::Unspecified as i32 {
+            filter.min_severity = Some(Severity::from_proto(
+                &format!("{field_prefix}min_severity"),
+                min_severity,
+            )?);
+        }
+        Ok(filter)
+    }
+
+    /// Whether it lets every notification through.
+    pub fn is_all(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether a notification with `content` passes.
+    pub fn matches(&self, content: &Content) -> bool {
+        let typed = (self.types.is_empty() && self.type_prefixes.is_empty())
+            || self.types.contains(&content.kind)
+            || self
+                .type_prefixes
+                .iter()
+                .any(|p| content.kind.starts_with(p.as_str()));
+        typed
+            && (self.categories.is_empty()
+                || self.categories.contains(&content.presentation.category))
+            && self
+                .min_severity
+                .is_none_or(|min| content.presentation.severity >= min)
+    }
+}
+
 /// A button on a notification.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Action {
@@ -834,10 +923,12 @@ pub struct StreamHead {
 }
 
 /// A page request for `ListNotifications`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PageQuery {
     /// Only unread notifications.
     pub unread_only: bool,
+    /// Only the notifications it matches.
+    pub filter: NotificationFilter,
     /// Only notifications with seq < this (`u64::MAX` for the first page).
     pub before_seq: u64,
     /// Page size, 1 to [`MAX_PAGE_SIZE`].
@@ -876,6 +967,7 @@ impl PageQuery {
         };
         Ok(Self {
             unread_only: req.unread_only,
+            filter: NotificationFilter::parse("", &req.types, &req.categories, req.min_severity)?,
             before_seq,
             limit,
         })
@@ -980,6 +1072,7 @@ mod tests {
             unread_only: false,
             page_size: 10,
             page_token: "zz".into(),
+            ..Default::default()
         };
         assert_eq!(PageQuery::parse(&bad).unwrap_err().field, "page_token");
     }

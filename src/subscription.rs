@@ -10,7 +10,6 @@
 //! from `last`. Because seqs are gap-free per user, a gap is always visible.
 
 use std::{
-    collections::HashSet,
     future::Future,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -26,7 +25,7 @@ use tonic::Status;
 use crate::{
     api::{convert::control, status},
     hub::{Next, Subscription},
-    notification::{Epoch, EventBody, StreamEvent, StreamHead},
+    notification::{Epoch, EventBody, NotificationFilter, StreamEvent, StreamHead},
     proto::{self, event::Kind, resync::Reason as ResyncReason},
     store::{Store, StoreError},
     telemetry::names,
@@ -133,8 +132,8 @@ pub struct Session<S> {
     pub tenant: String,
     /// The stream's user.
     pub user: String,
-    /// Notification types to send; empty for all.
-    pub types: HashSet<String>,
+    /// Which notifications to send (read and control events always go).
+    pub filter: NotificationFilter,
     /// Shared settings.
     pub settings: StreamSettings,
     /// Cancelled when the server stops.
@@ -308,7 +307,7 @@ impl<S: Store> Session<S> {
             .map_err(End::Store)?;
             for n in &page {
                 after = n.seq;
-                if self.wants(&n.content.kind) {
+                if self.wants(&n.content) {
                     let event = proto::Event {
                         seq: n.seq,
                         kind: Some(Kind::Notification(n.into())),
@@ -380,7 +379,7 @@ impl<S: Store> Session<S> {
 
     async fn deliver(&mut self, event: &StreamEvent) -> Result<(), End> {
         if let EventBody::Notification(n) = &event.body
-            && !self.wants(&n.content.kind)
+            && !self.wants(&n.content)
         {
             return Ok(());
         }
@@ -389,8 +388,8 @@ impl<S: Store> Session<S> {
         Ok(())
     }
 
-    fn wants(&self, kind: &str) -> bool {
-        self.types.is_empty() || self.types.contains(kind)
+    fn wants(&self, content: &crate::notification::Content) -> bool {
+        self.filter.matches(content)
     }
 
     /// Sends an event encoded for this stream alone (control events and
@@ -477,7 +476,7 @@ mod tests {
                 subscription: self.hub.subscribe(StreamKey::user("", "alice")).unwrap(),
                 tenant: String::new(),
                 user: "alice".into(),
-                types: HashSet::new(),
+                filter: NotificationFilter::default(),
                 settings: StreamSettings::new(Duration::from_secs(3600), 4),
                 shutdown: self.shutdown.clone(),
                 token_deadline: deadline,

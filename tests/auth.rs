@@ -70,8 +70,8 @@ async fn replica_with(key: VerificationKey, audience: Option<&str>) -> server::R
 async fn count_with(addr: std::net::SocketAddr, token: Option<&str>) -> Result<u64, tonic::Status> {
     let mut c = client(addr).await;
     let request = match token {
-        Some(t) => authed(proto::GetUnreadCountRequest {}, t),
-        None => tonic::Request::new(proto::GetUnreadCountRequest {}),
+        Some(t) => authed(proto::GetUnreadCountRequest::default(), t),
+        None => tonic::Request::new(proto::GetUnreadCountRequest::default()),
     };
     c.get_unread_count(request)
         .await
@@ -268,6 +268,7 @@ async fn tenants_are_isolated(backend: Backend) {
                 unread_only: false,
                 page_size: 10,
                 page_token: String::new(),
+                ..Default::default()
             },
             &alice_y,
         ))

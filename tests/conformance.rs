@@ -389,6 +389,7 @@ async fn mark_read_reaches_other_devices(backend: Backend) {
                 unread_only: false,
                 page_size: 0,
                 page_token: String::new(),
+                ..Default::default()
             },
             &alice,
         ))
@@ -419,6 +420,7 @@ async fn list_pages_newest_first_and_agrees_with_count(backend: Backend) {
                     unread_only: true,
                     page_size: 2,
                     page_token: page_token.clone(),
+                    ..Default::default()
                 },
                 &alice,
             ))
@@ -439,6 +441,7 @@ async fn list_pages_newest_first_and_agrees_with_count(backend: Backend) {
                 unread_only: false,
                 page_size: 501,
                 page_token: String::new(),
+                ..Default::default()
             },
             &alice,
         ))
@@ -869,6 +872,234 @@ async fn bad_presentation_fields_are_refused_naming_the_field(backend: Backend) 
     d.stop().await;
 }
 
+async fn filters_select_the_same_notifications_in_streams_lists_and_counts(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let (mut a, mut b) = (d.client(0).await, d.client(d.replica(1)).await);
+    let alice = token("alice", "", "");
+    let filter = |types: &[&str], categories: &[&str], min: proto::Severity| {
+        (
+            types
+                .iter()
+                .map(|t| (*t).to_owned())
+                .collect::<Vec<String>>(),
+            categories
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect::<Vec<String>>(),
+            min as i32,
+        )
+    };
+    // A filtered stream, opened before the sends.
+    let (types, categories, min_severity) = filter(
+        &["project.*", "billing_due"],
+        &[],
+        proto::Severity::Unspecified,
+    );
+    let mut stream = b
+        .subscribe(authed(
+            proto::SubscribeRequest {
+                types,
+                categories,
+                min_severity,
+                ..Default::default()
+            },
+            &alice,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    until_caught_up(&mut stream).await;
+    // (type, category, severity, title)
+    let sends = [
+        ("project.created", "work", proto::Severity::Low, "p1"),
+        ("project.a.b", "work", proto::Severity::Critical, "p2"),
+        (
+            "project",
+            "work",
+            proto::Severity::High,
+            "not a prefix match",
+        ),
+        ("projects.x", "", proto::Severity::High, "neither"),
+        ("billing_due", "billing", proto::Severity::High, "bill"),
+        (
+            "billingXdue",
+            "billing",
+            proto::Severity::Normal,
+            "underscore is no wildcard",
+        ),
+    ];
+    for (kind, category, severity, title) in sends {
+        send(
+            &mut a,
+            proto::SendNotificationRequest {
+                r#type: kind.into(),
+                category: category.into(),
+                severity: severity as i32,
+                ..note(&["alice"], title)
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let mut streamed = Vec::new();
+    while streamed.len() < 3 {
+        streamed.push(notification(&next_event(&mut stream).await).title.clone());
+    }
+    assert_eq!(streamed, ["p1", "p2", "bill"]);
+
+    // Lists and counts with the same filters agree.
+    let cases = [
+        (
+            filter(
+                &["project.*", "billing_due"],
+                &[],
+                proto::Severity::Unspecified,
+            ),
+            vec!["bill", "p2", "p1"],
+        ),
+        (
+            filter(&[], &["billing"], proto::Severity::Unspecified),
+            vec!["underscore is no wildcard", "bill"],
+        ),
+        (
+            filter(&[], &[], proto::Severity::High),
+            vec!["bill", "neither", "not a prefix match", "p2"],
+        ),
+        (
+            filter(&["project.*"], &["work"], proto::Severity::High),
+            vec!["p2"],
+        ),
+        (
+            filter(&["nothing.*"], &[], proto::Severity::Unspecified),
+            vec![],
+        ),
+    ];
+    let mut named = Vec::new();
+    for (i, ((types, categories, min_severity), want)) in cases.iter().enumerate() {
+        let listed = a
+            .list_notifications(authed(
+                proto::ListNotificationsRequest {
+                    unread_only: true,
+                    page_size: 50,
+                    types: types.clone(),
+                    categories: categories.clone(),
+                    min_severity: *min_severity,
+                    ..Default::default()
+                },
+                &alice,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .notifications;
+        let titles: Vec<&str> = listed.iter().map(|n| n.title.as_str()).collect();
+        assert_eq!(titles, *want, "case {i}");
+        named.push(proto::UnreadFilter {
+            name: format!("f{i}"),
+            types: types.clone(),
+            categories: categories.clone(),
+            min_severity: *min_severity,
+        });
+    }
+    let counter = a.clone();
+    let counted = |named: Vec<proto::UnreadFilter>| {
+        let mut a = counter.clone();
+        let alice = alice.clone();
+        async move {
+            a.get_unread_count(authed(
+                proto::GetUnreadCountRequest { filters: named },
+                &alice,
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+        }
+    };
+    let counts = counted(named.clone()).await.unwrap();
+    assert_eq!(counts.unread, 6);
+    let got: Vec<(String, u64)> = counts
+        .counts
+        .into_iter()
+        .map(|c| (c.name, c.unread))
+        .collect();
+    let want: Vec<(String, u64)> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, (_, w))| (format!("f{i}"), w.len() as u64))
+        .collect();
+    assert_eq!(got, want);
+    // Read ones leave the counts.
+    mark_up_to(&mut a, "alice", 2).await;
+    let counts = counted(named.clone()).await.unwrap();
+    assert_eq!(counts.counts[0].unread, 1, "only bill is still unread");
+
+    // Bad filters name the field.
+    for (request, field) in [
+        (
+            proto::UnreadFilter {
+                name: String::new(),
+                ..named[0].clone()
+            },
+            "filters[0].name",
+        ),
+        (
+            proto::UnreadFilter {
+                types: vec!["a b.*".into()],
+                ..named[0].clone()
+            },
+            "filters[0].types[0]",
+        ),
+        (
+            proto::UnreadFilter {
+                types: vec![".*".into()],
+                ..named[0].clone()
+            },
+            "filters[0].types[0]",
+        ),
+        (
+            proto::UnreadFilter {
+                categories: vec!["x y".into()],
+                ..named[0].clone()
+            },
+            "filters[0].categories[0]",
+        ),
+        (
+            proto::UnreadFilter {
+                min_severity: 7,
+                ..named[0].clone()
+            },
+            "filters[0].min_severity",
+        ),
+    ] {
+        let err = counted(vec![request]).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = counted(vec![named[0].clone(), named[0].clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("filters[1].name"),
+        "{}",
+        err.message()
+    );
+    let err = counted(
+        (0..21)
+            .map(|i| proto::UnreadFilter {
+                name: format!("n{i}"),
+                ..Default::default()
+            })
+            .collect(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message().starts_with("filters:"), "{}", err.message());
+    d.stop().await;
+}
+
 async fn server_stop_ends_streams_with_unavailable(backend: Backend) {
     let d = Deployment::start(backend, 1).await;
     let mut a = d.client(0).await;
@@ -896,4 +1127,5 @@ conformance!(
     bulk_send_answers_each_item_and_a_bad_one_fails_alone,
     presentation_fields_are_stored_and_returned_everywhere,
     bad_presentation_fields_are_refused_naming_the_field,
+    filters_select_the_same_notifications_in_streams_lists_and_counts,
 );

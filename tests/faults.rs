@@ -1189,7 +1189,10 @@ async fn database_stall() {
         let mut reader = lazy_client(r1.addr);
         let mut reads = Vec::new();
         for _ in 0..3 {
-            let mut request = authed(proto::GetUnreadCountRequest {}, &token("st-1", "", ""));
+            let mut request = authed(
+                proto::GetUnreadCountRequest::default(),
+                &token("st-1", "", ""),
+            );
             request.set_timeout(DEADLINE);
             let t = Instant::now();
             let outcome = reader.get_unread_count(request).await;

@@ -122,7 +122,7 @@ proptest! {
             prop_assert!(!ids.is_empty() && ids.iter().all(|id| *id > 0));
             prop_assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
         }
-        let request = proto::ListNotificationsRequest { unread_only: false, page_size, page_token };
+        let request = proto::ListNotificationsRequest { unread_only: false, page_size, page_token, ..Default::default() };
         if let Ok(q) = PageQuery::parse(&request) {
             prop_assert!(q.limit >= 1 && q.limit <= 500);
         }

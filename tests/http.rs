@@ -766,6 +766,25 @@ async fn sse_streams_backlog_caught_up_live_and_heartbeats() {
         .await;
         let kept = typed.next().await.unwrap();
         assert_eq!(title(&kept), "kept");
+        // Category and severity filters too.
+        let mut severe = open_sse(
+            addr,
+            "categories=ops&min_severity=high",
+            &[("authorization", &bearer)],
+        )
+        .await
+        .unwrap();
+        severe.until("caught_up").await;
+        for (category, severity, t) in [("ops", 2, "normal ops"), ("dev", 4, "critical dev"), ("ops", 4, "critical ops")] {
+            ok(
+                addr,
+                "SendNotification",
+                &sender,
+                &json!({"recipients": ["alice"], "type": "t", "title": t, "category": category, "severity": severity}).to_string(),
+            )
+            .await;
+        }
+        assert_eq!(title(&severe.next().await.unwrap()), "critical ops");
 
         // A position of another epoch, or beyond the head, gets `resync`
         // (as after_seq does), then the stream goes on live.
@@ -792,7 +811,7 @@ async fn sse_streams_backlog_caught_up_live_and_heartbeats() {
             );
             assert_eq!(
                 first.id.as_deref(),
-                Some(format!("{epoch}:6").as_str()),
+                Some(format!("{epoch}:9").as_str()),
                 "the head"
             );
         }

@@ -211,7 +211,7 @@ async fn key_rotation_and_kid_tricks() {
         let count = |t: String| {
             let mut c = c.clone();
             async move {
-                c.get_unread_count(authed(proto::GetUnreadCountRequest {}, &t))
+                c.get_unread_count(authed(proto::GetUnreadCountRequest::default(), &t))
                     .await
             }
         };

@@ -7,7 +7,6 @@ pub mod convert;
 pub mod status;
 
 use std::{
-    collections::HashSet,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -21,7 +20,7 @@ use crate::{
     hub::Hub,
     limits::RateLimits,
     notification::{
-        InvalidArgument, NewNotification, NotificationType, PageQuery, ReadTarget, SendLimits,
+        InvalidArgument, NewNotification, NotificationFilter, PageQuery, ReadTarget, SendLimits,
         StreamKey,
     },
     proto::{self, notifications_server::Notifications},
@@ -35,9 +34,6 @@ use crate::{
 /// the hub's per-stream queue is the real buffer.
 const OUT_BUFFER: usize = 16;
 
-/// Most entries in `SubscribeRequest.types`.
-pub const MAX_TYPE_FILTERS: usize = 64;
-
 /// The service implementation, generic over the store.
 pub struct NotificationsService<S> {
     store: Arc<S>,
@@ -49,6 +45,9 @@ pub struct NotificationsService<S> {
     shutdown: CancellationToken,
     ticket_lifetime: Duration,
 }
+
+/// Most named filters in one `GetUnreadCount`.
+pub const MAX_COUNT_FILTERS: usize = 20;
 
 /// Default lifetime of an unused stream ticket.
 pub const DEFAULT_TICKET_LIFETIME: Duration = Duration::from_secs(30);
@@ -89,22 +88,10 @@ impl<S: Store> NotificationsService<S> {
     }
 }
 
-/// `SubscribeRequest.types` as a set: at most [`MAX_TYPE_FILTERS`] valid
-/// type names; else `INVALID_ARGUMENT` naming `types` or `types[i]`.
-pub fn parse_types(types: &[String]) -> Result<HashSet<String>, InvalidArgument> {
-    if types.len() > MAX_TYPE_FILTERS {
-        return Err(InvalidArgument::new(
-            "types",
-            format!("names {} types, more than {MAX_TYPE_FILTERS}", types.len()),
-        ));
-    }
-    types
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            NotificationType::parse(&format!("types[{i}]"), t).map(|t| t.as_str().to_owned())
-        })
-        .collect()
+/// `SubscribeRequest`'s filter fields (`types`, `categories`,
+/// `min_severity`); `INVALID_ARGUMENT` naming the field otherwise.
+pub fn parse_filter(req: &proto::SubscribeRequest) -> Result<NotificationFilter, InvalidArgument> {
+    NotificationFilter::parse("", &req.types, &req.categories, req.min_severity)
 }
 
 /// The canonical name of a gRPC status code (gRPC status-code guide).
@@ -339,7 +326,7 @@ impl<S: Store> NotificationsService<S> {
         if self.shutdown.is_cancelled() {
             return Err(status::shutting_down());
         }
-        let types = parse_types(&req.types)?;
+        let filter = parse_filter(&req)?;
         let tenant = grant.tenant.as_str();
         let user = grant.user.as_str();
         // Register first, then read the head: whatever commits after the
@@ -353,7 +340,7 @@ impl<S: Store> NotificationsService<S> {
             subscription,
             tenant: tenant.to_owned(),
             user: user.to_owned(),
-            types,
+            filter,
             settings: self.streams.clone(),
             shutdown: self.shutdown.clone(),
             token_deadline: token_deadline(grant.token_expires_at),
@@ -437,12 +424,13 @@ impl<S: Store> NotificationsService<S> {
     ) -> Result<Response<proto::ListNotificationsResponse>, Status> {
         let identity = self.identify(&request)?;
         let query = PageQuery::parse(request.get_ref())?;
+        let limit = query.limit;
         let page = self
             .store
             .list(identity.tenant.as_str(), identity.user.as_str(), query)
             .await?;
         let next_page_token = match page.last() {
-            Some(n) if page.len() == query.limit => n.seq.to_string(),
+            Some(n) if page.len() == limit => n.seq.to_string(),
             _ => String::new(),
         };
         Ok(Response::new(proto::ListNotificationsResponse {
@@ -456,10 +444,57 @@ impl<S: Store> NotificationsService<S> {
         request: Request<proto::GetUnreadCountRequest>,
     ) -> Result<Response<proto::GetUnreadCountResponse>, Status> {
         let identity = self.identify(&request)?;
-        let (unread, seq) = self
+        let req = request.into_inner();
+        if req.filters.len() > MAX_COUNT_FILTERS {
+            return Err(InvalidArgument::new(
+                "filters",
+                format!(
+                    "names {} filters, more than {MAX_COUNT_FILTERS}",
+                    req.filters.len()
+                ),
+            )
+            .into());
+        }
+        let mut names = std::collections::HashSet::with_capacity(req.filters.len());
+        let mut filters = Vec::with_capacity(req.filters.len());
+        for (i, f) in req.filters.iter().enumerate() {
+            if f.name.is_empty() || f.name.len() > 64 || f.name.chars().any(char::is_control) {
+                return Err(InvalidArgument::new(
+                    format!("filters[{i}].name"),
+                    "must be 1 to 64 bytes without control characters",
+                )
+                .into());
+            }
+            if !names.insert(f.name.as_str()) {
+                return Err(InvalidArgument::new(
+                    format!("filters[{i}].name"),
+                    format!("{:?} is named twice", f.name),
+                )
+                .into());
+            }
+            filters.push(NotificationFilter::parse(
+                &format!("filters[{i}]."),
+                &f.types,
+                &f.categories,
+                f.min_severity,
+            )?);
+        }
+        let counts = self
             .store
-            .unread_count(identity.tenant.as_str(), identity.user.as_str())
+            .unread_count(identity.tenant.as_str(), identity.user.as_str(), &filters)
             .await?;
-        Ok(Response::new(proto::GetUnreadCountResponse { unread, seq }))
+        Ok(Response::new(proto::GetUnreadCountResponse {
+            unread: counts.unread,
+            seq: counts.seq,
+            counts: req
+                .filters
+                .into_iter()
+                .zip(counts.filtered)
+                .map(|(f, unread)| proto::UnreadCount {
+                    name: f.name,
+                    unread,
+                })
+                .collect(),
+        }))
     }
 }

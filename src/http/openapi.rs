@@ -119,7 +119,9 @@ fn events_path() -> Value {
         "parameters": [
             {"name": "ticket", "in": "query", "schema": {"type": "string"}, "description": "A stream ticket from CreateStreamTicket (single use)."},
             {"name": "last_event_id", "in": "query", "schema": {"type": "string"}, "description": "Resume after this event id (`<epoch>:<seq>`); the Last-Event-ID header wins."},
-            {"name": "types", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": true, "description": "Only notifications of these types."},
+            {"name": "types", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": true, "description": "Only notifications of these types (exact, or `prefix.*`)."},
+            {"name": "categories", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}, "style": "form", "explode": true, "description": "Only notifications of these categories."},
+            {"name": "min_severity", "in": "query", "schema": {"type": "string", "enum": ["low", "normal", "high", "critical"]}, "description": "Only notifications at least this severe."},
             {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}, "description": "Sent by EventSource when it reconnects: resume after this event id."},
         ],
         "responses": {

@@ -20,8 +20,9 @@
 //! reconnects), or the `last_event_id` query parameter, is `<epoch>:<seq>`
 //! as the stream's `id:` lines give it, and resumes exactly as
 //! `SubscribeRequest.after_seq` and `epoch` do (including `resync`).
-//! Absent: a fresh stream (the unread backlog). `types` (repeatable)
-//! filters notification types as `SubscribeRequest.types`.
+//! Absent: a fresh stream (the unread backlog). `types` and `categories`
+//! (repeatable) and `min_severity` (`high`, …) filter notifications as
+//! `SubscribeRequest`'s fields of those names do.
 //!
 //! **What.** First a `retry:` hint (1–5 s, random per stream, so the
 //! streams of a stopped replica do not all come back in the same
@@ -71,6 +72,8 @@ struct Query {
     ticket: Option<String>,
     last_event_id: Option<String>,
     types: Vec<String>,
+    categories: Vec<String>,
+    min_severity: Option<String>,
 }
 
 impl Query {
@@ -81,11 +84,29 @@ impl Query {
                 "ticket" => q.ticket = Some(value.into_owned()),
                 "last_event_id" => q.last_event_id = Some(value.into_owned()),
                 "types" => q.types.push(value.into_owned()),
+                "categories" => q.categories.push(value.into_owned()),
+                "min_severity" => q.min_severity = Some(value.into_owned()),
                 _ => {}
             }
         }
         q
     }
+}
+
+/// A `min_severity` query value: `low`, `normal`, `high`, `critical` (any
+/// case, with or without the `SEVERITY_` prefix) or the enum's number.
+fn parse_severity(value: &str) -> Result<i32, InvalidArgument> {
+    let upper = value.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("SEVERITY_").unwrap_or(&upper);
+    proto::Severity::from_str_name(&format!("SEVERITY_{name}"))
+        .map(|s| s as i32)
+        .or_else(|| value.trim().parse().ok())
+        .ok_or_else(|| {
+            InvalidArgument::new(
+                "min_severity",
+                "must be low, normal, high or critical (or the Severity number)",
+            )
+        })
 }
 
 /// Parses an event id, `<epoch>:<seq>`, into `(epoch, seq)`.
@@ -145,6 +166,11 @@ async fn open<S: Store>(
     };
     let mut subscribe = proto::SubscribeRequest {
         types: std::mem::take(&mut query.types),
+        categories: std::mem::take(&mut query.categories),
+        min_severity: match &query.min_severity {
+            Some(s) => parse_severity(s)?,
+            None => 0,
+        },
         ..Default::default()
     };
     if let Some(id) = position.filter(|id| !id.trim().is_empty()) {
@@ -152,7 +178,7 @@ async fn open<S: Store>(
         subscribe.after_seq = Some(seq);
         subscribe.epoch = epoch;
     }
-    crate::api::parse_types(&subscribe.types)?;
+    crate::api::parse_filter(&subscribe)?;
     let grant = authenticate(service, settings, headers, &query).await?;
     let stream = service.open_stream_for(&grant, subscribe).await?;
     if let Some(handshake) = request.extensions.get::<ConnectionHandshake>() {
@@ -338,6 +364,14 @@ mod tests {
             let e = parse_event_id(bad).unwrap_err();
             assert_eq!(e.field, "last_event_id", "{bad}");
         }
+    }
+
+    #[test]
+    fn severities_parse_by_name_or_number() {
+        assert_eq!(parse_severity("high").unwrap(), 3);
+        assert_eq!(parse_severity("SEVERITY_CRITICAL").unwrap(), 4);
+        assert_eq!(parse_severity("1").unwrap(), 1);
+        assert_eq!(parse_severity("urgent").unwrap_err().field, "min_severity");
     }
 
     #[test]

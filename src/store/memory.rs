@@ -16,13 +16,14 @@ use std::{
     time::SystemTime,
 };
 
-use super::{Store, StoreError, StoreResult};
+use super::{Store, StoreError, StoreResult, UnreadCounts};
 use crate::{
     bus::{Bus, Committed, local::LocalBus},
     hub::Hub,
     notification::{
-        Content, Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification, PageQuery,
-        ReadChange, ReadTarget, Sent, StreamEvent, StreamHead, StreamKey, StreamRange, new_epoch,
+        Content, Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification,
+        NotificationFilter, PageQuery, ReadChange, ReadTarget, Sent, StreamEvent, StreamHead,
+        StreamKey, StreamRange, new_epoch,
     },
     ticket::{TicketDigest, TicketGrant},
 };
@@ -366,25 +367,39 @@ impl Store for MemoryStore {
             .rev()
             .map(|(_, n)| n)
             .filter(|n| !query.unread_only || n.read_at.is_none())
+            .filter(|n| query.filter.matches(&n.content))
             .take(query.limit)
             .cloned()
             .collect())
     }
 
-    async fn unread_count(&self, tenant: &str, user: &str) -> StoreResult<(u64, u64)> {
+    async fn unread_count(
+        &self,
+        tenant: &str,
+        user: &str,
+        filters: &[NotificationFilter],
+    ) -> StoreResult<UnreadCounts> {
         let inner = self.lock();
-        Ok(inner
-            .users
-            .get(&key(tenant, user))
-            .map(|log| {
-                let unread = log
-                    .notifications
-                    .values()
-                    .filter(|n| n.read_at.is_none())
-                    .count();
-                (unread as u64, log.head.last_seq)
-            })
-            .unwrap_or((0, inner.dropped_seq)))
+        let Some(log) = inner.users.get(&key(tenant, user)) else {
+            return Ok(UnreadCounts {
+                unread: 0,
+                seq: inner.dropped_seq,
+                filtered: vec![0; filters.len()],
+            });
+        };
+        let unread: Vec<&Notification> = log
+            .notifications
+            .values()
+            .filter(|n| n.read_at.is_none())
+            .collect();
+        Ok(UnreadCounts {
+            unread: unread.len() as u64,
+            seq: log.head.last_seq,
+            filtered: filters
+                .iter()
+                .map(|f| unread.iter().filter(|n| f.matches(&n.content)).count() as u64)
+                .collect(),
+        })
     }
 
     async fn prune(&self, cutoff: SystemTime) -> StoreResult<u64> {

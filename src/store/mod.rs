@@ -13,8 +13,8 @@
 use std::{future::Future, time::SystemTime};
 
 use crate::notification::{
-    MarkOutcome, NewNotification, Notification, PageQuery, ReadTarget, Sent, StreamHead,
-    StreamRange,
+    MarkOutcome, NewNotification, Notification, NotificationFilter, PageQuery, ReadTarget, Sent,
+    StreamHead, StreamRange,
 };
 use crate::ticket::{TicketDigest, TicketGrant};
 
@@ -77,6 +77,17 @@ impl std::error::Error for Cause {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.0.source()
     }
+}
+
+/// What [`Store::unread_count`] read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnreadCounts {
+    /// Unread notifications.
+    pub unread: u64,
+    /// The stream's head seq.
+    pub seq: u64,
+    /// Unread notifications matching each filter asked for, in order.
+    pub filtered: Vec<u64>,
 }
 
 /// Result of a store call.
@@ -143,13 +154,16 @@ pub trait Store: Send + Sync + 'static {
         query: PageQuery,
     ) -> impl Future<Output = StoreResult<Vec<Notification>>> + Send;
 
-    /// `user`'s unread notification count and stream head seq, read
-    /// together.
+    /// `user`'s unread notification count and stream head seq, and the
+    /// unread count of each of `filters` (in order), all read in one
+    /// snapshot: each count is what `list` with `unread_only` and that
+    /// filter would list.
     fn unread_count(
         &self,
         tenant: &str,
         user: &str,
-    ) -> impl Future<Output = StoreResult<(u64, u64)>> + Send;
+        filters: &[NotificationFilter],
+    ) -> impl Future<Output = StoreResult<UnreadCounts>> + Send;
 
     /// Keeps a stream ticket (its digest) for `grant` until `expires_at`.
     fn put_ticket(

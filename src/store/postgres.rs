@@ -14,7 +14,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod
 use tokio_postgres::{NoTls, error::SqlState};
 
 use super::{
-    Store, StoreError, StoreResult,
+    Store, StoreError, StoreResult, UnreadCounts,
     group_commit::{GroupCommit, GroupCommitSettings},
     log::{self, Append, NOTIFICATION_COLUMNS, NewEvent, notification},
 };
@@ -22,8 +22,8 @@ use crate::{
     bus::{Bus, postgres::NotifyBus},
     jobs::Jobs,
     notification::{
-        Delivery, Epoch, MarkOutcome, NewNotification, Notification, PageQuery, ReadChange,
-        ReadTarget, Sent, StreamHead, StreamRange,
+        Delivery, Epoch, MarkOutcome, NewNotification, Notification, NotificationFilter, PageQuery,
+        ReadChange, ReadTarget, Sent, StreamHead, StreamRange,
     },
     ticket::{TicketDigest, TicketGrant},
 };
@@ -424,6 +424,42 @@ const PRUNE_IDEMPOTENCY_KEYS: &str = "WITH d AS ( \
        RETURNING 1 \
      ) SELECT count(*)::int8 FROM d";
 
+/// The SQL of a [`NotificationFilter`] on `c` (contents), its four
+/// parameters numbered from `$first`: exact types, type prefixes,
+/// categories (each `text[]`, empty for all) and the least severity
+/// (`int2`, 0 for all). Prefixes compare with `left()`, not `LIKE`, so
+/// `_` in a type is not a wildcard.
+fn filter_sql(first: usize) -> String {
+    let (types, prefixes, categories, severity) = (first, first + 1, first + 2, first + 3);
+    format!(
+        "(cardinality(${types}::text[]) = 0 AND cardinality(${prefixes}::text[]) = 0 \
+           OR c.type = ANY(${types}::text[]) \
+           OR EXISTS (SELECT 1 FROM unnest(${prefixes}::text[]) AS p(prefix) \
+                      WHERE left(c.type, length(p.prefix)) = p.prefix)) \
+         AND (cardinality(${categories}::text[]) = 0 OR c.category = ANY(${categories}::text[])) \
+         AND c.severity >= ${severity}::int2"
+    )
+}
+
+/// A filter's values as [`filter_sql`]'s parameters.
+struct FilterParams<'a> {
+    types: &'a [String],
+    prefixes: &'a [String],
+    categories: &'a [String],
+    min_severity: i16,
+}
+
+impl<'a> FilterParams<'a> {
+    fn of(filter: &'a NotificationFilter) -> Self {
+        Self {
+            types: &filter.types,
+            prefixes: &filter.type_prefixes,
+            categories: &filter.categories,
+            min_severity: filter.min_severity.map_or(0, |s| s.as_i16()),
+        }
+    }
+}
+
 const PRUNE_TICKETS: &str = "WITH d AS ( \
        DELETE FROM stream_tickets WHERE digest IN \
          (SELECT digest FROM stream_tickets WHERE expires_at < $1 LIMIT $2) \
@@ -646,12 +682,14 @@ impl Store for PgStore {
                 "SELECT {NOTIFICATION_COLUMNS} \
                  FROM notifications n JOIN contents c ON c.id = n.content_id \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq < $3 \
-                   AND (NOT $4 OR n.read_at IS NULL) \
-                 ORDER BY n.seq DESC LIMIT $5"
+                   AND (NOT $4 OR n.read_at IS NULL) AND {} \
+                 ORDER BY n.seq DESC LIMIT $5",
+                filter_sql(6)
             ))
             .await
             .map_err(pg_error)?;
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let f = FilterParams::of(&query.filter);
         let rows = client
             .query(
                 &stmt,
@@ -661,6 +699,10 @@ impl Store for PgStore {
                     &pos(query.before_seq),
                     &query.unread_only,
                     &limit,
+                    &f.types,
+                    &f.prefixes,
+                    &f.categories,
+                    &f.min_severity,
                 ],
             )
             .await
@@ -671,24 +713,74 @@ impl Store for PgStore {
             .map_err(pg_error)
     }
 
-    async fn unread_count(&self, tenant: &str, user: &str) -> StoreResult<(u64, u64)> {
-        let client = self.pool.get().await.map_err(pool_error)?;
-        // One row: the count and the head agree (both change in the
-        // transactions that change what they count).
-        let stmt = client
+    async fn unread_count(
+        &self,
+        tenant: &str,
+        user: &str,
+        filters: &[NotificationFilter],
+    ) -> StoreResult<UnreadCounts> {
+        let mut client = self.pool.get().await.map_err(pool_error)?;
+        // One snapshot for the total, the head and every filtered count
+        // (PostgreSQL docs, "Repeatable Read Isolation Level"); the total
+        // and the head are one row, changed by the transactions that change
+        // what they count.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg_error)?;
+        let stmt = tx
             .prepare_cached(
                 "SELECT COALESCE(max(unread), 0), COALESCE(max(last_seq), 0) \
                  FROM user_streams WHERE tenant = $1 AND user_id = $2",
             )
             .await
             .map_err(pg_error)?;
-        let row = client
+        let row = tx
             .query_one(&stmt, &[&tenant, &user])
             .await
             .map_err(pg_error)?;
         let unread: i64 = row.try_get(0).map_err(pg_error)?;
         let head: i64 = row.try_get(1).map_err(pg_error)?;
-        Ok((seq(unread), seq(head)))
+        let mut filtered = Vec::with_capacity(filters.len());
+        if !filters.is_empty() {
+            let stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT count(*) FROM notifications n JOIN contents c ON c.id = n.content_id \
+                     WHERE n.tenant = $1 AND n.user_id = $2 AND n.read_at IS NULL AND {}",
+                    filter_sql(3)
+                ))
+                .await
+                .map_err(pg_error)?;
+            for filter in filters {
+                let f = FilterParams::of(filter);
+                let n: i64 = tx
+                    .query_one(
+                        &stmt,
+                        &[
+                            &tenant,
+                            &user,
+                            &f.types,
+                            &f.prefixes,
+                            &f.categories,
+                            &f.min_severity,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_error)?
+                    .try_get(0)
+                    .map_err(pg_error)?;
+                filtered.push(seq(n));
+            }
+        }
+        tx.commit().await.map_err(pg_error)?;
+        Ok(UnreadCounts {
+            unread: seq(unread),
+            seq: seq(head),
+            filtered,
+        })
     }
 
     async fn prune(&self, cutoff: SystemTime) -> StoreResult<u64> {

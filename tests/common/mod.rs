@@ -428,7 +428,7 @@ pub async fn mark_up_to(
 pub async fn unread(client: &mut NotificationsClient<Channel>, user: &str) -> u64 {
     client
         .get_unread_count(authed(
-            proto::GetUnreadCountRequest {},
+            proto::GetUnreadCountRequest::default(),
             &token(user, "", ""),
         ))
         .await
@@ -451,6 +451,7 @@ pub async fn list(
                 unread_only,
                 page_size,
                 page_token: String::new(),
+                ..Default::default()
             },
             &token(user, "", ""),
         ))

@@ -25,7 +25,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file herald/v1/herald.proto.
  */
 export const file_herald_v1_herald: GenFile = /*@__PURE__*/
-  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEi3gIKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIkCgZBY3Rpb24SDQoFbGFiZWwYASABKAkSCwoDdXJsGAIgASgJIv8BChdTZW5kTm90aWZpY2F0aW9uUmVxdWVzdBISCgpyZWNpcGllbnRzGAEgAygJEgwKBHR5cGUYAiABKAkSDQoFdGl0bGUYAyABKAkSDAoEYm9keRgEIAEoCRIMCgRkYXRhGAUgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIQCghjYXRlZ29yeRgHIAEoCRIlCghzZXZlcml0eRgIIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRINCgVhY3RvchgJIAEoCRISCgphY3Rpb25fdXJsGAogASgJEiIKB2FjdGlvbnMYCyADKAsyES5oZXJhbGQudjEuQWN0aW9uIkMKCERlbGl2ZXJ5EhEKCXJlY2lwaWVudBgBIAEoCRIXCg9ub3RpZmljYXRpb25faWQYAiABKAMSCwoDc2VxGAMgASgEIkMKGFNlbmROb3RpZmljYXRpb25SZXNwb25zZRInCgpkZWxpdmVyaWVzGAEgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlUKGFNlbmROb3RpZmljYXRpb25zUmVxdWVzdBI5Cg1ub3RpZmljYXRpb25zGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0InAKF1NlbmROb3RpZmljYXRpb25zUmVzdWx0Eg0KBWluZGV4GAEgASgNEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRInCgpkZWxpdmVyaWVzGAQgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlAKGVNlbmROb3RpZmljYXRpb25zUmVzcG9uc2USMwoHcmVzdWx0cxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1Jlc3VsdCJWChBTdWJzY3JpYmVSZXF1ZXN0EhYKCWFmdGVyX3NlcRgBIAEoBEgAiAEBEg0KBXR5cGVzGAIgAygJEg0KBWVwb2NoGAMgASgEQgwKCl9hZnRlcl9zZXEigwIKBUV2ZW50EgsKA3NlcRgBIAEoBBIvCgxub3RpZmljYXRpb24YAiABKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uSAASKwoEcmVhZBgDIAEoCzIbLmhlcmFsZC52MS5SZWFkU3RhdGVDaGFuZ2VkSAASKAoJY2F1Z2h0X3VwGAQgASgLMhMuaGVyYWxkLnYxLkNhdWdodFVwSAASKQoJaGVhcnRiZWF0GAUgASgLMhQuaGVyYWxkLnYxLkhlYXJ0YmVhdEgAEiMKBnJlc3luYxgGIAEoCzIRLmhlcmFsZC52MS5SZXN5bmNIABINCgVlcG9jaBgHIAEoBEIGCgRraW5kIj8KEFJlYWRTdGF0ZUNoYW5nZWQSGAoQbm90aWZpY2F0aW9uX2lkcxgBIAMoAxIRCgl1cF90b19zZXEYAiABKAQiQQoIQ2F1Z2h0VXASNQoSaGVhcnRiZWF0X2ludGVydmFsGAEgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjwKCUhlYXJ0YmVhdBIvCgtzZXJ2ZXJfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAimQEKBlJlc3luYxIoCgZyZWFzb24YASABKA4yGC5oZXJhbGQudjEuUmVzeW5jLlJlYXNvbiJlCgZSZWFzb24SFgoSUkVBU09OX1VOU1BFQ0lGSUVEEAASGAoUUkVBU09OX0VQT0NIX0NIQU5HRUQQARIRCg1SRUFTT05fUFJVTkVEEAISFgoSUkVBU09OX0JFWU9ORF9IRUFEEAMiWwoPTWFya1JlYWRSZXF1ZXN0EikKA2lkcxgBIAEoCzIaLmhlcmFsZC52MS5Ob3RpZmljYXRpb25JZHNIABITCgl1cF90b19zZXEYAiABKARIAEIICgZ0YXJnZXQiHgoPTm90aWZpY2F0aW9uSWRzEgsKA2lkcxgBIAMoAyIvChBNYXJrUmVhZFJlc3BvbnNlEg4KBm1hcmtlZBgBIAEoDRILCgNzZXEYAiABKAQiVgoYTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0EhMKC3VucmVhZF9vbmx5GAEgASgIEhEKCXBhZ2Vfc2l6ZRgCIAEoDRISCgpwYWdlX3Rva2VuGAMgASgJImQKGUxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USLgoNbm90aWZpY2F0aW9ucxgBIAMoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb24SFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIhcKFUdldFVucmVhZENvdW50UmVxdWVzdCI1ChZHZXRVbnJlYWRDb3VudFJlc3BvbnNlEg4KBnVucmVhZBgBIAEoBBILCgNzZXEYAiABKAQiGwoZQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdCJcChpDcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZRIOCgZ0aWNrZXQYASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqdQoIU2V2ZXJpdHkSGAoUU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIQCgxTRVZFUklUWV9MT1cQARITCg9TRVZFUklUWV9OT1JNQUwQAhIRCg1TRVZFUklUWV9ISUdIEAMSFQoRU0VWRVJJVFlfQ1JJVElDQUwQBDLpBAoNTm90aWZpY2F0aW9ucxJbChBTZW5kTm90aWZpY2F0aW9uEiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0GiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXNwb25zZRJeChFTZW5kTm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRI8CglTdWJzY3JpYmUSGy5oZXJhbGQudjEuU3Vic2NyaWJlUmVxdWVzdBoQLmhlcmFsZC52MS5FdmVudDABEkMKCE1hcmtSZWFkEhouaGVyYWxkLnYxLk1hcmtSZWFkUmVxdWVzdBobLmhlcmFsZC52MS5NYXJrUmVhZFJlc3BvbnNlEl4KEUxpc3ROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlElUKDkdldFVucmVhZENvdW50EiAuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVxdWVzdBohLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlc3BvbnNlEmEKEkNyZWF0ZVN0cmVhbVRpY2tldBIkLmhlcmFsZC52MS5DcmVhdGVTdHJlYW1UaWNrZXRSZXF1ZXN0GiUuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEi3gIKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIkCgZBY3Rpb24SDQoFbGFiZWwYASABKAkSCwoDdXJsGAIgASgJIv8BChdTZW5kTm90aWZpY2F0aW9uUmVxdWVzdBISCgpyZWNpcGllbnRzGAEgAygJEgwKBHR5cGUYAiABKAkSDQoFdGl0bGUYAyABKAkSDAoEYm9keRgEIAEoCRIMCgRkYXRhGAUgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIQCghjYXRlZ29yeRgHIAEoCRIlCghzZXZlcml0eRgIIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRINCgVhY3RvchgJIAEoCRISCgphY3Rpb25fdXJsGAogASgJEiIKB2FjdGlvbnMYCyADKAsyES5oZXJhbGQudjEuQWN0aW9uIkMKCERlbGl2ZXJ5EhEKCXJlY2lwaWVudBgBIAEoCRIXCg9ub3RpZmljYXRpb25faWQYAiABKAMSCwoDc2VxGAMgASgEIkMKGFNlbmROb3RpZmljYXRpb25SZXNwb25zZRInCgpkZWxpdmVyaWVzGAEgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlUKGFNlbmROb3RpZmljYXRpb25zUmVxdWVzdBI5Cg1ub3RpZmljYXRpb25zGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0InAKF1NlbmROb3RpZmljYXRpb25zUmVzdWx0Eg0KBWluZGV4GAEgASgNEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRInCgpkZWxpdmVyaWVzGAQgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlAKGVNlbmROb3RpZmljYXRpb25zUmVzcG9uc2USMwoHcmVzdWx0cxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1Jlc3VsdCKVAQoQU3Vic2NyaWJlUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARINCgV0eXBlcxgCIAMoCRINCgVlcG9jaBgDIAEoBBISCgpjYXRlZ29yaWVzGAQgAygJEikKDG1pbl9zZXZlcml0eRgFIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eUIMCgpfYWZ0ZXJfc2VxIoMCCgVFdmVudBILCgNzZXEYASABKAQSLwoMbm90aWZpY2F0aW9uGAIgASgLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbkgAEisKBHJlYWQYAyABKAsyGy5oZXJhbGQudjEuUmVhZFN0YXRlQ2hhbmdlZEgAEigKCWNhdWdodF91cBgEIAEoCzITLmhlcmFsZC52MS5DYXVnaHRVcEgAEikKCWhlYXJ0YmVhdBgFIAEoCzIULmhlcmFsZC52MS5IZWFydGJlYXRIABIjCgZyZXN5bmMYBiABKAsyES5oZXJhbGQudjEuUmVzeW5jSAASDQoFZXBvY2gYByABKARCBgoEa2luZCI/ChBSZWFkU3RhdGVDaGFuZ2VkEhgKEG5vdGlmaWNhdGlvbl9pZHMYASADKAMSEQoJdXBfdG9fc2VxGAIgASgEIkEKCENhdWdodFVwEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI8CglIZWFydGJlYXQSLwoLc2VydmVyX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkBCgZSZXN5bmMSKAoGcmVhc29uGAEgASgOMhguaGVyYWxkLnYxLlJlc3luYy5SZWFzb24iZQoGUmVhc29uEhYKElJFQVNPTl9VTlNQRUNJRklFRBAAEhgKFFJFQVNPTl9FUE9DSF9DSEFOR0VEEAESEQoNUkVBU09OX1BSVU5FRBACEhYKElJFQVNPTl9CRVlPTkRfSEVBRBADIlsKD01hcmtSZWFkUmVxdWVzdBIpCgNpZHMYASABKAsyGi5oZXJhbGQudjEuTm90aWZpY2F0aW9uSWRzSAASEwoJdXBfdG9fc2VxGAIgASgESABCCAoGdGFyZ2V0Ih4KD05vdGlmaWNhdGlvbklkcxILCgNpZHMYASADKAMiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIqQBChhMaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QSEwoLdW5yZWFkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkSDQoFdHlwZXMYBCADKAkSEgoKY2F0ZWdvcmllcxgFIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBiABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkiZAoZTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRIuCg1ub3RpZmljYXRpb25zGAEgAygLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiQQoVR2V0VW5yZWFkQ291bnRSZXF1ZXN0EigKB2ZpbHRlcnMYASADKAsyFy5oZXJhbGQudjEuVW5yZWFkRmlsdGVyImoKDFVucmVhZEZpbHRlchIMCgRuYW1lGAEgASgJEg0KBXR5cGVzGAIgAygJEhIKCmNhdGVnb3JpZXMYAyADKAkSKQoMbWluX3NldmVyaXR5GAQgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5IisKC1VucmVhZENvdW50EgwKBG5hbWUYASABKAkSDgoGdW5yZWFkGAIgASgEIl0KFkdldFVucmVhZENvdW50UmVzcG9uc2USDgoGdW5yZWFkGAEgASgEEgsKA3NlcRgCIAEoBBImCgZjb3VudHMYAyADKAsyFi5oZXJhbGQudjEuVW5yZWFkQ291bnQiGwoZQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdCJcChpDcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZRIOCgZ0aWNrZXQYASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqdQoIU2V2ZXJpdHkSGAoUU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIQCgxTRVZFUklUWV9MT1cQARITCg9TRVZFUklUWV9OT1JNQUwQAhIRCg1TRVZFUklUWV9ISUdIEAMSFQoRU0VWRVJJVFlfQ1JJVElDQUwQBDLpBAoNTm90aWZpY2F0aW9ucxJbChBTZW5kTm90aWZpY2F0aW9uEiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0GiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXNwb25zZRJeChFTZW5kTm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRI8CglTdWJzY3JpYmUSGy5oZXJhbGQudjEuU3Vic2NyaWJlUmVxdWVzdBoQLmhlcmFsZC52MS5FdmVudDABEkMKCE1hcmtSZWFkEhouaGVyYWxkLnYxLk1hcmtSZWFkUmVxdWVzdBobLmhlcmFsZC52MS5NYXJrUmVhZFJlc3BvbnNlEl4KEUxpc3ROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlElUKDkdldFVucmVhZENvdW50EiAuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVxdWVzdBohLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlc3BvbnNlEmEKEkNyZWF0ZVN0cmVhbVRpY2tldBIkLmhlcmFsZC52MS5DcmVhdGVTdHJlYW1UaWNrZXRSZXF1ZXN0GiUuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A notification as stored for one recipient.
@@ -432,7 +432,9 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
 
   /**
    * Only notifications of these types are sent (read and control events
-   * always are). Empty: all types.
+   * always are). Empty: all types. An entry ending in `.*` is a prefix
+   * pattern: `project.*` matches `project.created` and `project.a.b`, not
+   * `project`. At most 64 entries.
    *
    * @generated from field: repeated string types = 2;
    */
@@ -446,6 +448,21 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
    * @generated from field: uint64 epoch = 3;
    */
   epoch: bigint;
+
+  /**
+   * Only notifications of these categories (exact names). Empty: all. At
+   * most 64 entries.
+   *
+   * @generated from field: repeated string categories = 4;
+   */
+  categories: string[];
+
+  /**
+   * Only notifications at least this severe. Unspecified: all.
+   *
+   * @generated from field: herald.v1.Severity min_severity = 5;
+   */
+  minSeverity: Severity;
 };
 
 /**
@@ -762,6 +779,28 @@ export type ListNotificationsRequest = Message<"herald.v1.ListNotificationsReque
    * @generated from field: string page_token = 3;
    */
   pageToken: string;
+
+  /**
+   * Only these types (exact, or `prefix.*` patterns; see
+   * SubscribeRequest.types). Empty: all.
+   *
+   * @generated from field: repeated string types = 4;
+   */
+  types: string[];
+
+  /**
+   * Only these categories. Empty: all.
+   *
+   * @generated from field: repeated string categories = 5;
+   */
+  categories: string[];
+
+  /**
+   * Only notifications at least this severe. Unspecified: all.
+   *
+   * @generated from field: herald.v1.Severity min_severity = 6;
+   */
+  minSeverity: Severity;
 };
 
 /**
@@ -801,6 +840,15 @@ export const ListNotificationsResponseSchema: GenMessage<ListNotificationsRespon
  * @generated from message herald.v1.GetUnreadCountRequest
  */
 export type GetUnreadCountRequest = Message<"herald.v1.GetUnreadCountRequest"> & {
+  /**
+   * Named counts to answer besides the total (a bell badge per category,
+   * say): each counts the unread notifications its filter matches, as
+   * ListNotifications with `unread_only` and the same filter lists them.
+   * At most 20; names unique, 1 to 64 bytes.
+   *
+   * @generated from field: repeated herald.v1.UnreadFilter filters = 1;
+   */
+  filters: UnreadFilter[];
 };
 
 /**
@@ -809,6 +857,69 @@ export type GetUnreadCountRequest = Message<"herald.v1.GetUnreadCountRequest"> &
  */
 export const GetUnreadCountRequestSchema: GenMessage<GetUnreadCountRequest> = /*@__PURE__*/
   messageDesc(file_herald_v1_herald, 19);
+
+/**
+ * A named filter for GetUnreadCount; its fields mean what they mean in
+ * ListNotificationsRequest.
+ *
+ * @generated from message herald.v1.UnreadFilter
+ */
+export type UnreadFilter = Message<"herald.v1.UnreadFilter"> & {
+  /**
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * @generated from field: repeated string types = 2;
+   */
+  types: string[];
+
+  /**
+   * @generated from field: repeated string categories = 3;
+   */
+  categories: string[];
+
+  /**
+   * @generated from field: herald.v1.Severity min_severity = 4;
+   */
+  minSeverity: Severity;
+};
+
+/**
+ * Describes the message herald.v1.UnreadFilter.
+ * Use `create(UnreadFilterSchema)` to create a new message.
+ */
+export const UnreadFilterSchema: GenMessage<UnreadFilter> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 20);
+
+/**
+ * One named count of GetUnreadCountResponse.
+ *
+ * @generated from message herald.v1.UnreadCount
+ */
+export type UnreadCount = Message<"herald.v1.UnreadCount"> & {
+  /**
+   * The filter's name.
+   *
+   * @generated from field: string name = 1;
+   */
+  name: string;
+
+  /**
+   * Unread notifications it matches.
+   *
+   * @generated from field: uint64 unread = 2;
+   */
+  unread: bigint;
+};
+
+/**
+ * Describes the message herald.v1.UnreadCount.
+ * Use `create(UnreadCountSchema)` to create a new message.
+ */
+export const UnreadCountSchema: GenMessage<UnreadCount> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 21);
 
 /**
  * @generated from message herald.v1.GetUnreadCountResponse
@@ -825,6 +936,14 @@ export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse">
    * @generated from field: uint64 seq = 2;
    */
   seq: bigint;
+
+  /**
+   * One per GetUnreadCountRequest.filters entry, in request order, all
+   * counted in the same snapshot as `unread`.
+   *
+   * @generated from field: repeated herald.v1.UnreadCount counts = 3;
+   */
+  counts: UnreadCount[];
 };
 
 /**
@@ -832,7 +951,7 @@ export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse">
  * Use `create(GetUnreadCountResponseSchema)` to create a new message.
  */
 export const GetUnreadCountResponseSchema: GenMessage<GetUnreadCountResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 20);
+  messageDesc(file_herald_v1_herald, 22);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketRequest
@@ -845,7 +964,7 @@ export type CreateStreamTicketRequest = Message<"herald.v1.CreateStreamTicketReq
  * Use `create(CreateStreamTicketRequestSchema)` to create a new message.
  */
 export const CreateStreamTicketRequestSchema: GenMessage<CreateStreamTicketRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 21);
+  messageDesc(file_herald_v1_herald, 23);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketResponse
@@ -873,7 +992,7 @@ export type CreateStreamTicketResponse = Message<"herald.v1.CreateStreamTicketRe
  * Use `create(CreateStreamTicketResponseSchema)` to create a new message.
  */
 export const CreateStreamTicketResponseSchema: GenMessage<CreateStreamTicketResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 22);
+  messageDesc(file_herald_v1_herald, 24);
 
 /**
  * How urgent a notification is. Clients may sort or style by it, and
