@@ -19,6 +19,7 @@ import {
   MarkReadRequestSchema,
   NotificationIdsSchema,
   Notifications,
+  Severity,
   type GetUnreadCountResponse,
   type ListNotificationsResponse,
   type MarkReadResponse,
@@ -64,6 +65,21 @@ export interface ListOptions {
   pageSize?: number;
   /** The `nextPageToken` of the previous page; absent for the first. */
   pageToken?: string;
+  /** Only these types: exact, or `prefix.*` patterns. Empty or absent: all. */
+  types?: readonly string[];
+  /** Only these categories. Empty or absent: all. */
+  categories?: readonly string[];
+  /** Only notifications at least this severe. Absent: all. */
+  minSeverity?: Severity;
+}
+
+/** A named count for `HeraldClient.unreadCount()`: its filter means what `ListOptions`' does. */
+export interface UnreadFilterOptions {
+  /** The count's name in the answer: 1 to 64 bytes, unique in one call. */
+  name: string;
+  types?: readonly string[];
+  categories?: readonly string[];
+  minSeverity?: Severity;
 }
 
 /** Options of `HeraldClient.subscribe()`: `subscribe()`'s, minus what the client supplies. */
@@ -93,8 +109,13 @@ export interface HeraldClient {
   markAllRead(upToSeq: bigint): Promise<MarkReadResponse>;
   /** One page of the user's notifications, newest first, with `nextPageToken` ("" on the last page). */
   list(options?: ListOptions): Promise<ListNotificationsResponse>;
-  /** The user's unread count (`unread`) and their stream position when counted (`seq`). */
-  unreadCount(): Promise<GetUnreadCountResponse>;
+  /**
+   * The user's unread count (`unread`), their stream position when counted
+   * (`seq`) and, for each of `filters` (at most 20), a named count in
+   * `counts`, in order — all from one snapshot, each equal to what `list`
+   * with `unreadOnly` and that filter lists.
+   */
+  unreadCount(filters?: readonly UnreadFilterOptions[]): Promise<GetUnreadCountResponse>;
   /** `subscribe()` with this client's transport and token provider. */
   subscribe(options: ClientSubscribeOptions): Subscription;
 }
@@ -159,11 +180,22 @@ export function createHeraldClient(options: HeraldClientOptions): HeraldClient {
         unreadOnly: listOptions.unreadOnly ?? false,
         pageSize: listOptions.pageSize ?? 0,
         pageToken: listOptions.pageToken ?? "",
+        types: [...(listOptions.types ?? [])],
+        categories: [...(listOptions.categories ?? [])],
+        minSeverity: listOptions.minSeverity ?? Severity.UNSPECIFIED,
       });
       return authorized((o) => rpc.listNotifications(request, o));
     },
-    unreadCount() {
-      return authorized((o) => rpc.getUnreadCount(create(GetUnreadCountRequestSchema), o));
+    unreadCount(filters = []) {
+      const request = create(GetUnreadCountRequestSchema, {
+        filters: filters.map((f) => ({
+          name: f.name,
+          types: [...(f.types ?? [])],
+          categories: [...(f.categories ?? [])],
+          minSeverity: f.minSeverity ?? Severity.UNSPECIFIED,
+        })),
+      });
+      return authorized((o) => rpc.getUnreadCount(request, o));
     },
     subscribe(subscribeOptions) {
       return subscribe({ ...subscribeOptions, transport, getToken });

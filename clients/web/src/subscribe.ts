@@ -19,6 +19,7 @@ import {
 import { classifyError, HeraldError, toHeraldError } from "./errors.js";
 import {
   Notifications,
+  Severity,
   SubscribeRequestSchema,
   type Event,
   type Resync_Reason,
@@ -86,8 +87,15 @@ export interface SubscribeOptions {
   transport: Transport;
   /** Asked for a token before every (re)connect; see `TokenProvider`. */
   getToken: TokenProvider;
-  /** Only notifications of these types are delivered. Empty or absent: all. */
+  /**
+   * Only notifications of these types are delivered: exact, or `prefix.*`
+   * patterns. Empty or absent: all.
+   */
   types?: readonly string[];
+  /** Only notifications of these categories. Empty or absent: all. */
+  categories?: readonly string[];
+  /** Only notifications at least this severe. Absent: all. */
+  minSeverity?: Severity;
   /**
    * Resume position: the `seq` of the last event this client processed (the
    * `position` of an earlier subscription). Absent: a fresh stream, whose
@@ -232,6 +240,8 @@ export function subscribe(options: SubscribeOptions): Subscription {
   let watchdogMs = timing.watchdogMs;
   const random = options.random ?? Math.random;
   const types = [...(options.types ?? [])];
+  const categories = [...(options.categories ?? [])];
+  const minSeverity = options.minSeverity ?? Severity.UNSPECIFIED;
   const client = createClient(Notifications, options.transport);
 
   let position: bigint | undefined = options.afterSeq;
@@ -308,7 +318,7 @@ export function subscribe(options: SubscribeOptions): Subscription {
         }
         forceRefresh = false;
         if (closed) return;
-        const request = create(SubscribeRequestSchema, { types });
+        const request = create(SubscribeRequestSchema, { types, categories, minSeverity });
         if (position !== undefined) {
           request.afterSeq = position;
           if (epoch !== undefined) request.epoch = epoch;

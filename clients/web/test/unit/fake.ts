@@ -15,6 +15,7 @@ import {
   Notifications,
   Resync_Reason,
   type Event,
+  type GetUnreadCountRequest,
   type GetUnreadCountResponse,
   type ListNotificationsRequest,
   type ListNotificationsResponse,
@@ -32,6 +33,10 @@ export interface SubscribeCall {
   epoch: bigint;
   /** `types`. */
   types: string[];
+  /** `categories`. */
+  categories: string[];
+  /** `min_severity` (0 when not sent). */
+  minSeverity: number;
   /** The `authorization` header, or null. */
   authorization: string | null;
   /** Aborted when the client goes away. */
@@ -52,7 +57,7 @@ export class FakeHerald {
   /** Recorded unary requests with their `authorization` header. */
   readonly markReads: { request: MarkReadRequest; authorization: string | null }[] = [];
   readonly lists: { request: ListNotificationsRequest; authorization: string | null }[] = [];
-  readonly counts: { authorization: string | null }[] = [];
+  readonly counts: { request: GetUnreadCountRequest; authorization: string | null }[] = [];
   /** Unary behaviours; defaults answer empty responses. */
   onMarkRead: (r: MarkReadRequest, ctx: HandlerContext) => MessageInitShape<typeof MarkReadResponseSchema> = () => ({});
   onList: (r: ListNotificationsRequest, ctx: HandlerContext) => MessageInitShape<typeof ListNotificationsResponseSchema> =
@@ -75,8 +80,8 @@ export class FakeHerald {
         this.lists.push({ request, authorization: ctx.requestHeader.get("authorization") });
         return create(ListNotificationsResponseSchema, this.onList(request, ctx));
       },
-      getUnreadCount: (_request, ctx): GetUnreadCountResponse => {
-        this.counts.push({ authorization: ctx.requestHeader.get("authorization") });
+      getUnreadCount: (request, ctx): GetUnreadCountResponse => {
+        this.counts.push({ request, authorization: ctx.requestHeader.get("authorization") });
         return create(GetUnreadCountResponseSchema, this.onCount(ctx));
       },
     });
@@ -87,6 +92,8 @@ export class FakeHerald {
       afterSeq: request.afterSeq,
       epoch: request.epoch,
       types: [...request.types],
+      categories: [...request.categories],
+      minSeverity: request.minSeverity,
       authorization: ctx.requestHeader.get("authorization"),
       signal: ctx.signal,
       at: performance.now(),

@@ -3,7 +3,7 @@ import { afterEach, describe, it } from "node:test";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { createHeraldClient } from "../../src/client.js";
 import { HeraldError } from "../../src/errors.js";
-import { Resync_Reason } from "../../src/gen/herald/v1/herald_pb.js";
+import { Resync_Reason, Severity } from "../../src/gen/herald/v1/herald_pb.js";
 import { createInbox, type Inbox, type InboxOptions } from "../../src/inbox.js";
 import { ev, FakeHerald, notification, script, sleep, until } from "./fake.js";
 
@@ -48,6 +48,18 @@ describe("createHeraldClient helpers", () => {
     );
     const auths = [...server.markReads, ...server.lists, ...server.counts].map((c) => c.authorization);
     assert.deepEqual(auths, ["Bearer abc", "Bearer abc", "Bearer abc", "Bearer abc"]);
+
+    // Filters reach the server as given.
+    await client.list({ types: ["build.*"], categories: ["ci"], minSeverity: Severity.HIGH });
+    const filtered = server.lists[1]!.request;
+    assert.deepEqual([filtered.types, filtered.categories, filtered.minSeverity], [["build.*"], ["ci"], Severity.HIGH]);
+    await client.unreadCount([{ name: "ci", categories: ["ci"] }, { name: "urgent", minSeverity: Severity.CRITICAL }]);
+    const counted = server.counts[1]!.request.filters.map((f) => [f.name, f.categories, f.minSeverity]);
+    assert.deepEqual(counted, [
+      ["ci", ["ci"], Severity.UNSPECIFIED],
+      ["urgent", [], Severity.CRITICAL],
+    ]);
+    assert.equal(server.counts[0]!.request.filters.length, 0, "no filters unless asked");
   });
 
   it("retry once with a fresh token on UNAUTHENTICATED, then reject with HeraldError", async () => {

@@ -151,11 +151,11 @@ describe("subscribe", () => {
       script([ev.notification(1, 2, { type: "build" }), ev.caughtUp(5), ev.heartbeat(9)], Code.Unavailable),
       script([ev.caughtUp(9), ev.notification(2, 12, { type: "build" })]),
     );
-    const t = start(server, { types: ["build"], random: () => 0 });
+    const t = start(server, { types: ["build"], categories: ["ci"], minSeverity: 3, random: () => 0 });
     await until(() => t.events.length === 2, "2 events");
-    assert.deepEqual(server.calls.map((c) => [c.afterSeq, c.types]), [
-      [undefined, ["build"]],
-      [9n, ["build"]],
+    assert.deepEqual(server.calls.map((c) => [c.afterSeq, c.types, c.categories, c.minSeverity]), [
+      [undefined, ["build"], ["ci"], 3],
+      [9n, ["build"], ["ci"], 3],
     ]);
     assert.deepEqual(t.seqs(), [2, 12]);
   });
