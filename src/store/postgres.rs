@@ -720,10 +720,25 @@ impl Store for PgStore {
         filters: &[NotificationFilter],
     ) -> StoreResult<UnreadCounts> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        // One snapshot for the total, the head and every filtered count
-        // (PostgreSQL docs, "Repeatable Read Isolation Level"); the total
-        // and the head are one row, changed by the transactions that change
-        // what they count.
+        const TOTAL: &str = "SELECT COALESCE(max(unread), 0), COALESCE(max(last_seq), 0) \
+             FROM user_streams WHERE tenant = $1 AND user_id = $2";
+        if filters.is_empty() {
+            // One row: the count and the head agree (both change in the
+            // transactions that change what they count).
+            let stmt = client.prepare_cached(TOTAL).await.map_err(pg_error)?;
+            let row = client
+                .query_one(&stmt, &[&tenant, &user])
+                .await
+                .map_err(pg_error)?;
+            return Ok(UnreadCounts {
+                unread: seq(row.try_get(0).map_err(pg_error)?),
+                seq: seq(row.try_get(1).map_err(pg_error)?),
+                filtered: Vec::new(),
+            });
+        }
+        // With named counts: one snapshot for the total, the head and every
+        // filtered count (PostgreSQL docs, "Repeatable Read Isolation
+        // Level").
         let tx = client
             .build_transaction()
             .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -731,13 +746,7 @@ impl Store for PgStore {
             .start()
             .await
             .map_err(pg_error)?;
-        let stmt = tx
-            .prepare_cached(
-                "SELECT COALESCE(max(unread), 0), COALESCE(max(last_seq), 0) \
-                 FROM user_streams WHERE tenant = $1 AND user_id = $2",
-            )
-            .await
-            .map_err(pg_error)?;
+        let stmt = tx.prepare_cached(TOTAL).await.map_err(pg_error)?;
         let row = tx
             .query_one(&stmt, &[&tenant, &user])
             .await
@@ -745,35 +754,33 @@ impl Store for PgStore {
         let unread: i64 = row.try_get(0).map_err(pg_error)?;
         let head: i64 = row.try_get(1).map_err(pg_error)?;
         let mut filtered = Vec::with_capacity(filters.len());
-        if !filters.is_empty() {
-            let stmt = tx
-                .prepare_cached(&format!(
-                    "SELECT count(*) FROM notifications n JOIN contents c ON c.id = n.content_id \
-                     WHERE n.tenant = $1 AND n.user_id = $2 AND n.read_at IS NULL AND {}",
-                    filter_sql(3)
-                ))
+        let stmt = tx
+            .prepare_cached(&format!(
+                "SELECT count(*) FROM notifications n JOIN contents c ON c.id = n.content_id \
+                 WHERE n.tenant = $1 AND n.user_id = $2 AND n.read_at IS NULL AND {}",
+                filter_sql(3)
+            ))
+            .await
+            .map_err(pg_error)?;
+        for filter in filters {
+            let f = FilterParams::of(filter);
+            let n: i64 = tx
+                .query_one(
+                    &stmt,
+                    &[
+                        &tenant,
+                        &user,
+                        &f.types,
+                        &f.prefixes,
+                        &f.categories,
+                        &f.min_severity,
+                    ],
+                )
                 .await
+                .map_err(pg_error)?
+                .try_get(0)
                 .map_err(pg_error)?;
-            for filter in filters {
-                let f = FilterParams::of(filter);
-                let n: i64 = tx
-                    .query_one(
-                        &stmt,
-                        &[
-                            &tenant,
-                            &user,
-                            &f.types,
-                            &f.prefixes,
-                            &f.categories,
-                            &f.min_severity,
-                        ],
-                    )
-                    .await
-                    .map_err(pg_error)?
-                    .try_get(0)
-                    .map_err(pg_error)?;
-                filtered.push(seq(n));
-            }
+            filtered.push(seq(n));
         }
         tx.commit().await.map_err(pg_error)?;
         Ok(UnreadCounts {
