@@ -300,40 +300,41 @@ pub fn http_status(code: Code) -> StatusCode {
     }
 }
 
-/// The Connect error object for `status`, as a response with the mapped
-/// HTTP status. A `google.rpc.RetryInfo` detail is passed on (base64
-/// protobuf, as the protocol carries details) and said in `Retry-After`.
-pub fn error_response(status: &Status) -> Response<Body> {
-    let mut details = Vec::new();
-    let mut retry_after = None;
-    if let Some(retry) = status.get_details_retry_info()
-        && let Some(delay) = retry.retry_delay
-    {
-        retry_after = Some(delay.as_secs() + u64::from(delay.subsec_nanos() > 0));
-        let encoded = prost_types::Duration::try_from(delay)
-            .map(|d| {
-                let info = tonic_types::pb::RetryInfo {
-                    retry_delay: Some(d),
-                };
-                use base64::Engine;
-                base64::engine::general_purpose::STANDARD_NO_PAD.encode(info.encode_to_vec())
-            })
-            .ok();
-        if let Some(value) = encoded {
-            details.push(serde_json::json!({
-                "type": "google.rpc.RetryInfo",
-                "value": value,
-                "debug": {"retryDelay": format!("{}s", delay.as_secs_f64())},
-            }));
-        }
-    }
+/// The Connect error object of `status`: `{"code", "message"}`, and a
+/// `google.rpc.RetryInfo` detail when the status carries one (base64
+/// protobuf, as the protocol carries details).
+pub fn error_object(status: &Status) -> serde_json::Value {
     let mut object = serde_json::json!({
         "code": code_name(status.code()),
         "message": status.message(),
     });
-    if !details.is_empty() {
-        object["details"] = serde_json::Value::Array(details);
+    if let Some(delay) = retry_delay(status)
+        && let Ok(d) = prost_types::Duration::try_from(delay)
+    {
+        use base64::Engine;
+        let info = tonic_types::pb::RetryInfo {
+            retry_delay: Some(d),
+        };
+        object["details"] = serde_json::json!([{
+            "type": "google.rpc.RetryInfo",
+            "value": base64::engine::general_purpose::STANDARD_NO_PAD.encode(info.encode_to_vec()),
+            "debug": {"retryDelay": format!("{}s", delay.as_secs_f64())},
+        }]);
     }
+    object
+}
+
+/// The retry delay a status advises (`google.rpc.RetryInfo`), if any.
+fn retry_delay(status: &Status) -> Option<Duration> {
+    status.get_details_retry_info()?.retry_delay
+}
+
+/// [`error_object`] as a response with the mapped HTTP status; a retry
+/// delay is also said in `Retry-After` (whole seconds, rounded up).
+pub fn error_response(status: &Status) -> Response<Body> {
+    let object = error_object(status);
+    let retry_after =
+        retry_delay(status).map(|delay| delay.as_secs() + u64::from(delay.subsec_nanos() > 0));
     let mut response = Response::new(Body::new(Full::new(Bytes::from(object.to_string()))));
     *response.status_mut() = http_status(status.code());
     let headers = response.headers_mut();

@@ -345,10 +345,7 @@ fn render(codec: &JsonCodec, bytes: &[u8]) -> String {
 
 /// The stream's last event when the server ends it.
 fn error_event(status: &Status) -> String {
-    let object = serde_json::json!({
-        "code": super::connect::code_name(status.code()),
-        "message": status.message(),
-    });
+    let object = super::connect::error_object(status);
     format!("event: error\ndata: {object}\n\n")
 }
 
