@@ -120,16 +120,26 @@ impl JsonCodec {
         desc: MessageDescriptor,
         bytes: &[u8],
     ) -> Result<Vec<u8>, Status> {
+        self.to_json(&Self::decode_dynamic(desc, bytes)?)
+    }
+
+    /// The binary protobuf `bytes` of a message of ours, decoded once (for
+    /// reading its fields and writing it as JSON).
+    pub fn decode_dynamic(desc: MessageDescriptor, bytes: &[u8]) -> Result<DynamicMessage, Status> {
         let full_name = desc.full_name().to_owned();
-        let message = DynamicMessage::decode(desc, bytes).map_err(|e| {
+        DynamicMessage::decode(desc, bytes).map_err(|e| {
             tracing::error!(error = %e, full_name, "cannot re-read our own encoding");
             Status::internal("internal error")
-        })?;
-        let mut out = serde_json::Serializer::new(Vec::with_capacity(bytes.len() * 2 + 16));
+        })
+    }
+
+    /// `message` as JSON text.
+    pub fn to_json(&self, message: &DynamicMessage) -> Result<Vec<u8>, Status> {
+        let mut out = serde_json::Serializer::new(Vec::with_capacity(256));
         message
             .serialize_with_options(&mut out, &self.serialize)
             .map_err(|e| {
-                tracing::error!(error = %e, full_name, "cannot write JSON");
+                tracing::error!(error = %e, "cannot write JSON");
                 Status::internal("internal error")
             })?;
         Ok(out.into_inner())

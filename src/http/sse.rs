@@ -44,14 +44,13 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use prost::Message;
 use tonic::{Status, body::Body};
 
 use super::{DoorSettings, connect::error_response, json::JsonCodec};
 use crate::{
     api::NotificationsService,
     notification::InvalidArgument,
-    proto::{self, event::Kind},
+    proto,
     store::Store,
     ticket::{MAX_RESUME_LIFETIME, TicketGrant},
     transport::ConnectionHandshake,
@@ -317,28 +316,38 @@ fn resume_cookie(ticket: String, lifetime: std::time::Duration, headers: &Header
 
 /// One event as SSE lines. Heartbeats are comments.
 fn render(codec: &JsonCodec, bytes: &[u8]) -> String {
-    let Ok(event) = proto::Event::decode(bytes) else {
-        tracing::error!("cannot re-read an encoded event");
+    // Decoded once: the kind, seq and epoch are read from the same message
+    // that is written as JSON.
+    let Ok(event) = codec
+        .descriptor("herald.v1.Event")
+        .and_then(|desc| JsonCodec::decode_dynamic(desc, bytes))
+    else {
         return String::new();
     };
-    let name = match &event.kind {
-        Some(Kind::Heartbeat(_)) => return ": heartbeat\n\n".to_owned(),
-        Some(Kind::Notification(_)) => "notification",
-        Some(Kind::Read(_)) => "read",
-        Some(Kind::CaughtUp(_)) => "caught_up",
-        Some(Kind::Resync(_)) => "resync",
-        None => "event",
+    let name = ["notification", "read", "caught_up", "heartbeat", "resync"]
+        .into_iter()
+        .find(|kind| event.has_field_by_name(kind))
+        .unwrap_or("event");
+    if name == "heartbeat" {
+        return ": heartbeat\n\n".to_owned();
+    }
+    let number = |field: &str| {
+        event
+            .get_field_by_name(field)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0)
     };
-    let json = match codec.encode_bytes("herald.v1.Event", bytes) {
-        Ok(json) => String::from_utf8(json).unwrap_or_default(),
-        Err(_) => return String::new(),
+    let Ok(json) = codec.to_json(&event) else {
+        return String::new();
     };
+    let json = String::from_utf8(json).unwrap_or_default();
     let mut out = String::with_capacity(json.len() + 64);
     // JSON text has no raw newlines, so one data line holds it.
     let _ = write!(
         out,
         "id: {}:{}\nevent: {name}\ndata: {json}\n\n",
-        event.epoch, event.seq
+        number("epoch"),
+        number("seq")
     );
     out
 }
