@@ -314,15 +314,17 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::notification::{EventBody, ReadChange};
+    use crate::notification::{EventBody, StateAction, StateChange};
 
     fn event(seq: u64) -> Arc<StreamEvent> {
         Arc::new(StreamEvent::new(
             seq,
             1,
-            EventBody::Read(ReadChange {
+            EventBody::State(StateChange {
+                action: StateAction::Read,
                 ids: vec![],
                 up_to_seq: seq,
+                filter: None,
             }),
         ))
     }

@@ -383,6 +383,19 @@ fn event_json(event: &proto::Event) -> serde_json::Value {
             "read",
             json!({"notification_ids": r.notification_ids, "up_to_seq": r.up_to_seq}),
         ),
+        Some(Kind::State(s)) => (
+            "state",
+            json!({
+                "action": s.action().as_str_name(),
+                "notification_ids": s.notification_ids,
+                "up_to_seq": s.up_to_seq,
+                "filter": s.filter.as_ref().map(|f| json!({
+                    "types": f.types,
+                    "categories": f.categories,
+                    "min_severity": f.min_severity().as_str_name(),
+                })),
+            }),
+        ),
         Some(Kind::CaughtUp(c)) => (
             "caught_up",
             json!({"heartbeat_interval": c.heartbeat_interval.map(|d| d.to_string())}),

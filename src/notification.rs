@@ -269,6 +269,24 @@ impl NotificationFilter {
         Ok(filter)
     }
 
+    /// As the proto message: exact types, then each prefix as its
+    /// `prefix.*` pattern.
+    pub fn to_proto(&self) -> proto::NotificationFilter {
+        proto::NotificationFilter {
+            types: self
+                .types
+                .iter()
+                .cloned()
+                .chain(self.type_prefixes.iter().map(|p| format!("{p}*")))
+                .collect(),
+            categories: self.categories.clone(),
+            min_severity: self
+                .min_severity
+                .map_or(proto::Severity::Unspecified, Severity::to_proto)
+                as i32,
+        }
+    }
+
     /// Whether it lets every notification through.
     pub fn is_all(&self) -> bool {
         *self == Self::default()
@@ -706,6 +724,12 @@ pub struct Notification {
     /// When it was marked read; `None` while unread (and in stream
     /// events). Current for listings.
     pub read_at: Option<SystemTime>,
+    /// When it was first seen or read; `None` while neither (and in
+    /// stream events). Current for listings.
+    pub seen_at: Option<SystemTime>,
+    /// When it was archived; `None` unless archived (and in stream
+    /// events). Current for listings.
+    pub archived_at: Option<SystemTime>,
 }
 
 /// Which stream an event belongs to. Users' inboxes today; the enum is
@@ -731,13 +755,93 @@ impl StreamKey {
     }
 }
 
-/// A read-state change on a user's stream.
+/// A state change a user makes to their notifications (`herald.v1.StateAction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateAction {
+    /// Unread → read (and seen).
+    Read,
+    /// Read → unread.
+    Unread,
+    /// Unseen → seen.
+    Seen,
+    /// Out of the inbox.
+    Archive,
+    /// Back into the inbox.
+    Unarchive,
+    /// Gone for good.
+    Delete,
+}
+
+impl StateAction {
+    /// From the proto enum's number; unspecified or unknown is an error
+    /// naming `action`.
+    pub fn from_proto(value: i32) -> Result<Self, InvalidArgument> {
+        use proto::StateAction as P;
+        match P::try_from(value) {
+            Ok(P::Read) => Ok(Self::Read),
+            Ok(P::Unread) => Ok(Self::Unread),
+            Ok(P::Seen) => Ok(Self::Seen),
+            Ok(P::Archive) => Ok(Self::Archive),
+            Ok(P::Unarchive) => Ok(Self::Unarchive),
+            Ok(P::Delete) => Ok(Self::Delete),
+            Ok(P::Unspecified) => Err(InvalidArgument::new("action", "is required")),
+            Err(_) => Err(InvalidArgument::new(
+                "action",
+                format!(
+                    "{value} is not a known action (1 read, 2 unread, 3 seen, 4 archive, \
+                     5 unarchive, 6 delete)"
+                ),
+            )),
+        }
+    }
+
+    /// The proto enum.
+    pub fn to_proto(self) -> proto::StateAction {
+        use proto::StateAction as P;
+        match self {
+            Self::Read => P::Read,
+            Self::Unread => P::Unread,
+            Self::Seen => P::Seen,
+            Self::Archive => P::Archive,
+            Self::Unarchive => P::Unarchive,
+            Self::Delete => P::Delete,
+        }
+    }
+
+    /// As stored (`state_events.action`) and carried on the bus: the proto
+    /// number.
+    pub fn as_i16(self) -> i16 {
+        self.to_proto() as i16
+    }
+
+    /// From a stored number; `None` for one this version does not know.
+    pub fn from_i16(value: i16) -> Option<Self> {
+        Self::from_proto(i32::from(value)).ok()
+    }
+}
+
+/// A state change on a user's stream: which notifications changed, and
+/// how. Either `ids`, or every notification with seq <= `up_to_seq` that
+/// `filter` matches (all when `None`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadChange {
-    /// Ids that changed from unread to read (empty for an `up_to_seq` mark).
+pub struct StateChange {
+    /// What happened to them.
+    pub action: StateAction,
+    /// Ids that changed, ascending (empty for an up-to change).
     pub ids: Vec<i64>,
-    /// When non-zero, every notification with seq <= this is read.
+    /// When non-zero, the notifications with seq <= this (that `filter`
+    /// matches) changed.
     pub up_to_seq: u64,
+    /// With `up_to_seq`: only the notifications it matches.
+    pub filter: Option<NotificationFilter>,
+}
+
+impl StateChange {
+    /// Whether v1 clients can be told of it as a `read` event
+    /// (`ReadStateChanged`): a read change without a filter.
+    pub fn is_plain_read(&self) -> bool {
+        self.action == StateAction::Read && self.filter.is_none()
+    }
 }
 
 /// What an event of a user's stream carries.
@@ -745,8 +849,8 @@ pub struct ReadChange {
 pub enum EventBody {
     /// A new notification.
     Notification(Notification),
-    /// Notifications were marked read.
-    Read(ReadChange),
+    /// Notifications changed state (read, seen, archived, deleted...).
+    State(StateChange),
 }
 
 /// One event of a user's stream, at position `seq` (gap-free from 1, in
@@ -825,60 +929,117 @@ pub struct Sent {
     pub replayed: bool,
 }
 
-/// What `MarkRead` asks for.
+/// Which notifications a state change covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReadTarget {
-    /// These ids (1 to [`MAX_MARK_IDS`]).
+pub enum StateTarget {
+    /// These ids (1 to [`MAX_MARK_IDS`]), ascending, distinct.
     Ids(Vec<i64>),
     /// Every notification with seq <= this.
     UpTo(u64),
+    /// Every notification the filter matches (never the all-filter).
+    Filter(NotificationFilter),
 }
 
-/// Most ids in one `MarkRead`.
+/// Most ids in one `MarkRead` or `UpdateState`.
 pub const MAX_MARK_IDS: usize = 1_000;
 
-impl ReadTarget {
-    /// Parses a `MarkRead` request.
-    pub fn parse(req: proto::MarkReadRequest) -> Result<Self, InvalidArgument> {
-        use proto::mark_read_request::Target;
-        match req.target {
-            None => Err(InvalidArgument::new(
-                "target",
-                "set either ids or up_to_seq",
-            )),
-            Some(Target::UpToSeq(0)) => Err(InvalidArgument::new("up_to_seq", "must be positive")),
-            Some(Target::UpToSeq(seq)) => Ok(Self::UpTo(seq)),
-            Some(Target::Ids(ids)) => {
-                let mut ids = ids.ids;
-                if ids.is_empty() {
-                    return Err(InvalidArgument::new("ids", "must name at least one id"));
-                }
-                if ids.len() > MAX_MARK_IDS {
-                    return Err(InvalidArgument::new(
-                        "ids",
-                        format!("names {} ids, more than {MAX_MARK_IDS}", ids.len()),
-                    ));
-                }
-                if let Some(bad) = ids.iter().find(|id| **id <= 0) {
-                    return Err(InvalidArgument::new(
-                        "ids",
-                        format!("{bad} is not a valid id"),
-                    ));
-                }
-                ids.sort_unstable();
-                ids.dedup();
-                Ok(Self::Ids(ids))
-            }
+impl StateTarget {
+    fn ids(ids: Vec<i64>) -> Result<Self, InvalidArgument> {
+        let mut ids = ids;
+        if ids.is_empty() {
+            return Err(InvalidArgument::new("ids", "must name at least one id"));
         }
+        if ids.len() > MAX_MARK_IDS {
+            return Err(InvalidArgument::new(
+                "ids",
+                format!("names {} ids, more than {MAX_MARK_IDS}", ids.len()),
+            ));
+        }
+        if let Some(bad) = ids.iter().find(|id| **id <= 0) {
+            return Err(InvalidArgument::new(
+                "ids",
+                format!("{bad} is not a valid id"),
+            ));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Self::Ids(ids))
+    }
+
+    fn up_to(seq: u64) -> Result<Self, InvalidArgument> {
+        if seq == 0 {
+            return Err(InvalidArgument::new("up_to_seq", "must be positive"));
+        }
+        Ok(Self::UpTo(seq))
     }
 }
 
-/// Result of `MarkRead`.
+/// What `MarkRead` or `UpdateState` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateRequest {
+    /// The change.
+    pub action: StateAction,
+    /// Of which notifications.
+    pub target: StateTarget,
+}
+
+impl StateRequest {
+    /// Parses a `MarkRead` request: a read change by ids or up-to.
+    pub fn parse_mark_read(req: proto::MarkReadRequest) -> Result<Self, InvalidArgument> {
+        use proto::mark_read_request::Target;
+        let target = match req.target {
+            None => {
+                return Err(InvalidArgument::new(
+                    "target",
+                    "set either ids or up_to_seq",
+                ));
+            }
+            Some(Target::UpToSeq(seq)) => StateTarget::up_to(seq)?,
+            Some(Target::Ids(ids)) => StateTarget::ids(ids.ids)?,
+        };
+        Ok(Self {
+            action: StateAction::Read,
+            target,
+        })
+    }
+
+    /// Parses an `UpdateState` request; errors name `action`, `target`,
+    /// `ids`, `up_to_seq` or `filter.*`.
+    pub fn parse(req: proto::UpdateStateRequest) -> Result<Self, InvalidArgument> {
+        use proto::update_state_request::Target;
+        let action = StateAction::from_proto(req.action)?;
+        let target = match req.target {
+            None => {
+                return Err(InvalidArgument::new(
+                    "target",
+                    "set one of ids, up_to_seq or filter",
+                ));
+            }
+            Some(Target::UpToSeq(seq)) => StateTarget::up_to(seq)?,
+            Some(Target::Ids(ids)) => StateTarget::ids(ids.ids)?,
+            Some(Target::Filter(f)) => {
+                let filter =
+                    NotificationFilter::parse("filter.", &f.types, &f.categories, f.min_severity)?;
+                if filter.is_all() {
+                    return Err(InvalidArgument::new(
+                        "filter",
+                        "set at least one of types, categories or min_severity \
+                         (up_to_seq covers every notification)",
+                    ));
+                }
+                StateTarget::Filter(filter)
+            }
+        };
+        Ok(Self { action, target })
+    }
+}
+
+/// Result of `MarkRead` or `UpdateState`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MarkOutcome {
-    /// How many notifications changed from unread to read.
-    pub marked: u32,
-    /// Seq of the read event emitted; 0 when nothing changed.
+pub struct StateOutcome {
+    /// How many notifications changed state.
+    pub changed: u32,
+    /// Seq of the event emitted; 0 when nothing changed.
     pub seq: u64,
 }
 
@@ -933,6 +1094,8 @@ pub struct PageQuery {
     pub before_seq: u64,
     /// Page size, 1 to [`MAX_PAGE_SIZE`].
     pub limit: usize,
+    /// The archived notifications instead of the inbox.
+    pub archived: bool,
 }
 
 /// Largest `ListNotifications` page.
@@ -970,6 +1133,7 @@ impl PageQuery {
             filter: NotificationFilter::parse("", &req.types, &req.categories, req.min_severity)?,
             before_seq,
             limit,
+            archived: req.archived,
         })
     }
 }
@@ -1059,15 +1223,71 @@ mod tests {
     }
 
     #[test]
+    fn update_state_requests_name_the_field_at_fault() {
+        use proto::update_state_request::Target;
+        let req =
+            |action: i32, target: Option<Target>| proto::UpdateStateRequest { action, target };
+        let ok = StateRequest::parse(req(
+            proto::StateAction::Archive as i32,
+            Some(Target::Filter(proto::NotificationFilter {
+                types: vec!["build.*".into(), "deploy".into()],
+                ..Default::default()
+            })),
+        ))
+        .unwrap();
+        assert_eq!(ok.action, StateAction::Archive);
+        let StateTarget::Filter(f) = &ok.target else {
+            panic!("a filter target")
+        };
+        assert_eq!(f.to_proto().types, ["deploy", "build.*"]);
+        let field = |r| StateRequest::parse(r).unwrap_err().field;
+        assert_eq!(field(req(0, Some(Target::UpToSeq(3)))), "action");
+        assert_eq!(field(req(99, Some(Target::UpToSeq(3)))), "action");
+        assert_eq!(field(req(1, None)), "target");
+        assert_eq!(field(req(1, Some(Target::UpToSeq(0)))), "up_to_seq");
+        let ids = |ids: Vec<i64>| Some(Target::Ids(proto::NotificationIds { ids }));
+        assert_eq!(field(req(1, ids(vec![]))), "ids");
+        assert_eq!(field(req(1, ids(vec![1, -2]))), "ids");
+        assert_eq!(field(req(1, ids(vec![1; MAX_MARK_IDS + 1]))), "ids");
+        let filter = |f| Some(Target::Filter(f));
+        assert_eq!(
+            field(req(1, filter(proto::NotificationFilter::default()))),
+            "filter"
+        );
+        assert_eq!(
+            field(req(
+                1,
+                filter(proto::NotificationFilter {
+                    categories: vec!["bad category".into()],
+                    ..Default::default()
+                })
+            )),
+            "filter.categories[0]"
+        );
+        assert_eq!(
+            field(req(
+                1,
+                filter(proto::NotificationFilter {
+                    min_severity: 9,
+                    ..Default::default()
+                })
+            )),
+            "filter.min_severity"
+        );
+    }
+
+    #[test]
     fn read_target_and_page_query() {
         let req = proto::MarkReadRequest {
             target: Some(proto::mark_read_request::Target::Ids(
                 proto::NotificationIds { ids: vec![3, 1, 3] },
             )),
         };
-        assert_eq!(ReadTarget::parse(req).unwrap(), ReadTarget::Ids(vec![1, 3]));
-        let err = ReadTarget::parse(proto::MarkReadRequest { target: None }).unwrap_err();
-        assert_eq!(err.field, "target");
+        let parsed = StateRequest::parse_mark_read(req).unwrap();
+        assert_eq!(parsed.target, StateTarget::Ids(vec![1, 3]));
+        assert_eq!(parsed.action, StateAction::Read);
+        let err = StateRequest::parse_mark_read(proto::MarkReadRequest { target: None });
+        assert_eq!(err.unwrap_err().field, "target");
         let bad = proto::ListNotificationsRequest {
             unread_only: false,
             page_size: 10,

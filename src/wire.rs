@@ -173,6 +173,8 @@ mod tests {
                     created_at: at,
                 }),
                 read_at: None,
+                seen_at: None,
+                archived_at: None,
             };
             let event = StreamEvent::new(seq, epoch, EventBody::Notification(n.clone()));
             let shared = shared_fields(&n.content);
@@ -189,9 +191,11 @@ mod tests {
         let event = StreamEvent::new(
             3,
             7,
-            EventBody::Read(crate::notification::ReadChange {
+            EventBody::State(crate::notification::StateChange {
+                action: crate::notification::StateAction::Read,
                 ids: vec![1, 2],
                 up_to_seq: 0,
+                filter: None,
             }),
         );
         let first = event.encoded();

@@ -8,7 +8,10 @@
 use herald::{
     bus::postgres::{MAX_PAYLOAD_BYTES, Payload, pack, route},
     hub::{Hub, StreamLimits},
-    notification::{MAX_NAME_BYTES, NewNotification, PageQuery, ReadTarget, SendLimits, StreamKey},
+    notification::{
+        MAX_NAME_BYTES, NewNotification, PageQuery, SendLimits, StateRequest, StateTarget,
+        StreamKey,
+    },
     proto,
 };
 use proptest::prelude::*;
@@ -109,18 +112,36 @@ proptest! {
         ids in prop::collection::vec(any::<i64>(), 0..1_100),
         up_to in any::<u64>(),
         use_ids in any::<bool>(),
+        action in any::<i32>(),
+        types in prop::collection::vec(nasty(), 0..3),
+        severity in any::<i32>(),
         page_size in any::<u32>(),
         page_token in nasty(),
     ) {
         use proto::mark_read_request::Target;
+        use proto::update_state_request::Target as StateTargetProto;
         let target = if use_ids {
-            Target::Ids(proto::NotificationIds { ids })
+            Target::Ids(proto::NotificationIds { ids: ids.clone() })
         } else {
             Target::UpToSeq(up_to)
         };
-        if let Ok(ReadTarget::Ids(ids)) = ReadTarget::parse(proto::MarkReadRequest { target: Some(target) }) {
-            prop_assert!(!ids.is_empty() && ids.iter().all(|id| *id > 0));
-            prop_assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+        let parsed = StateRequest::parse_mark_read(proto::MarkReadRequest { target: Some(target) });
+        let filter = StateTargetProto::Filter(proto::NotificationFilter { types, categories: vec![], min_severity: severity });
+        let ids_target = StateTargetProto::Ids(proto::NotificationIds { ids });
+        for request in [
+            parsed,
+            StateRequest::parse(proto::UpdateStateRequest { action, target: Some(ids_target) }),
+            StateRequest::parse(proto::UpdateStateRequest { action, target: Some(filter) }),
+        ] {
+            match request.map(|r| r.target) {
+                Ok(StateTarget::Ids(ids)) => {
+                    prop_assert!(!ids.is_empty() && ids.iter().all(|id| *id > 0));
+                    prop_assert!(ids.windows(2).all(|w| w[0] < w[1]), "sorted and distinct");
+                }
+                Ok(StateTarget::Filter(f)) => prop_assert!(!f.is_all()),
+                Ok(StateTarget::UpTo(s)) => prop_assert!(s > 0),
+                Err(_) => {}
+            }
         }
         let request = proto::ListNotificationsRequest { unread_only: false, page_size, page_token, ..Default::default() };
         if let Ok(q) = PageQuery::parse(&request) {
@@ -131,7 +152,7 @@ proptest! {
     #[test]
     fn payload_decoder_never_panics(text in prop_oneof![
         nasty(),
-        "\\[?\\{\"k\":\"[nrwp]\"[^\\]]{0,80}\\}\\]?",
+        "\\[?\\{\"k\":\"[nrswp]\"[^\\]]{0,80}\\}\\]?",
     ]) {
         let hub = Hub::new(StreamLimits::default());
         let _sub = hub.subscribe(StreamKey::user("t", "alice")).unwrap();

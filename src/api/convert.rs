@@ -29,6 +29,8 @@ impl From<&Notification> for proto::Notification {
                 .map(Into::into)
                 .collect(),
             read_at: n.read_at.map(Into::into),
+            seen_at: n.seen_at.map(Into::into),
+            archived_at: n.archived_at.map(Into::into),
         }
     }
 }
@@ -46,9 +48,17 @@ impl From<&StreamEvent> for proto::Event {
     fn from(e: &StreamEvent) -> Self {
         let kind = match &e.body {
             EventBody::Notification(n) => proto::event::Kind::Notification(n.into()),
-            EventBody::Read(r) => proto::event::Kind::Read(proto::ReadStateChanged {
+            EventBody::State(r) if r.is_plain_read() => {
+                proto::event::Kind::Read(proto::ReadStateChanged {
+                    notification_ids: r.ids.clone(),
+                    up_to_seq: r.up_to_seq,
+                })
+            }
+            EventBody::State(r) => proto::event::Kind::State(proto::StateChanged {
+                action: r.action.to_proto() as i32,
                 notification_ids: r.ids.clone(),
                 up_to_seq: r.up_to_seq,
+                filter: r.filter.as_ref().map(|f| f.to_proto()),
             }),
         };
         Self {

@@ -20,8 +20,8 @@ use crate::{
     hub::Hub,
     limits::RateLimits,
     notification::{
-        InvalidArgument, NewNotification, NotificationFilter, PageQuery, ReadTarget, SendLimits,
-        StreamKey,
+        InvalidArgument, NewNotification, NotificationFilter, PageQuery, SendLimits, StateOutcome,
+        StateRequest, StreamKey,
     },
     proto::{self, notifications_server::Notifications},
     store::Store,
@@ -157,7 +157,32 @@ impl<S: Store> Notifications for NotificationsService<S> {
         &self,
         request: Request<proto::MarkReadRequest>,
     ) -> Result<Response<proto::MarkReadResponse>, Status> {
-        observe("MarkRead", self.mark(request).await)
+        let outcome = self
+            .change_state(request, StateRequest::parse_mark_read)
+            .await
+            .map(|o| {
+                Response::new(proto::MarkReadResponse {
+                    marked: o.changed,
+                    seq: o.seq,
+                })
+            });
+        observe("MarkRead", outcome)
+    }
+
+    async fn update_state(
+        &self,
+        request: Request<proto::UpdateStateRequest>,
+    ) -> Result<Response<proto::UpdateStateResponse>, Status> {
+        let outcome = self
+            .change_state(request, StateRequest::parse)
+            .await
+            .map(|o| {
+                Response::new(proto::UpdateStateResponse {
+                    changed: o.changed,
+                    seq: o.seq,
+                })
+            });
+        observe("UpdateState", outcome)
     }
 
     async fn list_notifications(
@@ -402,20 +427,19 @@ impl<S: Store> NotificationsService<S> {
         Ok(self.verifier.verify_headers(headers)?)
     }
 
-    async fn mark(
+    /// `MarkRead` and `UpdateState`: the token user's state change, parsed
+    /// from the request by `parse`.
+    async fn change_state<R>(
         &self,
-        request: Request<proto::MarkReadRequest>,
-    ) -> Result<Response<proto::MarkReadResponse>, Status> {
+        request: Request<R>,
+        parse: impl FnOnce(R) -> Result<StateRequest, InvalidArgument>,
+    ) -> Result<StateOutcome, Status> {
         let identity = self.identify(&request)?;
-        let target = ReadTarget::parse(request.into_inner())?;
-        let outcome = self
+        let change = parse(request.into_inner())?;
+        Ok(self
             .store
-            .mark_read(identity.tenant.as_str(), identity.user.as_str(), &target)
-            .await?;
-        Ok(Response::new(proto::MarkReadResponse {
-            marked: outcome.marked,
-            seq: outcome.seq,
-        }))
+            .update_state(identity.tenant.as_str(), identity.user.as_str(), &change)
+            .await?)
     }
 
     async fn list(
@@ -485,6 +509,7 @@ impl<S: Store> NotificationsService<S> {
             .await?;
         Ok(Response::new(proto::GetUnreadCountResponse {
             unread: counts.unread,
+            unseen: counts.unseen,
             seq: counts.seq,
             counts: req
                 .filters

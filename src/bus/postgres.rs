@@ -42,7 +42,8 @@ use super::{Bus, Committed, Staged};
 use crate::{
     hub::Hub,
     notification::{
-        Content, Epoch, EventBody, Notification, Presentation, ReadChange, StreamEvent, StreamKey,
+        Content, Epoch, EventBody, Notification, NotificationFilter, Presentation, Severity,
+        StateAction, StateChange, StreamEvent, StreamKey,
     },
     store::{StoreError, postgres},
     telemetry::names,
@@ -103,6 +104,40 @@ pub enum Payload {
         ids: Vec<i64>,
         /// Marked read up to this seq (0: none).
         up: u64,
+    },
+    /// Any other state change of one user (archive, delete, a change by
+    /// filter...); replicas that predate it catch their streams up from
+    /// the store instead.
+    #[serde(rename = "s")]
+    State {
+        /// Tenant.
+        t: String,
+        /// Epoch.
+        e: Epoch,
+        /// User.
+        u: String,
+        /// Seq of the state event.
+        s: u64,
+        /// The action (`herald.v1.StateAction` number).
+        a: i16,
+        /// Ids that changed.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ids: Vec<i64>,
+        /// Changed up to this seq (0: none), with the filter below.
+        #[serde(default)]
+        up: u64,
+        /// The filter's exact types.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ft: Vec<String>,
+        /// The filter's type prefixes.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        fp: Vec<String>,
+        /// The filter's categories.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        fc: Vec<String>,
+        /// The filter's least severity (0: any).
+        #[serde(default)]
+        fs: i16,
     },
     /// Events too large to carry: these users have new events up to these
     /// seqs; their streams read them from the store.
@@ -189,7 +224,9 @@ impl Payload {
                     None => wake(&t, r.into_iter().map(|(u, s, _)| (u, s)).collect()),
                 }
             }
-            Payload::Read { t, u, s, .. } => wake(&t, vec![(u, s)]),
+            Payload::Read { t, u, s, .. } | Payload::State { t, u, s, .. } => {
+                wake(&t, vec![(u, s)])
+            }
             Payload::Wake { t, r } => wake(&t, r),
             Payload::Ping { .. } => vec![whole],
         }
@@ -273,7 +310,7 @@ pub fn payloads(events: &[Committed]) -> Vec<Payload> {
                 });
                 last_content = Some(&n.content);
             }
-            EventBody::Read(change) => {
+            EventBody::State(change) if change.is_plain_read() => {
                 out.push(Payload::Read {
                     t: tenant.clone(),
                     e: c.event.epoch,
@@ -281,6 +318,23 @@ pub fn payloads(events: &[Committed]) -> Vec<Payload> {
                     s: c.event.seq,
                     ids: change.ids.clone(),
                     up: change.up_to_seq,
+                });
+                last_content = None;
+            }
+            EventBody::State(change) => {
+                let f = change.filter.clone().unwrap_or_default();
+                out.push(Payload::State {
+                    t: tenant.clone(),
+                    e: c.event.epoch,
+                    u: user.clone(),
+                    s: c.event.seq,
+                    a: change.action.as_i16(),
+                    ids: change.ids.clone(),
+                    up: change.up_to_seq,
+                    ft: f.types,
+                    fp: f.type_prefixes,
+                    fc: f.categories,
+                    fs: f.min_severity.map_or(0, Severity::as_i16),
                 });
                 last_content = None;
             }
@@ -378,6 +432,8 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                     recipient: user.clone(),
                     content: content.clone(),
                     read_at: None,
+                    seen_at: None,
+                    archived_at: None,
                 });
                 let event = if share {
                     let shared = shared.get_or_insert_with(|| wire::shared_fields(content));
@@ -403,12 +459,49 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             ids,
             up,
         } => {
-            let event = Arc::new(StreamEvent::new(
-                s,
-                stamp(e),
-                EventBody::Read(ReadChange { ids, up_to_seq: up }),
-            ));
+            let change = StateChange {
+                action: StateAction::Read,
+                ids,
+                up_to_seq: up,
+                filter: None,
+            };
+            let event = Arc::new(StreamEvent::new(s, stamp(e), EventBody::State(change)));
             hub.publish(&StreamKey::User { tenant: t, user: u }, &event);
+        }
+        Payload::State {
+            t,
+            e,
+            u,
+            s,
+            a,
+            ids,
+            up,
+            ft,
+            fp,
+            fc,
+            fs,
+        } => {
+            let key = StreamKey::User { tenant: t, user: u };
+            let Some(action) = StateAction::from_i16(a) else {
+                // A newer replica's action: the stream reads the event from
+                // the store (as that version stored it).
+                hub.signal(&key);
+                return;
+            };
+            let filter = NotificationFilter {
+                types: ft,
+                type_prefixes: fp,
+                categories: fc,
+                min_severity: (fs != 0).then(|| Severity::from_i16(fs)),
+            };
+            let change = StateChange {
+                action,
+                ids,
+                up_to_seq: up,
+                filter: (!filter.is_all()).then_some(filter),
+            };
+            let event = Arc::new(StreamEvent::new(s, stamp(e), EventBody::State(change)));
+            hub.publish(&key, &event);
         }
         Payload::Wake { t, r } => {
             for (user, _) in r {

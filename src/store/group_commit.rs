@@ -447,7 +447,7 @@ async fn write_batch(
                 .ok_or_else(|| StoreError::internal("append returned too few events"))?;
             let id = match &c.event.body {
                 EventBody::Notification(n) => n.id,
-                EventBody::Read(_) => 0,
+                EventBody::State(_) => 0,
             };
             deliveries[i].push(Delivery {
                 recipient: user.to_string(),

@@ -13,7 +13,7 @@
 //! | kind | row |
 //! |---|---|
 //! | notification | `notifications` (narrow: ids, seq, read state) referencing `contents` |
-//! | read | `read_events` |
+//! | state (read, seen, archived, deleted...) | `state_events` |
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -32,8 +32,8 @@ use super::{
 use crate::{
     bus::{Bus, Committed, Staged},
     notification::{
-        Content, Epoch, EventBody, Notification, Presentation, ReadChange, Severity, StreamEvent,
-        StreamKey, StreamRange,
+        Content, Epoch, EventBody, Notification, NotificationFilter, Presentation, Severity,
+        StateAction, StateChange, StreamEvent, StreamKey, StreamRange,
     },
 };
 
@@ -58,8 +58,8 @@ pub enum NewEvent {
     /// A notification of the content at this index of `append`'s
     /// `contents` (the recipients of one send share one).
     Notification(usize),
-    /// A read-state change.
-    Read(ReadChange),
+    /// A state change.
+    State(StateChange),
 }
 
 /// One event for one stream.
@@ -73,17 +73,20 @@ pub struct Append<'a> {
     pub event: NewEvent,
 }
 
-// Also adds each stream's new notifications to its unread counter.
+// Also adds each stream's new notifications to its unread and unseen
+// counters.
 // One row: per stream (arrays in key order) the last seq taken; the epoch;
 // the transaction's time; and the ids drawn for contents and notifications
 // (uncorrelated subqueries, evaluated once).
 const TAKE_SEQS: &str = "WITH taken AS ( \
-       INSERT INTO user_streams AS s (tenant, user_id, last_seq, unread) \
-       SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $6::int8[]) \
+       INSERT INTO user_streams AS s (tenant, user_id, last_seq, unread, unseen) \
+       SELECT tenant, user_id, n, unread, unread \
+       FROM unnest($1::text[], $2::text[], $3::int8[], $6::int8[]) \
          AS c(tenant, user_id, n, unread) \
        ORDER BY tenant, user_id \
        ON CONFLICT (tenant, user_id) DO UPDATE \
-         SET last_seq = s.last_seq + EXCLUDED.last_seq, unread = s.unread + EXCLUDED.unread \
+         SET last_seq = s.last_seq + EXCLUDED.last_seq, unread = s.unread + EXCLUDED.unread, \
+             unseen = s.unseen + EXCLUDED.unseen \
        RETURNING s.tenant, s.user_id, s.last_seq \
      ) SELECT array_agg(tenant), array_agg(user_id), array_agg(last_seq), \
        (SELECT epoch FROM herald_meta), now(), \
@@ -108,8 +111,10 @@ const INSERT_NOTIFICATIONS: &str = "WITH c AS ( \
      FROM unnest($6::int8[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
        AS r(id, tenant, user_id, seq, content_id)";
 
-const INSERT_READ_EVENT: &str = "INSERT INTO read_events \
-     (tenant, user_id, seq, notification_ids, up_to_seq) VALUES ($1, $2, $3, $4, $5)";
+const INSERT_STATE_EVENT: &str = "INSERT INTO state_events \
+     (tenant, user_id, seq, notification_ids, up_to_seq, action, \
+      types, type_prefixes, categories, min_severity) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 
 /// Statements sent to the server together, in the order pushed, and
 /// answered together: one round trip for all of them. [`Pipeline::run`]
@@ -228,13 +233,47 @@ async fn take_seqs(
     })
 }
 
-/// A read event's row.
-struct ReadRow<'c> {
+/// A state event's row.
+struct StateRow<'c> {
     tenant: &'c str,
     user: &'c str,
     seq: i64,
     ids: &'c Vec<i64>,
     up_to: i64,
+    action: i16,
+    filter: FilterColumns<'c>,
+}
+
+/// A filter as the columns that store it (all empty and 0 for none).
+pub struct FilterColumns<'a> {
+    /// Exact types.
+    pub types: &'a [String],
+    /// Type prefixes.
+    pub prefixes: &'a [String],
+    /// Categories.
+    pub categories: &'a [String],
+    /// Least severity, 0 for all.
+    pub min_severity: i16,
+}
+
+impl<'a> FilterColumns<'a> {
+    /// `filter`'s columns; `None` is the all-filter.
+    pub fn of(filter: Option<&'a NotificationFilter>) -> Self {
+        match filter {
+            Some(f) => Self {
+                types: &f.types,
+                prefixes: &f.type_prefixes,
+                categories: &f.categories,
+                min_severity: f.min_severity.map_or(0, Severity::as_i16),
+            },
+            None => Self {
+                types: &[],
+                prefixes: &[],
+                categories: &[],
+                min_severity: 0,
+            },
+        }
+    }
 }
 
 /// An append whose seqs are taken ([`take`]): the events it commits, and
@@ -258,7 +297,7 @@ pub struct Appending<'c> {
     n_users: Vec<&'c str>,
     n_seqs: Vec<i64>,
     note_contents: Vec<i64>,
-    reads: Vec<ReadRow<'c>>,
+    states: Vec<StateRow<'c>>,
     staged: Option<Staged>,
 }
 
@@ -283,7 +322,7 @@ impl<'c> Appending<'c> {
             n_users: Vec::new(),
             n_seqs: Vec::new(),
             note_contents: Vec::new(),
-            reads: Vec::new(),
+            states: Vec::new(),
             staged: None,
         }
     }
@@ -329,11 +368,23 @@ impl<'c> Appending<'c> {
                 ],
             );
         }
-        // Read events come one per mark (a handful per transaction at most).
-        for r in &self.reads {
+        // State events come one per change (a handful per transaction at
+        // most).
+        for r in &self.states {
             pipeline.push(
-                INSERT_READ_EVENT,
-                vec![&r.tenant, &r.user, &r.seq, r.ids, &r.up_to],
+                INSERT_STATE_EVENT,
+                vec![
+                    &r.tenant,
+                    &r.user,
+                    &r.seq,
+                    r.ids,
+                    &r.up_to,
+                    &r.action,
+                    &r.filter.types,
+                    &r.filter.prefixes,
+                    &r.filter.categories,
+                    &r.filter.min_severity,
+                ],
             );
         }
         if let Some(staged) = &self.staged {
@@ -457,24 +508,28 @@ pub async fn take<'c>(
                     .ok_or_else(|| StoreError::internal("no such content"))?
                     .clone(),
                 read_at: None,
+                seen_at: None,
+                archived_at: None,
             }),
-            NewEvent::Read(r) => EventBody::Read(r.clone()),
+            NewEvent::State(r) => EventBody::State(r.clone()),
         };
         committed.push(Committed {
             key: StreamKey::user(a.tenant, a.user),
             event: Arc::new(StreamEvent::new(s, taken.epoch, body)),
         });
     }
-    let reads = appends
+    let states = appends
         .iter()
         .zip(&seqs)
         .filter_map(|(a, s)| match &a.event {
-            NewEvent::Read(r) => Some(ReadRow {
+            NewEvent::State(r) => Some(StateRow {
                 tenant: a.tenant,
                 user: a.user,
                 seq: *s,
                 ids: &r.ids,
                 up_to: pos(r.up_to_seq),
+                action: r.action.as_i16(),
+                filter: FilterColumns::of(r.filter.as_ref()),
             }),
             NewEvent::Notification(_) => None,
         })
@@ -513,7 +568,7 @@ pub async fn take<'c>(
         n_seqs: notes.iter().map(|&i| seqs[i]).collect(),
         note_ids,
         note_contents,
-        reads,
+        states,
         staged,
     })
 }
@@ -522,7 +577,7 @@ pub async fn take<'c>(
 /// reads them.
 pub const NOTIFICATION_COLUMNS: &str = "n.id, n.seq, n.user_id, c.type, c.title, c.body, \
      c.data::text AS data, c.created_at, n.read_at, c.category, c.severity, c.actor, \
-     c.action_url, c.actions";
+     c.action_url, c.actions, COALESCE(n.seen_at, n.read_at) AS seen_at, n.archived_at";
 
 /// A notification row (see [`NOTIFICATION_COLUMNS`]). Content is not
 /// shared between rows read this way.
@@ -546,6 +601,38 @@ pub fn notification(row: &tokio_postgres::Row) -> Result<Notification, tokio_pos
             created_at: row.try_get("created_at")?,
         }),
         read_at: row.try_get("read_at")?,
+        seen_at: row.try_get("seen_at")?,
+        archived_at: row.try_get("archived_at")?,
+    })
+}
+
+/// A state event's row as read by [`read_range`]. An action this version
+/// does not know (a newer replica wrote it) reads as an empty read change,
+/// which changes nothing.
+fn state_change(row: &tokio_postgres::Row) -> Result<StateChange, tokio_postgres::Error> {
+    let action = StateAction::from_i16(row.try_get("action")?);
+    let filter = NotificationFilter {
+        types: row.try_get("f_types")?,
+        type_prefixes: row.try_get("f_prefixes")?,
+        categories: row.try_get("f_categories")?,
+        min_severity: match row.try_get::<_, i16>("f_severity")? {
+            0 => None,
+            s => Some(Severity::from_i16(s)),
+        },
+    };
+    let Some(action) = action else {
+        return Ok(StateChange {
+            action: StateAction::Read,
+            ids: Vec::new(),
+            up_to_seq: 0,
+            filter: None,
+        });
+    };
+    Ok(StateChange {
+        action,
+        ids: row.try_get("ids")?,
+        up_to_seq: seq(row.try_get("up_to")?),
+        filter: (!filter.is_all()).then_some(filter),
     })
 }
 
@@ -563,13 +650,16 @@ pub async fn read_range(
         .prepare_cached(&format!(
             "SELECT m.epoch, e.* FROM herald_meta m LEFT JOIN LATERAL ( \
                SELECT * FROM ( \
-                 SELECT {NOTIFICATION_COLUMNS}, NULL::bigint[] AS ids, 0::bigint AS up_to \
+                 SELECT {NOTIFICATION_COLUMNS}, NULL::bigint[] AS ids, 0::bigint AS up_to, \
+                        0::int2 AS action, NULL::text[] AS f_types, NULL::text[] AS f_prefixes, \
+                        NULL::text[] AS f_categories, 0::int2 AS f_severity \
                  FROM notifications n JOIN contents c ON c.id = n.content_id \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 \
                  UNION ALL \
                  SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-                        NULL, NULL, NULL, NULL, notification_ids, up_to_seq \
-                 FROM read_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
+                        NULL, NULL, NULL, NULL, NULL, NULL, notification_ids, up_to_seq, \
+                        action, types, type_prefixes, categories, min_severity \
+                 FROM state_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
                ) AS u ORDER BY seq LIMIT $4 \
              ) AS e ON true ORDER BY e.seq"
         ))
@@ -592,12 +682,11 @@ pub async fn read_range(
         let body = match id {
             Some(_) => EventBody::Notification(Notification {
                 read_at: None,
+                seen_at: None,
+                archived_at: None,
                 ..notification(row).map_err(pg_error)?
             }),
-            None => EventBody::Read(ReadChange {
-                ids: row.try_get("ids").map_err(pg_error)?,
-                up_to_seq: seq(row.try_get("up_to").map_err(pg_error)?),
-            }),
+            None => EventBody::State(state_change(row).map_err(pg_error)?),
         };
         range
             .events

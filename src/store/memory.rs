@@ -21,9 +21,9 @@ use crate::{
     bus::{Bus, Committed, local::LocalBus},
     hub::Hub,
     notification::{
-        Content, Delivery, Epoch, EventBody, MarkOutcome, NewNotification, Notification,
-        NotificationFilter, PageQuery, ReadChange, ReadTarget, Sent, StreamEvent, StreamHead,
-        StreamKey, StreamRange, new_epoch,
+        Content, Delivery, Epoch, EventBody, NewNotification, Notification, NotificationFilter,
+        PageQuery, Sent, StateAction, StateChange, StateOutcome, StateRequest, StateTarget,
+        StreamEvent, StreamHead, StreamKey, StreamRange, new_epoch,
     },
     ticket::{TicketDigest, TicketGrant},
 };
@@ -41,7 +41,8 @@ struct UserLog {
     head: StreamHead,
     /// Events with seq pruned_seq+1 ..= last_seq, each with its store time.
     events: VecDeque<(SystemTime, Arc<StreamEvent>)>,
-    /// Current notifications by seq, with live read state.
+    /// Current notifications by seq, with live state; deleted ones are
+    /// removed (their events stay in `events`).
     notifications: BTreeMap<u64, Notification>,
 }
 
@@ -177,6 +178,42 @@ impl MemoryStore {
     }
 }
 
+/// Applies `action` to `n` at `now`; whether its state changed (the same
+/// rules as the PostgreSQL store's: read implies seen, deleting always
+/// changes, the caller removes what it deletes).
+fn apply(action: StateAction, n: &mut Notification, now: SystemTime) -> bool {
+    match action {
+        StateAction::Read if n.read_at.is_none() => {
+            n.read_at = Some(now);
+            n.seen_at.get_or_insert(now);
+            true
+        }
+        StateAction::Unread if n.read_at.is_some() => {
+            n.read_at = None;
+            true
+        }
+        StateAction::Seen if n.seen_at.is_none() => {
+            n.seen_at = Some(now);
+            true
+        }
+        StateAction::Archive if n.archived_at.is_none() => {
+            n.archived_at = Some(now);
+            true
+        }
+        StateAction::Unarchive if n.archived_at.is_some() => {
+            n.archived_at = None;
+            true
+        }
+        StateAction::Delete => true,
+        _ => false,
+    }
+}
+
+/// Whether `n` is in the inbox and unread (what `unread` counts).
+fn counts_unread(n: &Notification) -> bool {
+    n.read_at.is_none() && n.archived_at.is_none()
+}
+
 impl Store for MemoryStore {
     async fn send(&self, tenant: &str, sender: &str, n: &NewNotification) -> StoreResult<Sent> {
         let mut inner = self.lock();
@@ -217,6 +254,8 @@ impl Store for MemoryStore {
                     recipient: recipient.to_string(),
                     content: content.clone(),
                     read_at: None,
+                    seen_at: None,
+                    archived_at: None,
                 })
             });
             deliveries.push(Delivery {
@@ -236,54 +275,58 @@ impl Store for MemoryStore {
         })
     }
 
-    async fn mark_read(
+    async fn update_state(
         &self,
         tenant: &str,
         user: &str,
-        target: &ReadTarget,
-    ) -> StoreResult<MarkOutcome> {
+        request: &StateRequest,
+    ) -> StoreResult<StateOutcome> {
         let mut inner = self.lock();
         let Some(log) = inner.users.get_mut(&key(tenant, user)) else {
-            return Ok(MarkOutcome::default());
+            return Ok(StateOutcome::default());
         };
         let now = SystemTime::now();
-        let mut marked = 0usize;
-        let change = match target {
-            ReadTarget::Ids(wanted) => {
-                let mut ids = Vec::new();
-                for n in log.notifications.values_mut() {
-                    if n.read_at.is_none() && wanted.binary_search(&n.id).is_ok() {
-                        n.read_at = Some(now);
-                        ids.push(n.id);
-                    }
-                }
-                marked = ids.len();
-                ReadChange { ids, up_to_seq: 0 }
-            }
-            ReadTarget::UpTo(seq) => {
-                let up_to = (*seq).min(log.head.last_seq);
-                for n in log.notifications.range_mut(..=up_to).map(|(_, n)| n) {
-                    if n.read_at.is_none() {
-                        n.read_at = Some(now);
-                        marked += 1;
-                    }
-                }
-                ReadChange {
-                    ids: Vec::new(),
-                    up_to_seq: up_to,
-                }
-            }
+        let head = log.head.last_seq;
+        let (up_to, filter) = match &request.target {
+            StateTarget::Ids(_) => (head, None),
+            StateTarget::UpTo(seq) => ((*seq).min(head), None),
+            StateTarget::Filter(f) => (head, Some(f)),
         };
-        if marked == 0 {
-            return Ok(MarkOutcome::default());
+        let targeted = |n: &Notification| match &request.target {
+            StateTarget::Ids(wanted) => wanted.binary_search(&n.id).is_ok(),
+            StateTarget::UpTo(_) => true,
+            StateTarget::Filter(f) => f.matches(&n.content),
+        };
+        let mut changed = Vec::new();
+        for (seq, n) in log.notifications.range_mut(..=up_to) {
+            if targeted(n) && apply(request.action, n, now) {
+                changed.push((*seq, n.id));
+            }
         }
-        let c = self.append(&mut inner, tenant, user, SystemTime::now(), |_| {
-            EventBody::Read(change)
-        });
+        if changed.is_empty() {
+            return Ok(StateOutcome::default());
+        }
+        let mut change = StateChange {
+            action: request.action,
+            ids: Vec::new(),
+            up_to_seq: up_to,
+            filter: filter.cloned(),
+        };
+        if let StateTarget::Ids(_) = request.target {
+            change.ids = changed.iter().map(|(_, id)| *id).collect();
+            change.ids.sort_unstable();
+            change.up_to_seq = 0;
+        }
+        if request.action == StateAction::Delete {
+            for (seq, _) in &changed {
+                log.notifications.remove(seq);
+            }
+        }
+        let c = self.append(&mut inner, tenant, user, now, |_| EventBody::State(change));
         let seq = c.event.seq;
         self.bus.stage(&[c]);
-        Ok(MarkOutcome {
-            marked: u32::try_from(marked).unwrap_or(u32::MAX),
+        Ok(StateOutcome {
+            changed: u32::try_from(changed.len()).unwrap_or(u32::MAX),
             seq,
         })
     }
@@ -345,7 +388,7 @@ impl Store for MemoryStore {
             .notifications
             .range(after_seq + 1..=up_to_seq)
             .map(|(_, n)| n)
-            .filter(|n| n.read_at.is_none())
+            .filter(|n| counts_unread(n))
             .take(limit)
             .cloned()
             .collect())
@@ -366,6 +409,7 @@ impl Store for MemoryStore {
             .range(..query.before_seq)
             .rev()
             .map(|(_, n)| n)
+            .filter(|n| n.archived_at.is_some() == query.archived)
             .filter(|n| !query.unread_only || n.read_at.is_none())
             .filter(|n| query.filter.matches(&n.content))
             .take(query.limit)
@@ -383,6 +427,7 @@ impl Store for MemoryStore {
         let Some(log) = inner.users.get(&key(tenant, user)) else {
             return Ok(UnreadCounts {
                 unread: 0,
+                unseen: 0,
                 seq: inner.dropped_seq,
                 filtered: vec![0; filters.len()],
             });
@@ -390,10 +435,16 @@ impl Store for MemoryStore {
         let unread: Vec<&Notification> = log
             .notifications
             .values()
-            .filter(|n| n.read_at.is_none())
+            .filter(|n| counts_unread(n))
             .collect();
+        let unseen = log
+            .notifications
+            .values()
+            .filter(|n| n.archived_at.is_none() && n.seen_at.is_none() && n.read_at.is_none())
+            .count();
         Ok(UnreadCounts {
             unread: unread.len() as u64,
+            unseen: unseen as u64,
             seq: log.head.last_seq,
             filtered: filters
                 .iter()

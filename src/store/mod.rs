@@ -13,7 +13,7 @@
 use std::{future::Future, time::SystemTime};
 
 use crate::notification::{
-    MarkOutcome, NewNotification, Notification, NotificationFilter, PageQuery, ReadTarget, Sent,
+    NewNotification, Notification, NotificationFilter, PageQuery, Sent, StateOutcome, StateRequest,
     StreamHead, StreamRange,
 };
 use crate::ticket::{TicketDigest, TicketGrant};
@@ -82,8 +82,10 @@ impl std::error::Error for Cause {
 /// What [`Store::unread_count`] read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnreadCounts {
-    /// Unread notifications.
+    /// Unread notifications in the inbox (not archived, not deleted).
     pub unread: u64,
+    /// Of those and the read ones, the notifications neither seen nor read.
+    pub unseen: u64,
     /// The stream's head seq.
     pub seq: u64,
     /// Unread notifications matching each filter asked for, in order.
@@ -107,15 +109,20 @@ pub trait Store: Send + Sync + 'static {
         n: &NewNotification,
     ) -> impl Future<Output = StoreResult<Sent>> + Send;
 
-    /// Marks `user`'s notifications read and, when anything changed, appends
-    /// a read event to the user's stream. An `UpTo` seq beyond the stream's
-    /// head is clamped to the head.
-    fn mark_read(
+    /// Changes the state of `user`'s notifications (`request.action` on
+    /// `request.target`) and, when any changed, appends one state event to
+    /// the user's stream, in the same transaction. An `UpTo` seq beyond the
+    /// stream's head is clamped to the head, and a `Filter` target covers
+    /// the notifications up to the head; the event records that seq. Only
+    /// notifications whose state changes count and, by ids, are named in
+    /// the event; deleted ones never change again. The stream's unread and
+    /// unseen counters follow in the same transaction.
+    fn update_state(
         &self,
         tenant: &str,
         user: &str,
-        target: &ReadTarget,
-    ) -> impl Future<Output = StoreResult<MarkOutcome>> + Send;
+        request: &StateRequest,
+    ) -> impl Future<Output = StoreResult<StateOutcome>> + Send;
 
     /// The extent of `user`'s stream.
     fn head(
@@ -134,8 +141,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = StoreResult<StreamRange>> + Send;
 
-    /// Up to `limit` unread notifications of `user` with `after_seq` < seq
-    /// <= `up_to_seq`, in seq order (the backlog of a fresh connection).
+    /// Up to `limit` unread notifications of `user`'s inbox (not archived,
+    /// not deleted) with `after_seq` < seq <= `up_to_seq`, in seq order
+    /// (the backlog of a fresh connection).
     fn unread_after(
         &self,
         tenant: &str,
@@ -145,8 +153,9 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = StoreResult<Vec<Notification>>> + Send;
 
-    /// A page of `user`'s notifications, newest first, with current read
-    /// state.
+    /// A page of `user`'s notifications, newest first, with current state:
+    /// the inbox, or the archived ones (`query.archived`); never deleted
+    /// ones.
     fn list(
         &self,
         tenant: &str,
@@ -154,10 +163,10 @@ pub trait Store: Send + Sync + 'static {
         query: PageQuery,
     ) -> impl Future<Output = StoreResult<Vec<Notification>>> + Send;
 
-    /// `user`'s unread notification count and stream head seq, and the
+    /// `user`'s unread and unseen counts and stream head seq, and the
     /// unread count of each of `filters` (in order), all read in one
     /// snapshot: each count is what `list` with `unread_only` and that
-    /// filter would list.
+    /// filter would list (archived and deleted notifications never count).
     fn unread_count(
         &self,
         tenant: &str,

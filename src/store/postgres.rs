@@ -16,14 +16,14 @@ use tokio_postgres::{NoTls, error::SqlState};
 use super::{
     Store, StoreError, StoreResult, UnreadCounts,
     group_commit::{GroupCommit, GroupCommitSettings},
-    log::{self, Append, NOTIFICATION_COLUMNS, NewEvent, notification},
+    log::{self, Append, FilterColumns, NOTIFICATION_COLUMNS, NewEvent, notification},
 };
 use crate::{
     bus::{Bus, postgres::NotifyBus},
     jobs::Jobs,
     notification::{
-        Delivery, Epoch, MarkOutcome, NewNotification, Notification, NotificationFilter, PageQuery,
-        ReadChange, ReadTarget, Sent, StreamHead, StreamRange,
+        Delivery, Epoch, NewNotification, Notification, NotificationFilter, PageQuery, Sent,
+        StateChange, StateOutcome, StateRequest, StateTarget, StreamHead, StreamRange,
     },
     ticket::{TicketDigest, TicketGrant},
 };
@@ -382,14 +382,14 @@ pub const PRUNE_BATCH_ROWS: i64 = 10_000;
 /// stream is always pruned up to a seq and never gets a hole (an event can
 /// be a few milliseconds younger than the cutoff yet have a lower seq: seq
 /// is commit order, `created_at` the transaction's start). `pruned_seq`
-/// records how far, and the unread counter loses the unread notifications
-/// deleted. The streams' rows are locked first, in key order like every
+/// records how far, and the unread and unseen counters lose what they
+/// counted of the notifications deleted. The streams' rows are locked first, in key order like every
 /// writer, so retention cannot deadlock with sends or marks. Returns the
 /// number of events deleted.
 const PRUNE_EVENTS: &str = "WITH sample AS ( \
        (SELECT tenant, user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2) \
        UNION ALL \
-       (SELECT tenant, user_id, seq FROM read_events WHERE created_at < $1 LIMIT $2) \
+       (SELECT tenant, user_id, seq FROM state_events WHERE created_at < $1 LIMIT $2) \
      ), upto AS ( \
        SELECT tenant, user_id, max(seq) AS seq FROM sample GROUP BY tenant, user_id \
      ), locked AS ( \
@@ -398,17 +398,21 @@ const PRUNE_EVENTS: &str = "WITH sample AS ( \
      ), n AS ( \
        DELETE FROM notifications d USING locked \
        WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
-       RETURNING d.tenant, d.user_id, d.read_at IS NULL AS unread \
+       RETURNING d.tenant, d.user_id, \
+         d.read_at IS NULL AND d.archived_at IS NULL AND d.deleted_at IS NULL AS unread, \
+         d.read_at IS NULL AND d.seen_at IS NULL AND d.archived_at IS NULL \
+           AND d.deleted_at IS NULL AS unseen \
      ), r AS ( \
-       DELETE FROM read_events d USING locked \
+       DELETE FROM state_events d USING locked \
        WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
        RETURNING 1 \
      ), gone AS ( \
-       SELECT tenant, user_id, count(*) FILTER (WHERE unread) AS unread \
+       SELECT tenant, user_id, count(*) FILTER (WHERE unread) AS unread, \
+         count(*) FILTER (WHERE unseen) AS unseen \
        FROM n GROUP BY tenant, user_id \
      ), s AS ( \
        UPDATE user_streams s SET pruned_seq = GREATEST(s.pruned_seq, l.seq), \
-         unread = s.unread - COALESCE(g.unread, 0) \
+         unread = s.unread - COALESCE(g.unread, 0), unseen = s.unseen - COALESCE(g.unseen, 0) \
        FROM locked l LEFT JOIN gone g USING (tenant, user_id) \
        WHERE s.tenant = l.tenant AND s.user_id = l.user_id \
      ) SELECT ((SELECT count(*) FROM n) + (SELECT count(*) FROM r))::int8";
@@ -423,6 +427,70 @@ const PRUNE_IDEMPOTENCY_KEYS: &str = "WITH d AS ( \
          (SELECT tenant, sender, key FROM idempotency_keys WHERE created_at < $1 LIMIT $2) \
        RETURNING 1 \
      ) SELECT count(*)::int8 FROM d";
+
+/// The statement of a state change of `$1`/`$2`'s notifications that
+/// `target` selects (SQL on `n`, notifications, and `c`, contents; its
+/// parameters from `$4`), by action `$3` (the `herald.v1.StateAction`
+/// number). Only notifications the action changes are touched, and never
+/// a deleted one. It moves the stream's counters by what changed:
+/// `unread` counts the inbox's (not archived, not deleted) unread
+/// notifications; `unseen` those of them neither seen nor read (read
+/// implies seen: a row read before `seen_at` existed has none). One row:
+/// how many changed, and (`with_ids`) their ids, ascending. Run under the stream's row
+/// lock, which every writer of these rows takes first, so the rows read
+/// are the rows updated.
+fn update_state_sql(target: &str, with_ids: bool) -> String {
+    let ids = if with_ids {
+        "COALESCE(array_agg(id ORDER BY id), '{}')"
+    } else {
+        "'{}'::int8[]"
+    };
+    format!(
+        "WITH target AS ( \
+           SELECT n.seq, n.id, n.read_at IS NULL AS r, \
+                  n.seen_at IS NULL AND n.read_at IS NULL AS s, n.archived_at IS NULL AS a \
+           FROM notifications n JOIN contents c ON c.id = n.content_id \
+           WHERE n.tenant = $1 AND n.user_id = $2 AND n.deleted_at IS NULL AND ({target}) \
+             AND CASE $3::int2 \
+               WHEN 1 THEN n.read_at IS NULL \
+               WHEN 2 THEN n.read_at IS NOT NULL \
+               WHEN 3 THEN n.seen_at IS NULL AND n.read_at IS NULL \
+               WHEN 4 THEN n.archived_at IS NULL \
+               WHEN 5 THEN n.archived_at IS NOT NULL \
+               ELSE $3::int2 = 6 END \
+         ), changed AS ( \
+           UPDATE notifications n SET \
+             read_at = CASE $3::int2 WHEN 1 THEN now() WHEN 2 THEN NULL ELSE n.read_at END, \
+             seen_at = CASE WHEN $3::int2 IN (1, 2) THEN COALESCE(n.seen_at, n.read_at, now()) \
+                            WHEN $3::int2 = 3 THEN now() ELSE n.seen_at END, \
+             archived_at = CASE $3::int2 WHEN 4 THEN now() WHEN 5 THEN NULL \
+                                ELSE n.archived_at END, \
+             deleted_at = CASE $3::int2 WHEN 6 THEN now() ELSE n.deleted_at END \
+           FROM target t WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq = t.seq \
+         ), delta AS ( \
+           SELECT count(*) AS n, \
+             CASE $3::int2 \
+               WHEN 1 THEN -count(*) FILTER (WHERE a) \
+               WHEN 2 THEN count(*) FILTER (WHERE a) \
+               WHEN 4 THEN -count(*) FILTER (WHERE r) \
+               WHEN 5 THEN count(*) FILTER (WHERE r) \
+               WHEN 6 THEN -count(*) FILTER (WHERE r AND a) \
+               ELSE 0 END AS unread, \
+             CASE $3::int2 \
+               WHEN 1 THEN -count(*) FILTER (WHERE s AND a) \
+               WHEN 3 THEN -count(*) FILTER (WHERE a) \
+               WHEN 4 THEN -count(*) FILTER (WHERE s) \
+               WHEN 5 THEN count(*) FILTER (WHERE s) \
+               WHEN 6 THEN -count(*) FILTER (WHERE s AND a) \
+               ELSE 0 END AS unseen, \
+             {ids} AS ids \
+           FROM target \
+         ), counters AS ( \
+           UPDATE user_streams s SET unread = s.unread + d.unread, unseen = s.unseen + d.unseen \
+           FROM delta d WHERE s.tenant = $1 AND s.user_id = $2 AND d.n > 0 \
+         ) SELECT n, ids FROM delta"
+    )
+}
 
 /// The SQL of a [`NotificationFilter`] on `c` (contents), its four
 /// parameters numbered from `$first`: exact types, type prefixes,
@@ -439,25 +507,6 @@ fn filter_sql(first: usize) -> String {
          AND (cardinality(${categories}::text[]) = 0 OR c.category = ANY(${categories}::text[])) \
          AND c.severity >= ${severity}::int2"
     )
-}
-
-/// A filter's values as [`filter_sql`]'s parameters.
-struct FilterParams<'a> {
-    types: &'a [String],
-    prefixes: &'a [String],
-    categories: &'a [String],
-    min_severity: i16,
-}
-
-impl<'a> FilterParams<'a> {
-    fn of(filter: &'a NotificationFilter) -> Self {
-        Self {
-            types: &filter.types,
-            prefixes: &filter.type_prefixes,
-            categories: &filter.categories,
-            min_severity: filter.min_severity.map_or(0, |s| s.as_i16()),
-        }
-    }
 }
 
 const PRUNE_TICKETS: &str = "WITH d AS ( \
@@ -504,18 +553,19 @@ impl Store for PgStore {
         self.sends.send(tenant, sender, n).await
     }
 
-    async fn mark_read(
+    async fn update_state(
         &self,
         tenant: &str,
         user: &str,
-        target: &ReadTarget,
-    ) -> StoreResult<MarkOutcome> {
+        request: &StateRequest,
+    ) -> StoreResult<StateOutcome> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
         let tx = client.transaction().await.map_err(pg_error)?;
         bound_statements(&tx, self.statement_timeout).await?;
-        // Lock the user's stream first (same order as sends), so marks and
-        // the events they mark are serialized; rolled back, so no seq is
-        // used, when nothing changes.
+        // Lock the user's stream first (same order as sends), so changes
+        // and the events they change are serialized, and the counters move
+        // with the rows; rolled back, so no seq is used, when nothing
+        // changes.
         let lock = tx
             .prepare_cached(
                 "SELECT last_seq FROM user_streams \
@@ -528,65 +578,74 @@ impl Store for PgStore {
             .await
             .map_err(pg_error)?
         else {
-            return Ok(MarkOutcome::default());
+            return Ok(StateOutcome::default());
         };
         let head: i64 = row.try_get(0).map_err(pg_error)?;
-        let (marked, change) = match target {
-            ReadTarget::Ids(ids) => {
+        let action = request.action.as_i16();
+        let (row, mut change) = match &request.target {
+            StateTarget::Ids(ids) => {
                 let stmt = tx
-                    .prepare_cached(
-                        "UPDATE notifications SET read_at = now() \
-                         WHERE tenant = $1 AND user_id = $2 AND id = ANY($3) AND read_at IS NULL \
-                         RETURNING id",
-                    )
+                    .prepare_cached(&update_state_sql("n.id = ANY($4::int8[])", true))
                     .await
                     .map_err(pg_error)?;
-                let rows = tx
-                    .query(&stmt, &[&tenant, &user, ids])
+                let row = tx
+                    .query_one(&stmt, &[&tenant, &user, &action, ids])
                     .await
                     .map_err(pg_error)?;
-                let mut ids = rows
-                    .iter()
-                    .map(|r| r.try_get::<_, i64>(0))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(pg_error)?;
-                ids.sort_unstable();
-                (rows.len(), ReadChange { ids, up_to_seq: 0 })
+                let change = StateChange {
+                    action: request.action,
+                    ids: Vec::new(), // from the row
+                    up_to_seq: 0,
+                    filter: None,
+                };
+                (row, change)
             }
-            ReadTarget::UpTo(up_to) => {
-                let up_to = pos(*up_to).min(head);
+            StateTarget::UpTo(_) | StateTarget::Filter(_) => {
+                let (up_to, filter) = match &request.target {
+                    StateTarget::Filter(f) => (head, Some(f)),
+                    StateTarget::UpTo(up_to) => (pos(*up_to).min(head), None),
+                    StateTarget::Ids(_) => (head, None),
+                };
+                let f = FilterColumns::of(filter);
                 let stmt = tx
-                    .prepare_cached(
-                        "UPDATE notifications SET read_at = now() \
-                         WHERE tenant = $1 AND user_id = $2 AND seq <= $3 AND read_at IS NULL",
+                    .prepare_cached(&update_state_sql(
+                        &format!("n.seq <= $4 AND {}", filter_sql(5)),
+                        false,
+                    ))
+                    .await
+                    .map_err(pg_error)?;
+                let row = tx
+                    .query_one(
+                        &stmt,
+                        &[
+                            &tenant,
+                            &user,
+                            &action,
+                            &up_to,
+                            &f.types,
+                            &f.prefixes,
+                            &f.categories,
+                            &f.min_severity,
+                        ],
                     )
                     .await
                     .map_err(pg_error)?;
-                let n = tx
-                    .execute(&stmt, &[&tenant, &user, &up_to])
-                    .await
-                    .map_err(pg_error)?;
-                let change = ReadChange {
+                let change = StateChange {
+                    action: request.action,
                     ids: Vec::new(),
                     up_to_seq: seq(up_to),
+                    filter: filter.cloned(),
                 };
-                (usize::try_from(n).unwrap_or(usize::MAX), change)
+                (row, change)
             }
         };
-        if marked == 0 {
-            return Ok(MarkOutcome::default()); // dropping `tx` rolls back
+        let changed: i64 = row.try_get(0).map_err(pg_error)?;
+        if changed == 0 {
+            return Ok(StateOutcome::default()); // dropping `tx` rolls back
         }
-        let uncount = tx
-            .prepare_cached(
-                "UPDATE user_streams SET unread = unread - $3 \
-                 WHERE tenant = $1 AND user_id = $2",
-            )
-            .await
-            .map_err(pg_error)?;
-        let marked_count = i64::try_from(marked).unwrap_or(i64::MAX);
-        tx.execute(&uncount, &[&tenant, &user, &marked_count])
-            .await
-            .map_err(pg_error)?;
+        if matches!(request.target, StateTarget::Ids(_)) {
+            change.ids = row.try_get(1).map_err(pg_error)?;
+        }
         let committed = log::append(
             &tx,
             self.bus.as_ref(),
@@ -594,13 +653,13 @@ impl Store for PgStore {
             &[Append {
                 tenant,
                 user,
-                event: NewEvent::Read(change),
+                event: NewEvent::State(change),
             }],
         )
         .await?;
         tx.commit().await.map_err(pg_error)?;
-        Ok(MarkOutcome {
-            marked: u32::try_from(marked).unwrap_or(u32::MAX),
+        Ok(StateOutcome {
+            changed: u32::try_from(changed).unwrap_or(u32::MAX),
             seq: committed.first().map_or(0, |c| c.event.seq),
         })
     }
@@ -651,7 +710,7 @@ impl Store for PgStore {
                 "SELECT {NOTIFICATION_COLUMNS} \
                  FROM notifications n JOIN contents c ON c.id = n.content_id \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 AND n.seq <= $4 \
-                   AND n.read_at IS NULL \
+                   AND n.read_at IS NULL AND n.archived_at IS NULL AND n.deleted_at IS NULL \
                  ORDER BY n.seq LIMIT $5"
             ))
             .await
@@ -682,14 +741,15 @@ impl Store for PgStore {
                 "SELECT {NOTIFICATION_COLUMNS} \
                  FROM notifications n JOIN contents c ON c.id = n.content_id \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq < $3 \
-                   AND (NOT $4 OR n.read_at IS NULL) AND {} \
+                   AND (NOT $4 OR n.read_at IS NULL) AND n.deleted_at IS NULL \
+                   AND (n.archived_at IS NOT NULL) = $10 AND {} \
                  ORDER BY n.seq DESC LIMIT $5",
                 filter_sql(6)
             ))
             .await
             .map_err(pg_error)?;
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-        let f = FilterParams::of(&query.filter);
+        let f = FilterColumns::of(Some(&query.filter));
         let rows = client
             .query(
                 &stmt,
@@ -703,6 +763,7 @@ impl Store for PgStore {
                     &f.prefixes,
                     &f.categories,
                     &f.min_severity,
+                    &query.archived,
                 ],
             )
             .await
@@ -720,8 +781,8 @@ impl Store for PgStore {
         filters: &[NotificationFilter],
     ) -> StoreResult<UnreadCounts> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        const TOTAL: &str = "SELECT COALESCE(max(unread), 0), COALESCE(max(last_seq), 0) \
-             FROM user_streams WHERE tenant = $1 AND user_id = $2";
+        const TOTAL: &str = "SELECT COALESCE(max(unread), 0), COALESCE(max(last_seq), 0), \
+             COALESCE(max(unseen), 0) FROM user_streams WHERE tenant = $1 AND user_id = $2";
         if filters.is_empty() {
             // One row: the count and the head agree (both change in the
             // transactions that change what they count).
@@ -733,6 +794,7 @@ impl Store for PgStore {
             return Ok(UnreadCounts {
                 unread: seq(row.try_get(0).map_err(pg_error)?),
                 seq: seq(row.try_get(1).map_err(pg_error)?),
+                unseen: seq(row.try_get(2).map_err(pg_error)?),
                 filtered: Vec::new(),
             });
         }
@@ -753,17 +815,19 @@ impl Store for PgStore {
             .map_err(pg_error)?;
         let unread: i64 = row.try_get(0).map_err(pg_error)?;
         let head: i64 = row.try_get(1).map_err(pg_error)?;
+        let unseen: i64 = row.try_get(2).map_err(pg_error)?;
         let mut filtered = Vec::with_capacity(filters.len());
         let stmt = tx
             .prepare_cached(&format!(
                 "SELECT count(*) FROM notifications n JOIN contents c ON c.id = n.content_id \
-                 WHERE n.tenant = $1 AND n.user_id = $2 AND n.read_at IS NULL AND {}",
+                 WHERE n.tenant = $1 AND n.user_id = $2 AND n.read_at IS NULL \
+                   AND n.archived_at IS NULL AND n.deleted_at IS NULL AND {}",
                 filter_sql(3)
             ))
             .await
             .map_err(pg_error)?;
         for filter in filters {
-            let f = FilterParams::of(filter);
+            let f = FilterColumns::of(Some(filter));
             let n: i64 = tx
                 .query_one(
                     &stmt,
@@ -786,6 +850,7 @@ impl Store for PgStore {
         Ok(UnreadCounts {
             unread: seq(unread),
             seq: seq(head),
+            unseen: seq(unseen),
             filtered,
         })
     }

@@ -25,7 +25,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file herald/v1/herald.proto.
  */
 export const file_herald_v1_herald: GenFile = /*@__PURE__*/
-  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEi3gIKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIkCgZBY3Rpb24SDQoFbGFiZWwYASABKAkSCwoDdXJsGAIgASgJIv8BChdTZW5kTm90aWZpY2F0aW9uUmVxdWVzdBISCgpyZWNpcGllbnRzGAEgAygJEgwKBHR5cGUYAiABKAkSDQoFdGl0bGUYAyABKAkSDAoEYm9keRgEIAEoCRIMCgRkYXRhGAUgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIQCghjYXRlZ29yeRgHIAEoCRIlCghzZXZlcml0eRgIIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRINCgVhY3RvchgJIAEoCRISCgphY3Rpb25fdXJsGAogASgJEiIKB2FjdGlvbnMYCyADKAsyES5oZXJhbGQudjEuQWN0aW9uIkMKCERlbGl2ZXJ5EhEKCXJlY2lwaWVudBgBIAEoCRIXCg9ub3RpZmljYXRpb25faWQYAiABKAMSCwoDc2VxGAMgASgEIkMKGFNlbmROb3RpZmljYXRpb25SZXNwb25zZRInCgpkZWxpdmVyaWVzGAEgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlUKGFNlbmROb3RpZmljYXRpb25zUmVxdWVzdBI5Cg1ub3RpZmljYXRpb25zGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0InAKF1NlbmROb3RpZmljYXRpb25zUmVzdWx0Eg0KBWluZGV4GAEgASgNEgwKBGNvZGUYAiABKAUSDwoHbWVzc2FnZRgDIAEoCRInCgpkZWxpdmVyaWVzGAQgAygLMhMuaGVyYWxkLnYxLkRlbGl2ZXJ5IlAKGVNlbmROb3RpZmljYXRpb25zUmVzcG9uc2USMwoHcmVzdWx0cxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1Jlc3VsdCKVAQoQU3Vic2NyaWJlUmVxdWVzdBIWCglhZnRlcl9zZXEYASABKARIAIgBARINCgV0eXBlcxgCIAMoCRINCgVlcG9jaBgDIAEoBBISCgpjYXRlZ29yaWVzGAQgAygJEikKDG1pbl9zZXZlcml0eRgFIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eUIMCgpfYWZ0ZXJfc2VxIoMCCgVFdmVudBILCgNzZXEYASABKAQSLwoMbm90aWZpY2F0aW9uGAIgASgLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbkgAEisKBHJlYWQYAyABKAsyGy5oZXJhbGQudjEuUmVhZFN0YXRlQ2hhbmdlZEgAEigKCWNhdWdodF91cBgEIAEoCzITLmhlcmFsZC52MS5DYXVnaHRVcEgAEikKCWhlYXJ0YmVhdBgFIAEoCzIULmhlcmFsZC52MS5IZWFydGJlYXRIABIjCgZyZXN5bmMYBiABKAsyES5oZXJhbGQudjEuUmVzeW5jSAASDQoFZXBvY2gYByABKARCBgoEa2luZCI/ChBSZWFkU3RhdGVDaGFuZ2VkEhgKEG5vdGlmaWNhdGlvbl9pZHMYASADKAMSEQoJdXBfdG9fc2VxGAIgASgEIkEKCENhdWdodFVwEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI8CglIZWFydGJlYXQSLwoLc2VydmVyX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkBCgZSZXN5bmMSKAoGcmVhc29uGAEgASgOMhguaGVyYWxkLnYxLlJlc3luYy5SZWFzb24iZQoGUmVhc29uEhYKElJFQVNPTl9VTlNQRUNJRklFRBAAEhgKFFJFQVNPTl9FUE9DSF9DSEFOR0VEEAESEQoNUkVBU09OX1BSVU5FRBACEhYKElJFQVNPTl9CRVlPTkRfSEVBRBADIlsKD01hcmtSZWFkUmVxdWVzdBIpCgNpZHMYASABKAsyGi5oZXJhbGQudjEuTm90aWZpY2F0aW9uSWRzSAASEwoJdXBfdG9fc2VxGAIgASgESABCCAoGdGFyZ2V0Ih4KD05vdGlmaWNhdGlvbklkcxILCgNpZHMYASADKAMiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIqQBChhMaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QSEwoLdW5yZWFkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkSDQoFdHlwZXMYBCADKAkSEgoKY2F0ZWdvcmllcxgFIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBiABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkiZAoZTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRIuCg1ub3RpZmljYXRpb25zGAEgAygLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiQQoVR2V0VW5yZWFkQ291bnRSZXF1ZXN0EigKB2ZpbHRlcnMYASADKAsyFy5oZXJhbGQudjEuVW5yZWFkRmlsdGVyImoKDFVucmVhZEZpbHRlchIMCgRuYW1lGAEgASgJEg0KBXR5cGVzGAIgAygJEhIKCmNhdGVnb3JpZXMYAyADKAkSKQoMbWluX3NldmVyaXR5GAQgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5IisKC1VucmVhZENvdW50EgwKBG5hbWUYASABKAkSDgoGdW5yZWFkGAIgASgEIl0KFkdldFVucmVhZENvdW50UmVzcG9uc2USDgoGdW5yZWFkGAEgASgEEgsKA3NlcRgCIAEoBBImCgZjb3VudHMYAyADKAsyFi5oZXJhbGQudjEuVW5yZWFkQ291bnQiGwoZQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdCJcChpDcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZRIOCgZ0aWNrZXQYASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqdQoIU2V2ZXJpdHkSGAoUU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIQCgxTRVZFUklUWV9MT1cQARITCg9TRVZFUklUWV9OT1JNQUwQAhIRCg1TRVZFUklUWV9ISUdIEAMSFQoRU0VWRVJJVFlfQ1JJVElDQUwQBDLpBAoNTm90aWZpY2F0aW9ucxJbChBTZW5kTm90aWZpY2F0aW9uEiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0GiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXNwb25zZRJeChFTZW5kTm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRI8CglTdWJzY3JpYmUSGy5oZXJhbGQudjEuU3Vic2NyaWJlUmVxdWVzdBoQLmhlcmFsZC52MS5FdmVudDABEkMKCE1hcmtSZWFkEhouaGVyYWxkLnYxLk1hcmtSZWFkUmVxdWVzdBobLmhlcmFsZC52MS5NYXJrUmVhZFJlc3BvbnNlEl4KEUxpc3ROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlElUKDkdldFVucmVhZENvdW50EiAuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVxdWVzdBohLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlc3BvbnNlEmEKEkNyZWF0ZVN0cmVhbVRpY2tldBIkLmhlcmFsZC52MS5DcmVhdGVTdHJlYW1UaWNrZXRSZXF1ZXN0GiUuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEivAMKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCgdzZWVuX2F0GBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthcmNoaXZlZF9hdBgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJAoGQWN0aW9uEg0KBWxhYmVsGAEgASgJEgsKA3VybBgCIAEoCSL/AQoXU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QSEgoKcmVjaXBpZW50cxgBIAMoCRIMCgR0eXBlGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEZGF0YRgFIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBiABKAkSEAoIY2F0ZWdvcnkYByABKAkSJQoIc2V2ZXJpdHkYCCABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYCSABKAkSEgoKYWN0aW9uX3VybBgKIAEoCRIiCgdhY3Rpb25zGAsgAygLMhEuaGVyYWxkLnYxLkFjdGlvbiJDCghEZWxpdmVyeRIRCglyZWNpcGllbnQYASABKAkSFwoPbm90aWZpY2F0aW9uX2lkGAIgASgDEgsKA3NlcRgDIAEoBCJDChhTZW5kTm90aWZpY2F0aW9uUmVzcG9uc2USJwoKZGVsaXZlcmllcxgBIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJVChhTZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QSOQoNbm90aWZpY2F0aW9ucxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVxdWVzdCJwChdTZW5kTm90aWZpY2F0aW9uc1Jlc3VsdBINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSJwoKZGVsaXZlcmllcxgEIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJQChlTZW5kTm90aWZpY2F0aW9uc1Jlc3BvbnNlEjMKB3Jlc3VsdHMYASADKAsyIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXN1bHQilQEKEFN1YnNjcmliZVJlcXVlc3QSFgoJYWZ0ZXJfc2VxGAEgASgESACIAQESDQoFdHlwZXMYAiADKAkSDQoFZXBvY2gYAyABKAQSEgoKY2F0ZWdvcmllcxgEIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBSABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHlCDAoKX2FmdGVyX3NlcSKtAgoFRXZlbnQSCwoDc2VxGAEgASgEEi8KDG5vdGlmaWNhdGlvbhgCIAEoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb25IABIrCgRyZWFkGAMgASgLMhsuaGVyYWxkLnYxLlJlYWRTdGF0ZUNoYW5nZWRIABIoCgljYXVnaHRfdXAYBCABKAsyEy5oZXJhbGQudjEuQ2F1Z2h0VXBIABIpCgloZWFydGJlYXQYBSABKAsyFC5oZXJhbGQudjEuSGVhcnRiZWF0SAASIwoGcmVzeW5jGAYgASgLMhEuaGVyYWxkLnYxLlJlc3luY0gAEigKBXN0YXRlGAggASgLMhcuaGVyYWxkLnYxLlN0YXRlQ2hhbmdlZEgAEg0KBWVwb2NoGAcgASgEQgYKBGtpbmQiPwoQUmVhZFN0YXRlQ2hhbmdlZBIYChBub3RpZmljYXRpb25faWRzGAEgAygDEhEKCXVwX3RvX3NlcRgCIAEoBCKSAQoMU3RhdGVDaGFuZ2VkEiYKBmFjdGlvbhgBIAEoDjIWLmhlcmFsZC52MS5TdGF0ZUFjdGlvbhIYChBub3RpZmljYXRpb25faWRzGAIgAygDEhEKCXVwX3RvX3NlcRgDIAEoBBItCgZmaWx0ZXIYBCABKAsyHS5oZXJhbGQudjEuTm90aWZpY2F0aW9uRmlsdGVyImIKEk5vdGlmaWNhdGlvbkZpbHRlchINCgV0eXBlcxgBIAMoCRISCgpjYXRlZ29yaWVzGAIgAygJEikKDG1pbl9zZXZlcml0eRgDIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eSJBCghDYXVnaHRVcBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPAoJSGVhcnRiZWF0Ei8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKZAQoGUmVzeW5jEigKBnJlYXNvbhgBIAEoDjIYLmhlcmFsZC52MS5SZXN5bmMuUmVhc29uImUKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUFTT05fRVBPQ0hfQ0hBTkdFRBABEhEKDVJFQVNPTl9QUlVORUQQAhIWChJSRUFTT05fQkVZT05EX0hFQUQQAyJbCg9NYXJrUmVhZFJlcXVlc3QSKQoDaWRzGAEgASgLMhouaGVyYWxkLnYxLk5vdGlmaWNhdGlvbklkc0gAEhMKCXVwX3RvX3NlcRgCIAEoBEgAQggKBnRhcmdldCIeCg9Ob3RpZmljYXRpb25JZHMSCwoDaWRzGAEgAygDIrcBChJVcGRhdGVTdGF0ZVJlcXVlc3QSJgoGYWN0aW9uGAEgASgOMhYuaGVyYWxkLnYxLlN0YXRlQWN0aW9uEikKA2lkcxgCIAEoCzIaLmhlcmFsZC52MS5Ob3RpZmljYXRpb25JZHNIABITCgl1cF90b19zZXEYAyABKARIABIvCgZmaWx0ZXIYBCABKAsyHS5oZXJhbGQudjEuTm90aWZpY2F0aW9uRmlsdGVySABCCAoGdGFyZ2V0IjMKE1VwZGF0ZVN0YXRlUmVzcG9uc2USDwoHY2hhbmdlZBgBIAEoDRILCgNzZXEYAiABKAQiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIrYBChhMaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QSEwoLdW5yZWFkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkSDQoFdHlwZXMYBCADKAkSEgoKY2F0ZWdvcmllcxgFIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBiABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSEAoIYXJjaGl2ZWQYByABKAgiZAoZTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRIuCg1ub3RpZmljYXRpb25zGAEgAygLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiQQoVR2V0VW5yZWFkQ291bnRSZXF1ZXN0EigKB2ZpbHRlcnMYASADKAsyFy5oZXJhbGQudjEuVW5yZWFkRmlsdGVyImoKDFVucmVhZEZpbHRlchIMCgRuYW1lGAEgASgJEg0KBXR5cGVzGAIgAygJEhIKCmNhdGVnb3JpZXMYAyADKAkSKQoMbWluX3NldmVyaXR5GAQgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5IisKC1VucmVhZENvdW50EgwKBG5hbWUYASABKAkSDgoGdW5yZWFkGAIgASgEIm0KFkdldFVucmVhZENvdW50UmVzcG9uc2USDgoGdW5yZWFkGAEgASgEEgsKA3NlcRgCIAEoBBImCgZjb3VudHMYAyADKAsyFi5oZXJhbGQudjEuVW5yZWFkQ291bnQSDgoGdW5zZWVuGAQgASgEIhsKGUNyZWF0ZVN0cmVhbVRpY2tldFJlcXVlc3QiXAoaQ3JlYXRlU3RyZWFtVGlja2V0UmVzcG9uc2USDgoGdGlja2V0GAEgASgJEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKnUKCFNldmVyaXR5EhgKFFNFVkVSSVRZX1VOU1BFQ0lGSUVEEAASEAoMU0VWRVJJVFlfTE9XEAESEwoPU0VWRVJJVFlfTk9STUFMEAISEQoNU0VWRVJJVFlfSElHSBADEhUKEVNFVkVSSVRZX0NSSVRJQ0FMEAQqwQEKC1N0YXRlQWN0aW9uEhwKGFNUQVRFX0FDVElPTl9VTlNQRUNJRklFRBAAEhUKEVNUQVRFX0FDVElPTl9SRUFEEAESFwoTU1RBVEVfQUNUSU9OX1VOUkVBRBACEhUKEVNUQVRFX0FDVElPTl9TRUVOEAMSGAoUU1RBVEVfQUNUSU9OX0FSQ0hJVkUQBBIaChZTVEFURV9BQ1RJT05fVU5BUkNISVZFEAUSFwoTU1RBVEVfQUNUSU9OX0RFTEVURRAGMrcFCg1Ob3RpZmljYXRpb25zElsKEFNlbmROb3RpZmljYXRpb24SIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QaIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEl4KEVNlbmROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1Jlc3BvbnNlEjwKCVN1YnNjcmliZRIbLmhlcmFsZC52MS5TdWJzY3JpYmVSZXF1ZXN0GhAuaGVyYWxkLnYxLkV2ZW50MAESQwoITWFya1JlYWQSGi5oZXJhbGQudjEuTWFya1JlYWRSZXF1ZXN0GhsuaGVyYWxkLnYxLk1hcmtSZWFkUmVzcG9uc2USTAoLVXBkYXRlU3RhdGUSHS5oZXJhbGQudjEuVXBkYXRlU3RhdGVSZXF1ZXN0Gh4uaGVyYWxkLnYxLlVwZGF0ZVN0YXRlUmVzcG9uc2USXgoRTGlzdE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USVQoOR2V0VW5yZWFkQ291bnQSIC5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXF1ZXN0GiEuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVzcG9uc2USYQoSQ3JlYXRlU3RyZWFtVGlja2V0EiQuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlcXVlc3QaJS5oZXJhbGQudjEuQ3JlYXRlU3RyZWFtVGlja2V0UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A notification as stored for one recipient.
@@ -142,6 +142,23 @@ export type Notification = Message<"herald.v1.Notification"> & {
    * @generated from field: google.protobuf.Timestamp read_at = 15;
    */
   readAt?: Timestamp | undefined;
+
+  /**
+   * When the recipient first saw it (STATE_ACTION_SEEN: the bell was
+   * opened) or read it, whichever came first; absent while unseen (and in
+   * `Event`s). Current in ListNotifications.
+   *
+   * @generated from field: google.protobuf.Timestamp seen_at = 16;
+   */
+  seenAt?: Timestamp | undefined;
+
+  /**
+   * When the recipient archived it; absent unless archived (and in
+   * `Event`s). Current in ListNotifications.
+   *
+   * @generated from field: google.protobuf.Timestamp archived_at = 17;
+   */
+  archivedAt?: Timestamp | undefined;
 };
 
 /**
@@ -520,6 +537,12 @@ export type Event = Message<"herald.v1.Event"> & {
      */
     value: Resync;
     case: "resync";
+  } | {
+    /**
+     * @generated from field: herald.v1.StateChanged state = 8;
+     */
+    value: StateChanged;
+    case: "state";
   } | { case: undefined; value?: undefined };
 
   /**
@@ -570,6 +593,87 @@ export const ReadStateChangedSchema: GenMessage<ReadStateChanged> = /*@__PURE__*
   messageDesc(file_herald_v1_herald, 10);
 
 /**
+ * Some of the user's notifications changed state (UpdateState). Which
+ * ones: `notification_ids` when given; otherwise every notification with
+ * seq <= `up_to_seq` that `filter` matches (all of them when `filter` is
+ * absent), as of this event. A read change by ids or up-to is sent as
+ * `read` (ReadStateChanged) instead, as v1 servers did, so clients that
+ * predate `state` keep their read state.
+ *
+ * @generated from message herald.v1.StateChanged
+ */
+export type StateChanged = Message<"herald.v1.StateChanged"> & {
+  /**
+   * What happened to them.
+   *
+   * @generated from field: herald.v1.StateAction action = 1;
+   */
+  action: StateAction;
+
+  /**
+   * These notification ids changed (only those whose state did change).
+   *
+   * @generated from field: repeated int64 notification_ids = 2;
+   */
+  notificationIds: bigint[];
+
+  /**
+   * When non-zero: the notifications with seq <= this that `filter`
+   * matches changed.
+   *
+   * @generated from field: uint64 up_to_seq = 3;
+   */
+  upToSeq: bigint;
+
+  /**
+   * With `up_to_seq`: only the notifications it matches; absent for all.
+   *
+   * @generated from field: herald.v1.NotificationFilter filter = 4;
+   */
+  filter?: NotificationFilter | undefined;
+};
+
+/**
+ * Describes the message herald.v1.StateChanged.
+ * Use `create(StateChangedSchema)` to create a new message.
+ */
+export const StateChangedSchema: GenMessage<StateChanged> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 11);
+
+/**
+ * Which notifications a filter covers; each part that is empty (or
+ * unspecified) lets everything through. The fields mean what they mean in
+ * ListNotificationsRequest.
+ *
+ * @generated from message herald.v1.NotificationFilter
+ */
+export type NotificationFilter = Message<"herald.v1.NotificationFilter"> & {
+  /**
+   * Exact types, or `prefix.*` patterns (see SubscribeRequest.types).
+   *
+   * @generated from field: repeated string types = 1;
+   */
+  types: string[];
+
+  /**
+   * @generated from field: repeated string categories = 2;
+   */
+  categories: string[];
+
+  /**
+   * @generated from field: herald.v1.Severity min_severity = 3;
+   */
+  minSeverity: Severity;
+};
+
+/**
+ * Describes the message herald.v1.NotificationFilter.
+ * Use `create(NotificationFilterSchema)` to create a new message.
+ */
+export const NotificationFilterSchema: GenMessage<NotificationFilter> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 12);
+
+/**
  * The backlog has been sent; what follows is live.
  *
  * @generated from message herald.v1.CaughtUp
@@ -590,7 +694,7 @@ export type CaughtUp = Message<"herald.v1.CaughtUp"> & {
  * Use `create(CaughtUpSchema)` to create a new message.
  */
 export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 11);
+  messageDesc(file_herald_v1_herald, 13);
 
 /**
  * Sent when the stream has been idle for the heartbeat interval, so proxies
@@ -610,7 +714,7 @@ export type Heartbeat = Message<"herald.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 12);
+  messageDesc(file_herald_v1_herald, 14);
 
 /**
  * The server cannot continue from the requested resume position: the
@@ -632,7 +736,7 @@ export type Resync = Message<"herald.v1.Resync"> & {
  * Use `create(ResyncSchema)` to create a new message.
  */
 export const ResyncSchema: GenMessage<Resync> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 13);
+  messageDesc(file_herald_v1_herald, 15);
 
 /**
  * Why the position could not be continued.
@@ -674,7 +778,7 @@ export enum Resync_Reason {
  * Describes the enum herald.v1.Resync.Reason.
  */
 export const Resync_ReasonSchema: GenEnum<Resync_Reason> = /*@__PURE__*/
-  enumDesc(file_herald_v1_herald, 13, 0);
+  enumDesc(file_herald_v1_herald, 15, 0);
 
 /**
  * @generated from message herald.v1.MarkReadRequest
@@ -710,7 +814,7 @@ export type MarkReadRequest = Message<"herald.v1.MarkReadRequest"> & {
  * Use `create(MarkReadRequestSchema)` to create a new message.
  */
 export const MarkReadRequestSchema: GenMessage<MarkReadRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 14);
+  messageDesc(file_herald_v1_herald, 16);
 
 /**
  * @generated from message herald.v1.NotificationIds
@@ -727,7 +831,86 @@ export type NotificationIds = Message<"herald.v1.NotificationIds"> & {
  * Use `create(NotificationIdsSchema)` to create a new message.
  */
 export const NotificationIdsSchema: GenMessage<NotificationIds> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 15);
+  messageDesc(file_herald_v1_herald, 17);
+
+/**
+ * @generated from message herald.v1.UpdateStateRequest
+ */
+export type UpdateStateRequest = Message<"herald.v1.UpdateStateRequest"> & {
+  /**
+   * What to do. Required.
+   *
+   * @generated from field: herald.v1.StateAction action = 1;
+   */
+  action: StateAction;
+
+  /**
+   * Which notifications: exactly one of these.
+   *
+   * @generated from oneof herald.v1.UpdateStateRequest.target
+   */
+  target: {
+    /**
+     * These ids (1 to 1,000). Ids that are not the user's, deleted, or
+     * already in the wanted state are ignored.
+     *
+     * @generated from field: herald.v1.NotificationIds ids = 2;
+     */
+    value: NotificationIds;
+    case: "ids";
+  } | {
+    /**
+     * Every notification with seq <= this ("mark all read", "archive
+     * everything"). Beyond the stream's head means up to the head.
+     *
+     * @generated from field: uint64 up_to_seq = 3;
+     */
+    value: bigint;
+    case: "upToSeq";
+  } | {
+    /**
+     * Every notification this filter matches, up to the stream's head when
+     * the call commits. At least one of its fields must be set.
+     *
+     * @generated from field: herald.v1.NotificationFilter filter = 4;
+     */
+    value: NotificationFilter;
+    case: "filter";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message herald.v1.UpdateStateRequest.
+ * Use `create(UpdateStateRequestSchema)` to create a new message.
+ */
+export const UpdateStateRequestSchema: GenMessage<UpdateStateRequest> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 18);
+
+/**
+ * @generated from message herald.v1.UpdateStateResponse
+ */
+export type UpdateStateResponse = Message<"herald.v1.UpdateStateResponse"> & {
+  /**
+   * How many notifications changed state.
+   *
+   * @generated from field: uint32 changed = 1;
+   */
+  changed: number;
+
+  /**
+   * Seq of the event emitted; 0 when nothing changed (and no event was).
+   *
+   * @generated from field: uint64 seq = 2;
+   */
+  seq: bigint;
+};
+
+/**
+ * Describes the message herald.v1.UpdateStateResponse.
+ * Use `create(UpdateStateResponseSchema)` to create a new message.
+ */
+export const UpdateStateResponseSchema: GenMessage<UpdateStateResponse> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 19);
 
 /**
  * @generated from message herald.v1.MarkReadResponse
@@ -753,7 +936,7 @@ export type MarkReadResponse = Message<"herald.v1.MarkReadResponse"> & {
  * Use `create(MarkReadResponseSchema)` to create a new message.
  */
 export const MarkReadResponseSchema: GenMessage<MarkReadResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 16);
+  messageDesc(file_herald_v1_herald, 20);
 
 /**
  * @generated from message herald.v1.ListNotificationsRequest
@@ -801,6 +984,14 @@ export type ListNotificationsRequest = Message<"herald.v1.ListNotificationsReque
    * @generated from field: herald.v1.Severity min_severity = 6;
    */
   minSeverity: Severity;
+
+  /**
+   * List the archived notifications instead of the inbox (which leaves
+   * them out). Deleted notifications are never listed.
+   *
+   * @generated from field: bool archived = 7;
+   */
+  archived: boolean;
 };
 
 /**
@@ -808,7 +999,7 @@ export type ListNotificationsRequest = Message<"herald.v1.ListNotificationsReque
  * Use `create(ListNotificationsRequestSchema)` to create a new message.
  */
 export const ListNotificationsRequestSchema: GenMessage<ListNotificationsRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 17);
+  messageDesc(file_herald_v1_herald, 21);
 
 /**
  * @generated from message herald.v1.ListNotificationsResponse
@@ -834,7 +1025,7 @@ export type ListNotificationsResponse = Message<"herald.v1.ListNotificationsResp
  * Use `create(ListNotificationsResponseSchema)` to create a new message.
  */
 export const ListNotificationsResponseSchema: GenMessage<ListNotificationsResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 18);
+  messageDesc(file_herald_v1_herald, 22);
 
 /**
  * @generated from message herald.v1.GetUnreadCountRequest
@@ -856,7 +1047,7 @@ export type GetUnreadCountRequest = Message<"herald.v1.GetUnreadCountRequest"> &
  * Use `create(GetUnreadCountRequestSchema)` to create a new message.
  */
 export const GetUnreadCountRequestSchema: GenMessage<GetUnreadCountRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 19);
+  messageDesc(file_herald_v1_herald, 23);
 
 /**
  * A named filter for GetUnreadCount; its fields mean what they mean in
@@ -891,7 +1082,7 @@ export type UnreadFilter = Message<"herald.v1.UnreadFilter"> & {
  * Use `create(UnreadFilterSchema)` to create a new message.
  */
 export const UnreadFilterSchema: GenMessage<UnreadFilter> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 20);
+  messageDesc(file_herald_v1_herald, 24);
 
 /**
  * One named count of GetUnreadCountResponse.
@@ -919,13 +1110,16 @@ export type UnreadCount = Message<"herald.v1.UnreadCount"> & {
  * Use `create(UnreadCountSchema)` to create a new message.
  */
 export const UnreadCountSchema: GenMessage<UnreadCount> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 21);
+  messageDesc(file_herald_v1_herald, 25);
 
 /**
  * @generated from message herald.v1.GetUnreadCountResponse
  */
 export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse"> & {
   /**
+   * Unread notifications in the inbox (archived and deleted ones do not
+   * count).
+   *
    * @generated from field: uint64 unread = 1;
    */
   unread: bigint;
@@ -944,6 +1138,14 @@ export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse">
    * @generated from field: repeated herald.v1.UnreadCount counts = 3;
    */
   counts: UnreadCount[];
+
+  /**
+   * Notifications in the inbox neither seen nor read: the bell badge of
+   * apps that clear it when the bell is opened (STATE_ACTION_SEEN).
+   *
+   * @generated from field: uint64 unseen = 4;
+   */
+  unseen: bigint;
 };
 
 /**
@@ -951,7 +1153,7 @@ export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse">
  * Use `create(GetUnreadCountResponseSchema)` to create a new message.
  */
 export const GetUnreadCountResponseSchema: GenMessage<GetUnreadCountResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 22);
+  messageDesc(file_herald_v1_herald, 26);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketRequest
@@ -964,7 +1166,7 @@ export type CreateStreamTicketRequest = Message<"herald.v1.CreateStreamTicketReq
  * Use `create(CreateStreamTicketRequestSchema)` to create a new message.
  */
 export const CreateStreamTicketRequestSchema: GenMessage<CreateStreamTicketRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 23);
+  messageDesc(file_herald_v1_herald, 27);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketResponse
@@ -992,7 +1194,7 @@ export type CreateStreamTicketResponse = Message<"herald.v1.CreateStreamTicketRe
  * Use `create(CreateStreamTicketResponseSchema)` to create a new message.
  */
 export const CreateStreamTicketResponseSchema: GenMessage<CreateStreamTicketResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 24);
+  messageDesc(file_herald_v1_herald, 28);
 
 /**
  * How urgent a notification is. Clients may sort or style by it, and
@@ -1034,6 +1236,71 @@ export enum Severity {
  */
 export const SeveritySchema: GenEnum<Severity> = /*@__PURE__*/
   enumDesc(file_herald_v1_herald, 0);
+
+/**
+ * A state change UpdateState makes.
+ *
+ * @generated from enum herald.v1.StateAction
+ */
+export enum StateAction {
+  /**
+   * Not given: refused with INVALID_ARGUMENT.
+   *
+   * @generated from enum value: STATE_ACTION_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Opened: unread → read (and seen, if it was not).
+   *
+   * @generated from enum value: STATE_ACTION_READ = 1;
+   */
+  READ = 1,
+
+  /**
+   * Read → unread.
+   *
+   * @generated from enum value: STATE_ACTION_UNREAD = 2;
+   */
+  UNREAD = 2,
+
+  /**
+   * The bell was opened: unseen → seen. Seen is not read.
+   *
+   * @generated from enum value: STATE_ACTION_SEEN = 3;
+   */
+  SEEN = 3,
+
+  /**
+   * Out of the inbox: left out of the default listing, the counts and the
+   * backlog of a fresh stream; kept, and listed with
+   * ListNotificationsRequest.archived.
+   *
+   * @generated from enum value: STATE_ACTION_ARCHIVE = 4;
+   */
+  ARCHIVE = 4,
+
+  /**
+   * Back into the inbox, with the read state it had.
+   *
+   * @generated from enum value: STATE_ACTION_UNARCHIVE = 5;
+   */
+  UNARCHIVE = 5,
+
+  /**
+   * Gone from every listing and count, and from the backlog; cannot be
+   * undone. Retention removes the stored row.
+   *
+   * @generated from enum value: STATE_ACTION_DELETE = 6;
+   */
+  DELETE = 6,
+}
+
+/**
+ * Describes the enum herald.v1.StateAction.
+ */
+export const StateActionSchema: GenEnum<StateAction> = /*@__PURE__*/
+  enumDesc(file_herald_v1_herald, 1);
 
 /**
  * The notification service. One per deployment; any replica serves any call.
@@ -1098,6 +1365,24 @@ export const Notifications: GenService<{
     methodKind: "unary";
     input: typeof MarkReadRequestSchema;
     output: typeof MarkReadResponseSchema;
+  },
+  /**
+   * Changes the state of the token user's notifications: read, unread,
+   * seen, archived, unarchived or deleted (see StateAction), by ids,
+   * everything up to a seq, or a filter. Emits one event on the user's
+   * stream when anything changed (`read` for a read change by ids or
+   * up-to, which is what MarkRead emits; `state` otherwise), so the user's
+   * other devices update live and a resuming device sees it in order.
+   * Archived notifications leave the default listing, the counts and the
+   * backlog of a fresh stream; deleted ones leave every listing and count
+   * for good. INVALID_ARGUMENT names the field at fault.
+   *
+   * @generated from rpc herald.v1.Notifications.UpdateState
+   */
+  updateState: {
+    methodKind: "unary";
+    input: typeof UpdateStateRequestSchema;
+    output: typeof UpdateStateResponseSchema;
   },
   /**
    * Pages through the token user's notifications, newest first.
