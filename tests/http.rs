@@ -156,7 +156,7 @@ async fn every_unary_rpc_answers_json_on_both_stores() {
             );
 
             let count = ok(addr, "GetUnreadCount", &alice, "{}").await;
-            assert_eq!(count, json!({"unread": "2", "seq": "2"}));
+            assert_eq!(count, json!({"unread": "2", "seq": "2", "unseen": "2"}));
 
             let page = ok(addr, "ListNotifications", &alice, r#"{"pageSize": 1}"#).await;
             let items = page["notifications"].as_array().unwrap();
@@ -724,6 +724,23 @@ async fn sse_streams_backlog_caught_up_live_and_heartbeats() {
         let read = stream.next().await.unwrap();
         assert_eq!(read.event, "read");
         assert_eq!(read.id.as_deref(), Some(format!("{epoch}:3").as_str()));
+        // Other state changes are `state` events, enums by name.
+        let archived = ok(
+            addr,
+            "UpdateState",
+            &token("alice", "", ""),
+            r#"{"action": "STATE_ACTION_ARCHIVE", "filter": {"types": ["test.*"]}}"#,
+        )
+        .await;
+        assert_eq!(archived, json!({"changed": 2, "seq": "4"}));
+        let state = stream.next().await.unwrap();
+        assert_eq!(state.event, "state");
+        assert_eq!(state.id.as_deref(), Some(format!("{epoch}:4").as_str()));
+        let data: Value = serde_json::from_str(&state.data).unwrap();
+        assert_eq!(
+            data["state"],
+            json!({"action": "STATE_ACTION_ARCHIVE", "upToSeq": "3", "filter": {"types": ["test.*"]}})
+        );
 
         tokio::time::sleep(Duration::from_millis(800)).await;
         ok(
@@ -811,7 +828,7 @@ async fn sse_streams_backlog_caught_up_live_and_heartbeats() {
             );
             assert_eq!(
                 first.id.as_deref(),
-                Some(format!("{epoch}:9").as_str()),
+                Some(format!("{epoch}:10").as_str()),
                 "the head"
             );
         }

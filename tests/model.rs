@@ -1,7 +1,8 @@
-//! Model-based test: random interleavings of sends, marks and resumes, run
+//! Model-based test: random interleavings of sends, marks, state changes
+//! (read, unread, seen, archive, unarchive, delete) and resumes, run
 //! against a real replica on each store, must produce exactly the streams a
 //! simple in-test model says: the same seqs, the same events in the same
-//! order, the same read state, the same answers.
+//! order, the same state, the same answers and counts.
 //!
 //! Few cases by default (each starts a replica, and on PostgreSQL creates a
 //! database); `PROPTEST_CASES=200 cargo test --release --test model` runs
@@ -12,7 +13,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use herald::proto::{self, event::Kind, mark_read_request::Target};
+use herald::proto::{self, StateAction, event::Kind, mark_read_request::Target};
 use proptest::prelude::*;
 use tonic::transport::Channel;
 
@@ -31,7 +32,20 @@ enum Op {
     /// `user` resumes after this fraction of its head, and its backlog is
     /// checked.
     Resume(usize, u64),
+    /// `user` applies `ACTIONS[action]` (UpdateState) to some of its
+    /// notifications by these indices, or (no indices) up to this fraction
+    /// of its head.
+    Change(usize, usize, Vec<usize>, u64),
 }
+
+const ACTIONS: [StateAction; 6] = [
+    StateAction::Read,
+    StateAction::Unread,
+    StateAction::Seen,
+    StateAction::Archive,
+    StateAction::Unarchive,
+    StateAction::Delete,
+];
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -41,21 +55,70 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(u, picks)| Op::MarkIds(u, picks)),
         1 => (0..USERS.len(), 0u64..=120).prop_map(|(u, p)| Op::MarkUpTo(u, p)),
         2 => (0..USERS.len(), 0u64..=100).prop_map(|(u, p)| Op::Resume(u, p)),
+        3 => (
+            0..USERS.len(),
+            0..ACTIONS.len(),
+            prop::collection::vec(0usize..50, 0..4),
+            0u64..=120,
+        )
+            .prop_map(|(u, a, picks, p)| Op::Change(u, a, picks, p)),
     ]
 }
 
 /// What the model says one event is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ev {
-    Note { id: i64, title: String },
-    Read { ids: Vec<i64>, up_to: u64 },
+    Note {
+        id: i64,
+        title: String,
+    },
+    Read {
+        ids: Vec<i64>,
+        up_to: u64,
+    },
+    State {
+        action: i32,
+        ids: Vec<i64>,
+        up_to: u64,
+    },
+}
+
+/// One notification's state in the model.
+#[derive(Debug, Clone, Copy, Default)]
+struct Note {
+    seq: u64,
+    read: bool,
+    seen: bool,
+    archived: bool,
+    deleted: bool,
+}
+
+impl Note {
+    /// Applies `action`; whether it changed anything (the server's rules:
+    /// read implies seen, deleted is final).
+    fn apply(&mut self, action: StateAction) -> bool {
+        let before = *self;
+        match action {
+            StateAction::Read => {
+                self.read = true;
+                self.seen = true;
+            }
+            StateAction::Unread => self.read = false,
+            StateAction::Seen => self.seen = true,
+            StateAction::Archive => self.archived = true,
+            StateAction::Unarchive => self.archived = false,
+            StateAction::Delete => self.deleted = true,
+            StateAction::Unspecified => {}
+        }
+        (before.read, before.seen, before.archived, before.deleted)
+            != (self.read, self.seen, self.archived, self.deleted)
+    }
 }
 
 #[derive(Debug, Default)]
 struct Stream {
     events: Vec<Ev>,
-    /// Notification id → (seq, read).
-    notes: BTreeMap<i64, (u64, bool)>,
+    notes: BTreeMap<i64, Note>,
 }
 
 impl Stream {
@@ -63,36 +126,60 @@ impl Stream {
         self.events.len() as u64
     }
 
-    /// Marks `ids` (or everything up to `up_to`) read; the event appended,
-    /// if anything changed.
-    fn mark(&mut self, ids: Option<&[i64]>, up_to: u64) -> Option<(u32, u64)> {
+    /// Applies `action` to `ids` (or everything up to `up_to`); the event
+    /// appended, if anything changed.
+    fn change(
+        &mut self,
+        action: StateAction,
+        ids: Option<&[i64]>,
+        up_to: u64,
+    ) -> Option<(u32, u64)> {
         let up_to = up_to.min(self.head());
         let mut changed = Vec::new();
-        for (id, (seq, read)) in self.notes.iter_mut() {
+        for (id, note) in self.notes.iter_mut() {
             let wanted = match ids {
                 Some(ids) => ids.contains(id),
-                None => *seq <= up_to,
+                None => note.seq <= up_to,
             };
-            if wanted && !*read {
-                *read = true;
+            if wanted && !note.deleted && note.apply(action) {
                 changed.push(*id);
             }
         }
         if changed.is_empty() {
             return None;
         }
-        let marked = changed.len() as u32;
-        self.events.push(match ids {
-            Some(_) => Ev::Read {
-                ids: changed,
-                up_to: 0,
-            },
-            None => Ev::Read {
-                ids: Vec::new(),
+        let n = changed.len() as u32;
+        let (ids, up_to) = match ids {
+            Some(_) => (changed, 0),
+            None => (Vec::new(), up_to),
+        };
+        self.events.push(match action {
+            StateAction::Read => Ev::Read { ids, up_to },
+            _ => Ev::State {
+                action: action as i32,
+                ids,
                 up_to,
             },
         });
-        Some((marked, self.head()))
+        Some((n, self.head()))
+    }
+
+    fn mark(&mut self, ids: Option<&[i64]>, up_to: u64) -> Option<(u32, u64)> {
+        self.change(StateAction::Read, ids, up_to)
+    }
+
+    /// Ids to name: picks of the user's notifications, or an id that is
+    /// not theirs when they have none.
+    fn pick(&self, picks: &[usize]) -> Vec<i64> {
+        let all: Vec<i64> = self.notes.keys().copied().collect();
+        let mut ids: Vec<i64> = if all.is_empty() {
+            vec![1]
+        } else {
+            picks.iter().map(|p| all[p % all.len()]).collect()
+        };
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 }
 
@@ -105,6 +192,11 @@ fn observed(event: &proto::Event) -> Ev {
         Some(Kind::Read(r)) => Ev::Read {
             ids: r.notification_ids.clone(),
             up_to: r.up_to_seq,
+        },
+        Some(Kind::State(s)) => Ev::State {
+            action: s.action,
+            ids: s.notification_ids.clone(),
+            up_to: s.up_to_seq,
         },
         other => panic!("unexpected event {other:?}"),
     }
@@ -138,20 +230,18 @@ async fn run(backend: Backend, ops: Vec<Op>) {
                         title: title.clone(),
                     });
                     assert_eq!((d.recipient.as_str(), d.seq), (USERS[u], s.head()));
-                    s.notes.insert(d.notification_id, (d.seq, false));
+                    s.notes.insert(
+                        d.notification_id,
+                        Note {
+                            seq: d.seq,
+                            ..Note::default()
+                        },
+                    );
                 }
             }
             Op::MarkIds(u, picks) => {
                 let s = &mut model[u];
-                let all: Vec<i64> = s.notes.keys().copied().collect();
-                // Ids of others' notifications, or none, are fine too.
-                let mut ids: Vec<i64> = if all.is_empty() {
-                    vec![1]
-                } else {
-                    picks.iter().map(|p| all[p % all.len()]).collect()
-                };
-                ids.sort_unstable();
-                ids.dedup();
+                let ids = s.pick(&picks);
                 let got = c
                     .mark_read(authed(
                         proto::MarkReadRequest {
@@ -185,6 +275,41 @@ async fn run(backend: Backend, ops: Vec<Op>) {
                     "step {step}: mark up to {up_to}"
                 );
             }
+            Op::Change(u, action, picks, percent) => {
+                let s = &mut model[u];
+                let action = ACTIONS[action];
+                let (target, ids, up_to) = if picks.is_empty() {
+                    let up_to = (s.head() * percent / 100).max(1);
+                    (
+                        proto::update_state_request::Target::UpToSeq(up_to),
+                        None,
+                        up_to,
+                    )
+                } else {
+                    let ids = s.pick(&picks);
+                    let target = proto::update_state_request::Target::Ids(proto::NotificationIds {
+                        ids: ids.clone(),
+                    });
+                    (target, Some(ids), 0)
+                };
+                let got = c
+                    .update_state(authed(
+                        proto::UpdateStateRequest {
+                            action: action as i32,
+                            target: Some(target),
+                        },
+                        &token(USERS[u], "", ""),
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let want = s.change(action, ids.as_deref(), up_to).unwrap_or((0, 0));
+                assert_eq!(
+                    (got.changed, got.seq),
+                    want,
+                    "step {step}: {action:?} {ids:?} up to {up_to}"
+                );
+            }
             Op::Resume(u, percent) => {
                 let s = &model[u];
                 let after = s.head() * percent / 100;
@@ -205,22 +330,50 @@ async fn run(backend: Backend, ops: Vec<Op>) {
             "{}'s stream",
             USERS[u]
         );
-        let unread_now = s.notes.values().filter(|(_, read)| !read).count() as u64;
+        let inbox = s.notes.values().filter(|n| !n.deleted && !n.archived);
+        let unread_now = inbox.clone().filter(|n| !n.read).count() as u64;
+        let unseen_now = inbox.filter(|n| !n.seen).count() as u64;
+        let counts = c
+            .get_unread_count(authed(
+                proto::GetUnreadCountRequest::default(),
+                &token(USERS[u], "", ""),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(
-            unread(&mut c, USERS[u]).await,
-            unread_now,
-            "{}'s count",
+            (counts.unread, counts.unseen),
+            (unread_now, unseen_now),
+            "{}'s counts",
             USERS[u]
         );
-        let listed = list(&mut c, USERS[u], false, 500).await;
-        let got: Vec<(i64, u64, bool)> = listed.iter().map(|n| (n.id, n.seq, n.read)).collect();
-        let mut want: Vec<(i64, u64, bool)> = s
-            .notes
-            .iter()
-            .map(|(id, (seq, read))| (*id, *seq, *read))
-            .collect();
-        want.sort_unstable_by_key(|(_, seq, _)| std::cmp::Reverse(*seq));
-        assert_eq!(got, want, "{}'s list", USERS[u]);
+        for archived in [false, true] {
+            let listed = c
+                .list_notifications(authed(
+                    proto::ListNotificationsRequest {
+                        page_size: 500,
+                        archived,
+                        ..Default::default()
+                    },
+                    &token(USERS[u], "", ""),
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .notifications;
+            let got: Vec<(i64, u64, bool, bool)> = listed
+                .iter()
+                .map(|n| (n.id, n.seq, n.read, n.seen_at.is_some()))
+                .collect();
+            let mut want: Vec<(i64, u64, bool, bool)> = s
+                .notes
+                .iter()
+                .filter(|(_, n)| !n.deleted && n.archived == archived)
+                .map(|(id, n)| (*id, n.seq, n.read, n.seen))
+                .collect();
+            want.sort_unstable_by_key(|(_, seq, _, _)| std::cmp::Reverse(*seq));
+            assert_eq!(got, want, "{}'s list (archived: {archived})", USERS[u]);
+        }
     }
     d.stop().await;
 }

@@ -27,7 +27,8 @@
 //! **What.** First a `retry:` hint (1–5 s, random per stream, so the
 //! streams of a stopped replica do not all come back in the same
 //! instant), then per event `id: <epoch>:<seq>`, `event:` the kind
-//! (`notification`, `read`, `caught_up`, `resync`) and `data:` the
+//! (`notification`, `read`, `state`, `caught_up`, `resync`: the `kind`
+//! field set) and `data:` the
 //! `herald.v1.Event` in the proto3 JSON mapping. A heartbeat is a comment
 //! line (`: heartbeat`), which keeps proxies from closing the idle stream
 //! and is not an event. When the server ends the stream (stopping, token
@@ -324,10 +325,13 @@ fn render(codec: &JsonCodec, bytes: &[u8]) -> String {
     else {
         return String::new();
     };
-    let name = ["notification", "read", "caught_up", "heartbeat", "resync"]
-        .into_iter()
-        .find(|kind| event.has_field_by_name(kind))
-        .unwrap_or("event");
+    // The event's name is the `kind` oneof's field that is set: every
+    // kind the proto has, this version's and any added later.
+    let kind = prost_reflect::ReflectMessage::descriptor(&event)
+        .oneofs()
+        .find(|o| o.name() == "kind")
+        .and_then(|o| o.fields().find(|f| event.has_field(f)));
+    let name = kind.as_ref().map_or("event", |f| f.name());
     if name == "heartbeat" {
         return ": heartbeat\n\n".to_owned();
     }

@@ -461,6 +461,24 @@ pub async fn list(
         .notifications
 }
 
+/// Waits (up to 15 s, polling) until retention has deleted every
+/// notification of the database `db` is connected to.
+pub async fn until_all_pruned(db: &tokio_postgres::Client) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let left: i64 = db
+            .query_one("SELECT count(*) FROM notifications", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "retention stalled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Asserts `events` carry exactly seqs `1..=n`, in order.
 pub fn assert_exactly_once_in_order(seqs: &[u64], n: u64, who: &str) {
     let want: Vec<u64> = (1..=n).collect();
