@@ -143,6 +143,21 @@ struct SendArgs {
     /// A button, `label=url` (repeatable, at most 5).
     #[arg(long = "action", value_parser = parse_action)]
     actions: Vec<proto::Action>,
+    /// Update in place: replace each recipient's notification sent with
+    /// this key, if any.
+    #[arg(long, default_value = "", conflicts_with = "group_key")]
+    replace_key: String,
+    /// Fold into each recipient's group of this key opened within
+    /// `--group-window`.
+    #[arg(long, default_value = "", requires = "group_window")]
+    group_key: String,
+    /// How long a group stays open, e.g. `10m`.
+    #[arg(long, value_parser = humantime::parse_duration, requires = "group_key")]
+    group_window: Option<std::time::Duration>,
+    /// With --replace-key or --group-key: an update makes the notification
+    /// unread and unseen again.
+    #[arg(long)]
+    renotify: bool,
     /// The sender, when minting a token.
     #[arg(long = "as", default_value = "herald-cli")]
     sender: String,
@@ -324,6 +339,13 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
         actor: args.actor,
         action_url: args.action_url,
         actions: args.actions,
+        replace_key: args.replace_key,
+        group_key: args.group_key,
+        group_window: match args.group_window {
+            Some(w) => Some(w.try_into()?),
+            None => None,
+        },
+        renotify: args.renotify,
     };
     let response = client
         .send_notification(authorized(request, &token)?)
@@ -361,24 +383,30 @@ async fn subscribe(args: SubscribeArgs) -> anyhow::Result<()> {
 }
 
 fn event_json(event: &proto::Event) -> serde_json::Value {
+    let notification = |n: &proto::Notification| {
+        json!({
+            "id": n.id,
+            "seq": n.seq,
+            "recipient": n.recipient,
+            "type": n.r#type,
+            "title": n.title,
+            "body": n.body,
+            "data": serde_json::from_str::<serde_json::Value>(&n.data).unwrap_or_default(),
+            "created_at": n.created_at.map(|t| t.to_string()),
+            "category": n.category,
+            "severity": n.severity().as_str_name(),
+            "actor": n.actor,
+            "action_url": n.action_url,
+            "actions": n.actions.iter().map(|a| json!({"label": a.label, "url": a.url})).collect::<Vec<_>>(),
+            "replace_key": n.replace_key,
+            "group_key": n.group_key,
+            "group_count": n.group_count,
+            "actors": n.actors,
+        })
+    };
     let (kind, body) = match &event.kind {
-        Some(Kind::Notification(n)) => (
-            "notification",
-            json!({
-                "id": n.id,
-                "recipient": n.recipient,
-                "type": n.r#type,
-                "title": n.title,
-                "body": n.body,
-                "data": serde_json::from_str::<serde_json::Value>(&n.data).unwrap_or_default(),
-                "created_at": n.created_at.map(|t| t.to_string()),
-                "category": n.category,
-                "severity": n.severity().as_str_name(),
-                "actor": n.actor,
-                "action_url": n.action_url,
-                "actions": n.actions.iter().map(|a| json!({"label": a.label, "url": a.url})).collect::<Vec<_>>(),
-            }),
-        ),
+        Some(Kind::Notification(n)) => ("notification", notification(n)),
+        Some(Kind::Updated(n)) => ("updated", notification(n)),
         Some(Kind::Read(r)) => (
             "read",
             json!({"notification_ids": r.notification_ids, "up_to_seq": r.up_to_seq}),

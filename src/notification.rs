@@ -2,7 +2,11 @@
 //! and the parsing that turns untrusted request fields into values that can
 //! only exist valid. Handlers parse; nothing downstream re-checks.
 
-use std::{collections::HashSet, fmt, time::SystemTime};
+use std::{
+    collections::HashSet,
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 use crate::proto;
 
@@ -530,6 +534,122 @@ pub struct NewNotification {
     pub presentation: Presentation,
     /// The caller's idempotency key, if any.
     pub idempotency_key: Option<String>,
+    /// How it lands on a recipient's related notification, if at all.
+    pub fold: Option<Fold>,
+    /// When it updates a notification: make it unread and unseen again.
+    pub renotify: bool,
+}
+
+/// Most actors a group remembers (newest first).
+pub const MAX_GROUP_ACTORS: usize = 5;
+/// Shortest `group_window`.
+pub const MIN_GROUP_WINDOW: Duration = Duration::from_secs(1);
+/// Longest `group_window`.
+pub const MAX_GROUP_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How a send lands on a recipient who already has a related
+/// notification: it updates that one instead of adding another.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fold {
+    /// Replace the content of the recipient's notification with this key.
+    Replace(String),
+    /// Fold into the recipient's group with this key opened less than
+    /// `window` ago.
+    Group {
+        /// The group key.
+        key: String,
+        /// How long a group stays open, from its first send.
+        window: Duration,
+    },
+}
+
+impl Fold {
+    /// Parses `replace_key`, `group_key`, `group_window` and checks
+    /// `renotify` against them; errors name the field.
+    fn parse(req: &proto::SendNotificationRequest) -> Result<Option<Self>, InvalidArgument> {
+        let fold = match (req.replace_key.is_empty(), req.group_key.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                return Err(InvalidArgument::new(
+                    "group_key",
+                    "cannot be combined with replace_key",
+                ));
+            }
+            (false, true) => Some(Self::Replace(
+                NotificationType::parse("replace_key", &req.replace_key)?
+                    .as_str()
+                    .to_owned(),
+            )),
+            (true, false) => {
+                let key = NotificationType::parse("group_key", &req.group_key)?;
+                let window = req
+                    .group_window
+                    .and_then(|d| Duration::try_from(d).ok())
+                    .filter(|w| (MIN_GROUP_WINDOW..=MAX_GROUP_WINDOW).contains(w))
+                    .ok_or_else(|| {
+                        InvalidArgument::new("group_window", "must be from 1 s to 7 days")
+                    })?;
+                Some(Self::Group {
+                    key: key.as_str().to_owned(),
+                    window,
+                })
+            }
+        };
+        if fold.is_none() && req.group_window.is_some() {
+            return Err(InvalidArgument::new("group_window", "needs group_key"));
+        }
+        if fold.is_none() && req.renotify {
+            return Err(InvalidArgument::new(
+                "renotify",
+                "needs replace_key or group_key",
+            ));
+        }
+        Ok(fold)
+    }
+
+    /// The key, whichever kind.
+    pub fn key(&self) -> &str {
+        match self {
+            Self::Replace(key) | Self::Group { key, .. } => key,
+        }
+    }
+}
+
+/// A group's state on one recipient's notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// How many sends it holds, at least 1.
+    pub count: u32,
+    /// Distinct actors of its sends, newest first, at most
+    /// [`MAX_GROUP_ACTORS`].
+    pub actors: Vec<String>,
+}
+
+impl Group {
+    /// A group opened by a send of `actor`.
+    pub fn open(actor: &str) -> Self {
+        Self {
+            count: 1,
+            actors: vec![actor.to_owned()],
+        }
+    }
+
+    /// This group with one more send, of `actor`.
+    pub fn fold(&self, actor: &str) -> Self {
+        let mut actors = Vec::with_capacity(MAX_GROUP_ACTORS);
+        actors.push(actor.to_owned());
+        actors.extend(
+            self.actors
+                .iter()
+                .filter(|a| *a != actor)
+                .take(MAX_GROUP_ACTORS - 1)
+                .cloned(),
+        );
+        Self {
+            count: self.count.saturating_add(1),
+            actors,
+        }
+    }
 }
 
 impl NewNotification {
@@ -601,6 +721,7 @@ impl NewNotification {
         } else {
             Some(parse_name("idempotency_key", &req.idempotency_key)?)
         };
+        let fold = Fold::parse(&req)?;
         Ok(Self {
             recipients,
             kind,
@@ -609,6 +730,8 @@ impl NewNotification {
             data,
             presentation,
             idempotency_key,
+            fold,
+            renotify: req.renotify,
         })
     }
 
@@ -635,8 +758,19 @@ impl NewNotification {
             serde_json::json!(self.body),
             serde_json::json!(self.data),
         ];
-        if !presentation.is_default() {
+        if !presentation.is_default() || self.fold.is_some() {
             parts.push(serde_json::json!(presentation));
+        }
+        match &self.fold {
+            None => {}
+            Some(Fold::Replace(key)) => {
+                parts.push(serde_json::json!({"replace_key": key, "renotify": self.renotify}));
+            }
+            Some(Fold::Group { key, window }) => parts.push(serde_json::json!({
+                "group_key": key,
+                "group_window_ms": window.as_millis() as u64,
+                "renotify": self.renotify,
+            })),
         }
         serde_json::Value::Array(parts).to_string()
     }
@@ -708,6 +842,10 @@ pub struct Content {
     pub presentation: Presentation,
     /// When it was stored.
     pub created_at: SystemTime,
+    /// The send's `replace_key`, empty when none.
+    pub replace_key: String,
+    /// The send's `group_key`, empty when none.
+    pub group_key: String,
 }
 
 /// A notification as stored for one recipient.
@@ -730,6 +868,8 @@ pub struct Notification {
     /// When it was archived; `None` unless archived (and in stream
     /// events). Current for listings.
     pub archived_at: Option<SystemTime>,
+    /// Its group's state, with a `group_key`.
+    pub group: Option<Group>,
 }
 
 /// Which stream an event belongs to. Users' inboxes today; the enum is
@@ -851,6 +991,8 @@ pub enum EventBody {
     Notification(Notification),
     /// Notifications changed state (read, seen, archived, deleted...).
     State(StateChange),
+    /// A notification was updated in place (its id and seq, new content).
+    Updated(Notification),
 }
 
 /// One event of a user's stream, at position `seq` (gap-free from 1, in
@@ -915,8 +1057,12 @@ pub struct Delivery {
     pub recipient: String,
     /// The stored notification's id.
     pub notification_id: i64,
-    /// Its position in the recipient's stream.
+    /// Its position in the recipient's stream: the notification's, or for
+    /// an update, the update event's.
     pub seq: u64,
+    /// True when it updated an existing notification.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub updated: bool,
 }
 
 /// What a store did with a send.

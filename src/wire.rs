@@ -17,7 +17,7 @@ use prost::{
 };
 
 use crate::{
-    notification::{Content, Epoch, StreamEvent},
+    notification::{Content, Epoch, Group, StreamEvent},
     proto,
 };
 
@@ -63,10 +63,12 @@ impl Message for WireEvent {
     }
 }
 
-/// The encoded fields of a notification that all its recipients share:
-/// type, title, body, data and created_at (fields 4–8 of
-/// `herald.v1.Notification`).
+/// The encoded fields of a new notification that all its recipients
+/// share: everything but id, seq and recipient (fields 1–3 of
+/// `herald.v1.Notification`) and the recipient's state (absent in events):
+/// the content, and with a group key the group as its send opens it.
 pub fn shared_fields(content: &Content) -> Bytes {
+    let group = (!content.group_key.is_empty()).then(|| Group::open(&content.presentation.actor));
     proto::Notification {
         r#type: content.kind.clone(),
         title: content.title.clone(),
@@ -83,6 +85,10 @@ pub fn shared_fields(content: &Content) -> Bytes {
             .iter()
             .map(Into::into)
             .collect(),
+        replace_key: content.replace_key.clone(),
+        group_key: content.group_key.clone(),
+        group_count: group.as_ref().map_or(0, |g| g.count),
+        actors: group.map_or_else(Vec::new, |g| g.actors),
         ..Default::default()
     }
     .encode_to_vec()
@@ -171,10 +177,22 @@ mod tests {
                         }],
                     },
                     created_at: at,
+                    replace_key: if id == 123_456_789 {
+                        "order-9".into()
+                    } else {
+                        String::new()
+                    },
+                    group_key: if id == 7 {
+                        "pr-41".into()
+                    } else {
+                        String::new()
+                    },
                 }),
                 read_at: None,
                 seen_at: None,
                 archived_at: None,
+                // A new notification's group is the one its send opens.
+                group: (id == 7).then(|| crate::notification::Group::open("ci")),
             };
             let event = StreamEvent::new(seq, epoch, EventBody::Notification(n.clone()));
             let shared = shared_fields(&n.content);

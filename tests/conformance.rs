@@ -48,13 +48,6 @@ async fn refused_naming(
     );
 }
 
-fn replicas(backend: Backend) -> usize {
-    match backend {
-        Backend::Memory => 1,
-        Backend::Postgres => 2,
-    }
-}
-
 async fn fresh_connect_replays_unread_then_caught_up_then_live(backend: Backend) {
     let d = Deployment::start(backend, replicas(backend)).await;
     let mut a = d.client(0).await;

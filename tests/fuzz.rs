@@ -9,8 +9,8 @@ use herald::{
     bus::postgres::{MAX_PAYLOAD_BYTES, Payload, pack, route},
     hub::{Hub, StreamLimits},
     notification::{
-        MAX_NAME_BYTES, NewNotification, PageQuery, SendLimits, StateRequest, StateTarget,
-        StreamKey,
+        Fold, MAX_GROUP_WINDOW, MAX_NAME_BYTES, MIN_GROUP_WINDOW, NewNotification, PageQuery,
+        SendLimits, StateRequest, StateTarget, StreamKey,
     },
     proto,
 };
@@ -69,12 +69,20 @@ proptest! {
         actor in nasty(),
         link in prop_oneof![nasty(), Just("https://example.com/x".to_owned()), Just("/x".to_owned())],
         labels in prop::collection::vec(nasty(), 0..7),
+        fold_key in nasty(),
+        fold in 0u8..3,
+        window_s in prop_oneof![Just(None), (-5i64..700_000).prop_map(Some)],
+        renotify in any::<bool>(),
     ) {
         let limits = SendLimits { max_recipients: 4, ..SendLimits::default() };
         let request = proto::SendNotificationRequest {
             recipients: recipients.clone(), r#type: kind, title, body, data,
             idempotency_key: key, category, severity, actor, action_url: link.clone(),
             actions: labels.into_iter().map(|label| proto::Action { label, url: link.clone() }).collect(),
+            replace_key: if fold == 1 { fold_key.clone() } else { String::new() },
+            group_key: if fold == 2 { fold_key } else { String::new() },
+            group_window: window_s.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+            renotify,
         };
         match NewNotification::parse(request, &limits) {
             Ok(n) => {
@@ -92,6 +100,14 @@ proptest! {
                 let v: serde_json::Value = serde_json::from_str(&n.data).unwrap();
                 prop_assert!(v.is_object());
                 prop_assert!(depth(&v) <= limits.max_data_depth);
+                match &n.fold {
+                    None => prop_assert!(!n.renotify),
+                    Some(Fold::Replace(k)) => prop_assert!(!k.is_empty() && k.len() <= MAX_NAME_BYTES),
+                    Some(Fold::Group { key, window }) => {
+                        prop_assert!(!key.is_empty() && key.len() <= MAX_NAME_BYTES);
+                        prop_assert!(*window >= MIN_GROUP_WINDOW && *window <= MAX_GROUP_WINDOW);
+                    }
+                }
                 let p = &n.presentation;
                 prop_assert!(p.category.len() <= 64 && p.actions.len() <= 5);
                 for url in std::iter::once(&p.action_url).chain(p.actions.iter().map(|a| &a.url)) {
@@ -152,7 +168,7 @@ proptest! {
     #[test]
     fn payload_decoder_never_panics(text in prop_oneof![
         nasty(),
-        "\\[?\\{\"k\":\"[nrswp]\"[^\\]]{0,80}\\}\\]?",
+        "\\[?\\{\"k\":\"[nrswup]\"[^\\]]{0,80}\\}\\]?",
     ]) {
         let hub = Hub::new(StreamLimits::default());
         let _sub = hub.subscribe(StreamKey::user("t", "alice")).unwrap();
@@ -180,6 +196,8 @@ proptest! {
                 d: "{}".into(),
                 at: 0,
                 p: Default::default(),
+                rk: String::new(),
+                gk: String::new(),
                 r: users.iter().enumerate().map(|(k, u)| (u.clone(), k as u64 + 1, i as i64)).collect(),
             })
             .collect();

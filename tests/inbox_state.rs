@@ -16,13 +16,6 @@ use herald::proto::{
 };
 use tonic::{Code, transport::Channel};
 
-fn replicas(backend: Backend) -> usize {
-    match backend {
-        Backend::Memory => 1,
-        Backend::Postgres => 2,
-    }
-}
-
 async fn update(
     client: &mut NotificationsClient<Channel>,
     user: &str,
@@ -563,9 +556,10 @@ conformance!(
     counts_equal_lists_after_concurrent_sends_and_changes,
 );
 
-/// Retention deleting read, seen, archived and deleted notifications takes
-/// from the counters exactly what they counted of them: once everything
-/// is pruned, `unread` and `unseen` are 0 on every stream.
+/// Retention deleting read, seen, archived, deleted and updated
+/// notifications, and state and update events, takes from the counters
+/// exactly what they counted of them: once everything is pruned, `unread`
+/// and `unseen` are 0 on every stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_takes_from_the_counters_what_they_counted() {
     bounded(async {
@@ -582,6 +576,38 @@ async fn retention_takes_from_the_counters_what_they_counted() {
                 .unwrap();
             sent.push(s.deliveries[0].notification_id);
         }
+        // Updates in place, one of them making its notification unread
+        // and unseen again.
+        for (title, renotify) in [("v1", false), ("v2", false), ("v3", true)] {
+            send(
+                &mut a,
+                proto::SendNotificationRequest {
+                    replace_key: "progress".into(),
+                    renotify,
+                    ..note(&["alice"], title)
+                },
+            )
+            .await
+            .unwrap();
+        }
+        update(
+            &mut a,
+            "alice",
+            StateAction::Read,
+            Target::UpToSeq(u64::MAX),
+        )
+        .await
+        .unwrap();
+        send(
+            &mut a,
+            proto::SendNotificationRequest {
+                replace_key: "progress".into(),
+                renotify: true,
+                ..note(&["alice"], "v4")
+            },
+        )
+        .await
+        .unwrap();
         let some = |from: usize| {
             sent.iter()
                 .skip(from)

@@ -31,6 +31,10 @@ impl From<&Notification> for proto::Notification {
             read_at: n.read_at.map(Into::into),
             seen_at: n.seen_at.map(Into::into),
             archived_at: n.archived_at.map(Into::into),
+            replace_key: n.content.replace_key.clone(),
+            group_key: n.content.group_key.clone(),
+            group_count: n.group.as_ref().map_or(0, |g| g.count),
+            actors: n.group.as_ref().map_or_else(Vec::new, |g| g.actors.clone()),
         }
     }
 }
@@ -48,6 +52,7 @@ impl From<&StreamEvent> for proto::Event {
     fn from(e: &StreamEvent) -> Self {
         let kind = match &e.body {
             EventBody::Notification(n) => proto::event::Kind::Notification(n.into()),
+            EventBody::Updated(n) => proto::event::Kind::Updated(n.into()),
             EventBody::State(r) if r.is_plain_read() => {
                 proto::event::Kind::Read(proto::ReadStateChanged {
                     notification_ids: r.ids.clone(),
@@ -75,6 +80,7 @@ impl From<Delivery> for proto::Delivery {
             recipient: d.recipient,
             notification_id: d.notification_id,
             seq: d.seq,
+            updated: d.updated,
         }
     }
 }

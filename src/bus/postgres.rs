@@ -42,7 +42,7 @@ use super::{Bus, Committed, Staged};
 use crate::{
     hub::Hub,
     notification::{
-        Content, Epoch, EventBody, Notification, NotificationFilter, Presentation, Severity,
+        Content, Epoch, EventBody, Group, Notification, NotificationFilter, Presentation, Severity,
         StateAction, StateChange, StreamEvent, StreamKey,
     },
     store::{StoreError, postgres},
@@ -85,8 +85,55 @@ pub enum Payload {
         /// (and by replicas that predate them).
         #[serde(default, skip_serializing_if = "Presentation::is_default")]
         p: Presentation,
+        /// The send's replace key; left out when none.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        rk: String,
+        /// The send's group key (each recipient's group opens with the
+        /// send's actor); left out when none.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        gk: String,
         /// Recipients: (user, seq, notification id).
         r: Vec<(String, u64, i64)>,
+    },
+    /// A notification of one user updated in place (replace or group
+    /// key); replicas that predate it catch their streams up from the
+    /// store instead.
+    #[serde(rename = "u")]
+    Updated {
+        /// Tenant.
+        t: String,
+        /// Epoch.
+        e: Epoch,
+        /// User.
+        u: String,
+        /// Seq of the update event.
+        s: u64,
+        /// The notification's id.
+        id: i64,
+        /// The notification's seq.
+        ns: u64,
+        /// Type.
+        ty: String,
+        /// Title.
+        ti: String,
+        /// Body.
+        b: String,
+        /// Data (JSON object text).
+        d: String,
+        /// Stored at, microseconds since the Unix epoch.
+        at: i64,
+        /// Category, severity, actor and links.
+        #[serde(default, skip_serializing_if = "Presentation::is_default")]
+        p: Presentation,
+        /// The replace key; left out when none.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        rk: String,
+        /// The group key; left out when none.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        gk: String,
+        /// With a group key: the group's count and actors.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        g: Option<(u32, Vec<String>)>,
     },
     /// A read-state change of one user.
     #[serde(rename = "r")]
@@ -205,6 +252,8 @@ impl Payload {
                 d,
                 at,
                 p,
+                rk,
+                gk,
                 r,
             } => {
                 let shell = |r: Vec<(String, u64, i64)>| Payload::Notification {
@@ -216,6 +265,8 @@ impl Payload {
                     d: d.clone(),
                     at,
                     p: p.clone(),
+                    rk: rk.clone(),
+                    gk: gk.clone(),
                     r,
                 };
                 let base = json(&shell(Vec::new())).len();
@@ -224,9 +275,9 @@ impl Payload {
                     None => wake(&t, r.into_iter().map(|(u, s, _)| (u, s)).collect()),
                 }
             }
-            Payload::Read { t, u, s, .. } | Payload::State { t, u, s, .. } => {
-                wake(&t, vec![(u, s)])
-            }
+            Payload::Read { t, u, s, .. }
+            | Payload::State { t, u, s, .. }
+            | Payload::Updated { t, u, s, .. } => wake(&t, vec![(u, s)]),
             Payload::Wake { t, r } => wake(&t, r),
             Payload::Ping { .. } => vec![whole],
         }
@@ -306,9 +357,31 @@ pub fn payloads(events: &[Committed]) -> Vec<Payload> {
                     d: n.content.data.clone(),
                     at: crate::store::postgres::micros(n.content.created_at),
                     p: n.content.presentation.clone(),
+                    rk: n.content.replace_key.clone(),
+                    gk: n.content.group_key.clone(),
                     r: vec![recipient],
                 });
                 last_content = Some(&n.content);
+            }
+            EventBody::Updated(n) => {
+                out.push(Payload::Updated {
+                    t: tenant.clone(),
+                    e: c.event.epoch,
+                    u: user.clone(),
+                    s: c.event.seq,
+                    id: n.id,
+                    ns: n.seq,
+                    ty: n.content.kind.clone(),
+                    ti: n.content.title.clone(),
+                    b: n.content.body.clone(),
+                    d: n.content.data.clone(),
+                    at: crate::store::postgres::micros(n.content.created_at),
+                    p: n.content.presentation.clone(),
+                    rk: n.content.replace_key.clone(),
+                    gk: n.content.group_key.clone(),
+                    g: n.group.as_ref().map(|g| (g.count, g.actors.clone())),
+                });
+                last_content = None;
             }
             EventBody::State(change) if change.is_plain_read() => {
                 out.push(Payload::Read {
@@ -399,6 +472,8 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             d,
             at,
             p,
+            rk,
+            gk,
             r,
         } => {
             let epoch = stamp(e);
@@ -424,6 +499,8 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                         data: d.clone(),
                         presentation: p.clone(),
                         created_at: micros_to_time(at),
+                        replace_key: rk.clone(),
+                        group_key: gk.clone(),
                     })
                 });
                 let body = EventBody::Notification(Notification {
@@ -434,6 +511,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                     read_at: None,
                     seen_at: None,
                     archived_at: None,
+                    group: (!gk.is_empty()).then(|| Group::open(&p.actor)),
                 });
                 let event = if share {
                     let shared = shared.get_or_insert_with(|| wire::shared_fields(content));
@@ -502,6 +580,47 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             };
             let event = Arc::new(StreamEvent::new(s, stamp(e), EventBody::State(change)));
             hub.publish(&key, &event);
+        }
+        Payload::Updated {
+            t,
+            e,
+            u,
+            s,
+            id,
+            ns,
+            ty,
+            ti,
+            b,
+            d,
+            at,
+            p,
+            rk,
+            gk,
+            g,
+        } => {
+            let key = StreamKey::User { tenant: t, user: u };
+            let body = EventBody::Updated(Notification {
+                id,
+                seq: ns,
+                recipient: match &key {
+                    StreamKey::User { user, .. } => user.clone(),
+                },
+                content: Arc::new(Content {
+                    kind: ty,
+                    title: ti,
+                    body: b,
+                    data: d,
+                    presentation: p,
+                    created_at: micros_to_time(at),
+                    replace_key: rk,
+                    group_key: gk,
+                }),
+                read_at: None,
+                seen_at: None,
+                archived_at: None,
+                group: g.map(|(count, actors)| Group { count, actors }),
+            });
+            hub.publish(&key, &Arc::new(StreamEvent::new(s, stamp(e), body)));
         }
         Payload::Wake { t, r } => {
             for (user, _) in r {
@@ -829,6 +948,8 @@ mod tests {
             d: "{}".into(),
             at: 1,
             p: Presentation::default(),
+            rk: String::new(),
+            gk: String::new(),
             r: (0..recipients)
                 .map(|i| (format!("user-{i}"), i as u64 + 1, i as i64 + 1))
                 .collect(),

@@ -211,6 +211,7 @@ mod tests {
                         recipient: "a".into(),
                         notification_id: 7,
                         seq: 3,
+                        updated: false,
                     }],
                 },
             )

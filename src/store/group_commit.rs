@@ -427,6 +427,8 @@ async fn write_batch(
                 body: &n.body,
                 data: &n.data,
                 presentation: &n.presentation,
+                fold: n.fold.as_ref(),
+                renotify: n.renotify,
             }
         })
         .collect();
@@ -445,14 +447,16 @@ async fn write_batch(
             let c = committed
                 .next()
                 .ok_or_else(|| StoreError::internal("append returned too few events"))?;
-            let id = match &c.event.body {
-                EventBody::Notification(n) => n.id,
-                EventBody::State(_) => 0,
+            let (id, updated) = match &c.event.body {
+                EventBody::Notification(n) => (n.id, false),
+                EventBody::Updated(n) => (n.id, true),
+                EventBody::State(_) => (0, false),
             };
             deliveries[i].push(Delivery {
                 recipient: user.to_string(),
                 notification_id: id,
                 seq: c.event.seq,
+                updated,
             });
         }
     }

@@ -12,8 +12,16 @@
 //!
 //! | kind | row |
 //! |---|---|
-//! | notification | `notifications` (narrow: ids, seq, read state) referencing `contents` |
+//! | notification | `notifications` (narrow: ids, seq, state, keys) referencing `contents` |
 //! | state (read, seen, archived, deleted...) | `state_events` |
+//! | updated (replace or group key) | `update_events` referencing `contents`; the notification's row points at its current content |
+//!
+//! A send with a replace or group key is a *fold*: after the seqs are
+//! taken (so under every recipient's stream lock), one statement looks up
+//! each recipient's notification of that key, and the fold becomes an
+//! update of it or, when there is none, a new notification; folds of one
+//! batch onto the same key apply in order, each to the result of the one
+//! before.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -32,8 +40,8 @@ use super::{
 use crate::{
     bus::{Bus, Committed, Staged},
     notification::{
-        Content, Epoch, EventBody, Notification, NotificationFilter, Presentation, Severity,
-        StateAction, StateChange, StreamEvent, StreamKey, StreamRange,
+        Content, Epoch, EventBody, Fold, Group, Notification, NotificationFilter, Presentation,
+        Severity, StateAction, StateChange, StreamEvent, StreamKey, StreamRange,
     },
 };
 
@@ -50,13 +58,20 @@ pub struct NewContent<'a> {
     pub data: &'a str,
     /// Category, severity, actor and links.
     pub presentation: &'a Presentation,
+    /// The send's fold, if any.
+    pub fold: Option<&'a Fold>,
+    /// With a fold that updates a notification: make it unread and unseen
+    /// again.
+    pub renotify: bool,
 }
 
 /// An event to append, before it has a seq.
 #[derive(Debug, Clone)]
 pub enum NewEvent {
     /// A notification of the content at this index of `append`'s
-    /// `contents` (the recipients of one send share one).
+    /// `contents` (the recipients of one send share one). With the
+    /// content's fold: an update of the recipient's notification of that
+    /// key, or a new one when there is none.
     Notification(usize),
     /// A state change.
     State(StateChange),
@@ -97,7 +112,9 @@ const TAKE_SEQS: &str = "WITH taken AS ( \
      FROM taken";
 
 // Contents and their notifications in one statement (data-modifying CTEs
-// always run: PostgreSQL docs, "Data-Modifying Statements in WITH").
+// always run: PostgreSQL docs, "Data-Modifying Statements in WITH"). A
+// notification's keys come from its send; a group opens with its send's
+// actor.
 const INSERT_NOTIFICATIONS: &str = "WITH c AS ( \
        INSERT INTO contents (id, type, title, body, data, created_at, \
                              category, severity, actor, action_url, actions) \
@@ -106,10 +123,59 @@ const INSERT_NOTIFICATIONS: &str = "WITH c AS ( \
        FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], \
                    $12::text[], $13::int2[], $14::text[], $15::text[], $16::text[]) \
          AS c(id, type, title, body, data, category, severity, actor, action_url, actions) \
-     ) INSERT INTO notifications (id, tenant, user_id, seq, content_id, created_at) \
-     SELECT id, tenant, user_id, seq, content_id, $11 \
-     FROM unnest($6::int8[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
-       AS r(id, tenant, user_id, seq, content_id)";
+     ) INSERT INTO notifications (id, tenant, user_id, seq, content_id, created_at, \
+                                  replace_key, group_key, group_count, actors) \
+     SELECT id, tenant, user_id, seq, content_id, $11, rk, gk, \
+            CASE WHEN gk IS NULL THEN NULL ELSE 1 END, \
+            CASE WHEN gk IS NULL THEN NULL ELSE ARRAY[actor] END \
+     FROM unnest($6::int8[], $7::text[], $8::text[], $9::int8[], $10::int8[], \
+                 $17::text[], $18::text[], $19::text[]) \
+       AS r(id, tenant, user_id, seq, content_id, rk, gk, actor)";
+
+// An update in place of the notification at seq $3 of stream $1/$2: its
+// current content and group state, and, with `renotify` ($7), unread and
+// unseen again. The stream's counters: the take counted the update as a
+// new unread, unseen notification, which it is not (-1 each); renotify
+// adds back what it makes unread or unseen again in the inbox.
+const UPDATE_NOTIFICATION: &str = "WITH old AS ( \
+       SELECT n.read_at IS NOT NULL AS was_read, \
+              n.seen_at IS NOT NULL OR n.read_at IS NOT NULL AS was_seen, \
+              n.archived_at IS NULL AS inbox \
+       FROM notifications n WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq = $3 \
+     ), u AS ( \
+       UPDATE notifications n SET current_content_id = $4, group_count = $5, actors = $6, \
+         read_at = CASE WHEN $7 THEN NULL ELSE n.read_at END, \
+         seen_at = CASE WHEN $7 THEN NULL ELSE n.seen_at END \
+       WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq = $3 \
+     ) UPDATE user_streams s SET \
+         unread = s.unread - 1 + COALESCE((SELECT ($7 AND was_read AND inbox)::int FROM old), 0), \
+         unseen = s.unseen - 1 + COALESCE((SELECT ($7 AND was_seen AND inbox)::int FROM old), 0) \
+       WHERE s.tenant = $1 AND s.user_id = $2";
+
+const INSERT_UPDATE_EVENT: &str = "INSERT INTO update_events \
+     (tenant, user_id, seq, notification_id, note_seq, content_id, replace_key, group_key, \
+      group_count, actors, created_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+// Each fold's target: the recipient's live notification of the replace
+// key, or its newest group of the key opened within the window (ms),
+// as of this statement (which runs after the take locked the streams).
+const FIND_FOLD_TARGETS: &str = "SELECT k.i, n.id, n.seq, n.group_count, n.actors \
+     FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int8[]) \
+       WITH ORDINALITY AS k(tenant, user_id, key, grp, window_ms, i) \
+     CROSS JOIN LATERAL ( \
+       SELECT n.id, n.seq, n.group_count, n.actors FROM notifications n \
+       WHERE n.tenant = k.tenant AND n.user_id = k.user_id AND n.deleted_at IS NULL \
+         AND ((NOT k.grp AND n.replace_key = k.key) \
+           OR (k.grp AND n.group_key = k.key \
+               AND n.created_at >= now() - k.window_ms * interval '1 millisecond')) \
+       ORDER BY n.created_at DESC LIMIT 1 \
+     ) n";
+
+/// The join listings, counts and state changes read notifications
+/// through: each with its current content (an update's, or its first).
+pub const CURRENT: &str =
+    "notifications n JOIN contents c ON c.id = COALESCE(n.current_content_id, n.content_id)";
 
 const INSERT_STATE_EVENT: &str = "INSERT INTO state_events \
      (tenant, user_id, seq, notification_ids, up_to_seq, action, \
@@ -297,8 +363,107 @@ pub struct Appending<'c> {
     n_users: Vec<&'c str>,
     n_seqs: Vec<i64>,
     note_contents: Vec<i64>,
+    n_replace_keys: Vec<Option<&'c str>>,
+    n_group_keys: Vec<Option<&'c str>>,
+    n_actors: Vec<Option<&'c str>>,
     states: Vec<StateRow<'c>>,
+    updates: Vec<UpdateRow<'c>>,
     staged: Option<Staged>,
+}
+
+/// An update event's row, and the update of its notification.
+struct UpdateRow<'c> {
+    tenant: &'c str,
+    user: &'c str,
+    seq: i64,
+    note_id: i64,
+    note_seq: i64,
+    content_id: i64,
+    replace_key: Option<&'c str>,
+    group_key: Option<&'c str>,
+    group_count: Option<i32>,
+    actors: Option<Vec<String>>,
+    renotify: bool,
+    at: SystemTime,
+}
+
+/// A fold's key as looked up: (tenant, user, is a group, key).
+type FoldKey<'c> = (&'c str, &'c str, bool, &'c str);
+
+/// A notification a fold lands on: the one found, or one this append
+/// creates.
+#[derive(Clone)]
+struct FoldTarget {
+    id: i64,
+    seq: i64,
+    group: Option<Group>,
+}
+
+/// The recipients' notifications the folds of `appends` land on, looked
+/// up in one statement (see [`FIND_FOLD_TARGETS`]); keys with none are
+/// absent.
+async fn find_fold_targets<'c>(
+    tx: &impl GenericClient,
+    contents: &'c [NewContent<'c>],
+    appends: &'c [Append<'c>],
+) -> StoreResult<HashMap<FoldKey<'c>, FoldTarget>> {
+    let mut wanted: Vec<(FoldKey<'c>, i64)> = Vec::new();
+    for a in appends {
+        let NewEvent::Notification(c) = a.event else {
+            continue;
+        };
+        let Some(fold) = contents.get(c).and_then(|c| c.fold) else {
+            continue;
+        };
+        let (group, window) = match fold {
+            Fold::Replace(_) => (false, 0),
+            Fold::Group { window, .. } => {
+                (true, i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+            }
+        };
+        let key = (a.tenant, a.user, group, fold.key());
+        if !wanted.iter().any(|(k, _)| *k == key) {
+            wanted.push((key, window));
+        }
+    }
+    if wanted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let tenants: Vec<&str> = wanted.iter().map(|((t, ..), _)| *t).collect();
+    let users: Vec<&str> = wanted.iter().map(|((_, u, ..), _)| *u).collect();
+    let keys: Vec<&str> = wanted.iter().map(|((.., k), _)| *k).collect();
+    let groups: Vec<bool> = wanted.iter().map(|((_, _, g, _), _)| *g).collect();
+    let windows: Vec<i64> = wanted.iter().map(|(_, w)| *w).collect();
+    let stmt = tx
+        .prepare_cached(FIND_FOLD_TARGETS)
+        .await
+        .map_err(pg_error)?;
+    let rows = tx
+        .query(&stmt, &[&tenants, &users, &keys, &groups, &windows])
+        .await
+        .map_err(pg_error)?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let i: i64 = row.try_get(0).map_err(pg_error)?;
+        let (key, _) = usize::try_from(i - 1)
+            .ok()
+            .and_then(|i| wanted.get(i))
+            .ok_or_else(|| StoreError::internal("a fold target of no key"))?;
+        let count: Option<i32> = row.try_get(3).map_err(pg_error)?;
+        let actors: Option<Vec<String>> = row.try_get(4).map_err(pg_error)?;
+        found.insert(
+            *key,
+            FoldTarget {
+                id: row.try_get(1).map_err(pg_error)?,
+                seq: row.try_get(2).map_err(pg_error)?,
+                group: key.2.then(|| Group {
+                    count: count.and_then(|c| u32::try_from(c).ok()).unwrap_or(1),
+                    actors: actors.unwrap_or_default(),
+                }),
+            },
+        );
+    }
+    Ok(found)
 }
 
 impl<'c> Appending<'c> {
@@ -322,7 +487,11 @@ impl<'c> Appending<'c> {
             n_users: Vec::new(),
             n_seqs: Vec::new(),
             note_contents: Vec::new(),
+            n_replace_keys: Vec::new(),
+            n_group_keys: Vec::new(),
+            n_actors: Vec::new(),
             states: Vec::new(),
+            updates: Vec::new(),
             staged: None,
         }
     }
@@ -345,7 +514,7 @@ impl<'c> Appending<'c> {
     where
         'c: 'a,
     {
-        if !self.note_ids.is_empty() {
+        if !self.content_ids.is_empty() {
             pipeline.push(
                 INSERT_NOTIFICATIONS,
                 vec![
@@ -365,6 +534,41 @@ impl<'c> Appending<'c> {
                     &self.c_actors,
                     &self.c_action_urls,
                     &self.c_actions,
+                    &self.n_replace_keys,
+                    &self.n_group_keys,
+                    &self.n_actors,
+                ],
+            );
+        }
+        // Updates come one per keyed send's recipient with a notification
+        // of the key (a handful per transaction, normally), in event order.
+        for u in &self.updates {
+            pipeline.push(
+                UPDATE_NOTIFICATION,
+                vec![
+                    &u.tenant,
+                    &u.user,
+                    &u.note_seq,
+                    &u.content_id,
+                    &u.group_count,
+                    &u.actors,
+                    &u.renotify,
+                ],
+            );
+            pipeline.push(
+                INSERT_UPDATE_EVENT,
+                vec![
+                    &u.tenant,
+                    &u.user,
+                    &u.seq,
+                    &u.note_id,
+                    &u.note_seq,
+                    &u.content_id,
+                    &u.replace_key,
+                    &u.group_key,
+                    &u.group_count,
+                    &u.actors,
+                    &u.at,
                 ],
             );
         }
@@ -443,7 +647,9 @@ pub async fn take<'c>(
         return Ok(Appending::empty());
     }
 
-    // 1. Seqs and ids.
+    // 1. Seqs and ids (a fold counts as a new notification here; if it
+    //    turns out to be an update, the update's statement corrects the
+    //    counters, and its drawn id goes unused).
     let mut taken = take_seqs(tx, &counts, contents.len(), notes.len()).await?;
     let content_ids = std::mem::take(&mut taken.content_ids);
     let note_ids = std::mem::take(&mut taken.note_ids);
@@ -479,38 +685,108 @@ pub async fn take<'c>(
                 data: c.data.to_owned(),
                 presentation: c.presentation.clone(),
                 created_at: taken.at,
+                replace_key: match c.fold {
+                    Some(Fold::Replace(k)) => k.clone(),
+                    _ => String::new(),
+                },
+                group_key: match c.fold {
+                    Some(Fold::Group { key, .. }) => key.clone(),
+                    _ => String::new(),
+                },
             })
         })
         .collect();
+    let content = |c: usize| {
+        shared
+            .get(c)
+            .ok_or_else(|| StoreError::internal("no such content"))
+    };
     let mut ids = vec![0i64; appends.len()];
-    let mut note_contents = Vec::with_capacity(notes.len());
     for (&i, id) in notes.iter().zip(&note_ids) {
         ids[i] = *id;
-        if let NewEvent::Notification(c) = appends[i].event {
-            let content_id = content_ids
-                .get(c)
-                .ok_or_else(|| StoreError::internal("no such content"))?;
-            note_contents.push(*content_id);
-        }
     }
 
-    // 2. The committed events; their rows and bus messages, pipelined.
+    // 2. Folds: what each lands on, in append order (a fold onto a key an
+    //    earlier one of this append created or updated lands on that).
+    let mut targets = find_fold_targets(tx, contents, appends).await?;
+
+    // 3. The committed events; their rows and bus messages, pipelined.
     let mut committed = Vec::with_capacity(appends.len());
+    let mut new_notes = Vec::with_capacity(notes.len());
+    let mut updates = Vec::new();
     for (i, a) in appends.iter().enumerate() {
         let s = seq(seqs[i]);
         let body = match &a.event {
-            NewEvent::Notification(c) => EventBody::Notification(Notification {
-                id: ids[i],
-                seq: s,
-                recipient: a.user.to_owned(),
-                content: shared
+            NewEvent::Notification(c) => {
+                let new = contents
                     .get(*c)
-                    .ok_or_else(|| StoreError::internal("no such content"))?
-                    .clone(),
-                read_at: None,
-                seen_at: None,
-                archived_at: None,
-            }),
+                    .ok_or_else(|| StoreError::internal("no such content"))?;
+                let actor = new.presentation.actor.as_str();
+                let fold = new.fold.map(|f| {
+                    let group = matches!(f, Fold::Group { .. });
+                    (a.tenant, a.user, group, f.key())
+                });
+                match fold.and_then(|k| targets.get_mut(&k).map(|t| (k, t))) {
+                    Some((key, target)) => {
+                        let group = target.group.as_ref().map(|g| g.fold(actor));
+                        target.group.clone_from(&group);
+                        let content_id = *content_ids
+                            .get(*c)
+                            .ok_or_else(|| StoreError::internal("no such content"))?;
+                        updates.push(UpdateRow {
+                            tenant: a.tenant,
+                            user: a.user,
+                            seq: seqs[i],
+                            note_id: target.id,
+                            note_seq: target.seq,
+                            content_id,
+                            replace_key: (!key.2).then_some(key.3),
+                            group_key: key.2.then_some(key.3),
+                            group_count: group
+                                .as_ref()
+                                .map(|g| i32::try_from(g.count).unwrap_or(i32::MAX)),
+                            actors: group.as_ref().map(|g| g.actors.clone()),
+                            renotify: new.renotify,
+                            at: taken.at,
+                        });
+                        EventBody::Updated(Notification {
+                            id: target.id,
+                            seq: seq(target.seq),
+                            recipient: a.user.to_owned(),
+                            content: content(*c)?.clone(),
+                            read_at: None,
+                            seen_at: None,
+                            archived_at: None,
+                            group,
+                        })
+                    }
+                    None => {
+                        let group = matches!(new.fold, Some(Fold::Group { .. }))
+                            .then(|| Group::open(actor));
+                        if let Some(key) = fold {
+                            targets.insert(
+                                key,
+                                FoldTarget {
+                                    id: ids[i],
+                                    seq: seqs[i],
+                                    group: group.clone(),
+                                },
+                            );
+                        }
+                        new_notes.push(i);
+                        EventBody::Notification(Notification {
+                            id: ids[i],
+                            seq: s,
+                            recipient: a.user.to_owned(),
+                            content: content(*c)?.clone(),
+                            read_at: None,
+                            seen_at: None,
+                            archived_at: None,
+                            group,
+                        })
+                    }
+                }
+            }
             NewEvent::State(r) => EventBody::State(r.clone()),
         };
         committed.push(Committed {
@@ -518,6 +794,19 @@ pub async fn take<'c>(
             event: Arc::new(StreamEvent::new(s, taken.epoch, body)),
         });
     }
+    let mut note_contents = Vec::with_capacity(new_notes.len());
+    for &i in &new_notes {
+        if let NewEvent::Notification(c) = appends[i].event {
+            let content_id = content_ids
+                .get(c)
+                .ok_or_else(|| StoreError::internal("no such content"))?;
+            note_contents.push(*content_id);
+        }
+    }
+    let fold_of = |i: usize| match appends[i].event {
+        NewEvent::Notification(c) => contents.get(c).and_then(|c| c.fold),
+        NewEvent::State(_) => None,
+    };
     let states = appends
         .iter()
         .zip(&seqs)
@@ -563,21 +852,70 @@ pub async fn take<'c>(
             .iter()
             .map(|c| c.presentation.actions_json())
             .collect(),
-        n_tenants: notes.iter().map(|&i| appends[i].tenant).collect(),
-        n_users: notes.iter().map(|&i| appends[i].user).collect(),
-        n_seqs: notes.iter().map(|&i| seqs[i]).collect(),
-        note_ids,
+        n_tenants: new_notes.iter().map(|&i| appends[i].tenant).collect(),
+        n_users: new_notes.iter().map(|&i| appends[i].user).collect(),
+        n_seqs: new_notes.iter().map(|&i| seqs[i]).collect(),
+        note_ids: new_notes.iter().map(|&i| ids[i]).collect(),
         note_contents,
+        n_replace_keys: new_notes
+            .iter()
+            .map(|&i| match fold_of(i) {
+                Some(Fold::Replace(k)) => Some(k.as_str()),
+                _ => None,
+            })
+            .collect(),
+        n_group_keys: new_notes
+            .iter()
+            .map(|&i| match fold_of(i) {
+                Some(Fold::Group { key, .. }) => Some(key.as_str()),
+                _ => None,
+            })
+            .collect(),
+        n_actors: new_notes
+            .iter()
+            .map(|&i| match fold_of(i) {
+                Some(Fold::Group { .. }) => appends_actor(contents, &appends[i]),
+                _ => None,
+            })
+            .collect(),
         states,
+        updates,
         staged,
     })
 }
 
+/// The actor of the send `append` is a notification of.
+fn appends_actor<'c>(contents: &'c [NewContent<'c>], append: &Append<'c>) -> Option<&'c str> {
+    match append.event {
+        NewEvent::Notification(c) => contents.get(c).map(|c| c.presentation.actor.as_str()),
+        NewEvent::State(_) => None,
+    }
+}
+
+/// The columns [`notification`] reads, with the group state's columns
+/// `$group` (`group_count`, `actors`).
+macro_rules! notification_columns {
+    ($group:literal) => {
+        concat!(
+            "n.id, n.seq, n.user_id, c.type, c.title, c.body, c.data::text AS data, \
+             c.created_at, n.read_at, c.category, c.severity, c.actor, c.action_url, c.actions, \
+             COALESCE(n.seen_at, n.read_at) AS seen_at, n.archived_at, n.replace_key, \
+             n.group_key, ",
+            $group
+        )
+    };
+}
+
 /// Columns of a notification joined with its content, as [`notification`]
 /// reads them.
-pub const NOTIFICATION_COLUMNS: &str = "n.id, n.seq, n.user_id, c.type, c.title, c.body, \
-     c.data::text AS data, c.created_at, n.read_at, c.category, c.severity, c.actor, \
-     c.action_url, c.actions, COALESCE(n.seen_at, n.read_at) AS seen_at, n.archived_at";
+pub const NOTIFICATION_COLUMNS: &str = notification_columns!("n.group_count, n.actors");
+
+/// The columns of a notification as its first event showed it: its group
+/// as opened (by its first send's actor).
+const FIRST_NOTIFICATION_COLUMNS: &str = notification_columns!(
+    "CASE WHEN n.group_key IS NULL THEN NULL ELSE 1 END AS group_count, \
+     CASE WHEN n.group_key IS NULL THEN NULL ELSE ARRAY[c.actor] END AS actors"
+);
 
 /// A notification row (see [`NOTIFICATION_COLUMNS`]). Content is not
 /// shared between rows read this way.
@@ -599,10 +937,25 @@ pub fn notification(row: &tokio_postgres::Row) -> Result<Notification, tokio_pos
                 actions: Presentation::actions_from_json(row.try_get("actions")?),
             },
             created_at: row.try_get("created_at")?,
+            replace_key: row
+                .try_get::<_, Option<String>>("replace_key")?
+                .unwrap_or_default(),
+            group_key: row
+                .try_get::<_, Option<String>>("group_key")?
+                .unwrap_or_default(),
         }),
         read_at: row.try_get("read_at")?,
         seen_at: row.try_get("seen_at")?,
         archived_at: row.try_get("archived_at")?,
+        group: match row.try_get::<_, Option<i32>>("group_count")? {
+            None => None,
+            Some(count) => Some(Group {
+                count: u32::try_from(count).unwrap_or(1),
+                actors: row
+                    .try_get::<_, Option<Vec<String>>>("actors")?
+                    .unwrap_or_default(),
+            }),
+        },
     })
 }
 
@@ -650,18 +1003,28 @@ pub async fn read_range(
         .prepare_cached(&format!(
             "SELECT m.epoch, e.* FROM herald_meta m LEFT JOIN LATERAL ( \
                SELECT * FROM ( \
-                 SELECT {NOTIFICATION_COLUMNS}, NULL::bigint[] AS ids, 0::bigint AS up_to, \
+                 SELECT 0::int2 AS ev, n.seq AS ev_seq, {FIRST_NOTIFICATION_COLUMNS}, \
+                        NULL::bigint[] AS ids, 0::bigint AS up_to, \
                         0::int2 AS action, NULL::text[] AS f_types, NULL::text[] AS f_prefixes, \
                         NULL::text[] AS f_categories, 0::int2 AS f_severity \
                  FROM notifications n JOIN contents c ON c.id = n.content_id \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 \
                  UNION ALL \
-                 SELECT NULL, seq, user_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
-                        NULL, NULL, NULL, NULL, NULL, NULL, notification_ids, up_to_seq, \
+                 SELECT 1::int2, seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                        notification_ids, up_to_seq, \
                         action, types, type_prefixes, categories, min_severity \
                  FROM state_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
-               ) AS u ORDER BY seq LIMIT $4 \
-             ) AS e ON true ORDER BY e.seq"
+                 UNION ALL \
+                 SELECT 2::int2, u.seq, u.notification_id, u.note_seq, u.user_id, c.type, c.title, \
+                        c.body, c.data::text, c.created_at, NULL, c.category, c.severity, \
+                        c.actor, c.action_url, c.actions, NULL, NULL, u.replace_key, \
+                        u.group_key, u.group_count, u.actors, \
+                        NULL, 0::bigint, 0::int2, NULL, NULL, NULL, 0::int2 \
+                 FROM update_events u JOIN contents c ON c.id = u.content_id \
+                 WHERE u.tenant = $1 AND u.user_id = $2 AND u.seq > $3 \
+               ) AS u ORDER BY ev_seq LIMIT $4 \
+             ) AS e ON true ORDER BY e.ev_seq"
         ))
         .await
         .map_err(pg_error)?;
@@ -675,18 +1038,19 @@ pub async fn read_range(
     let mut range = StreamRange::default();
     for row in &rows {
         range.epoch = seq(row.try_get("epoch").map_err(pg_error)?);
-        let Some(s) = row.try_get::<_, Option<i64>>("seq").map_err(pg_error)? else {
+        let Some(s) = row.try_get::<_, Option<i64>>("ev_seq").map_err(pg_error)? else {
             continue;
         };
-        let id: Option<i64> = row.try_get("id").map_err(pg_error)?;
-        let body = match id {
-            Some(_) => EventBody::Notification(Notification {
+        let kind: i16 = row.try_get("ev").map_err(pg_error)?;
+        let body = match kind {
+            1 => EventBody::State(state_change(row).map_err(pg_error)?),
+            0 => EventBody::Notification(Notification {
                 read_at: None,
                 seen_at: None,
                 archived_at: None,
                 ..notification(row).map_err(pg_error)?
             }),
-            None => EventBody::State(state_change(row).map_err(pg_error)?),
+            _ => EventBody::Updated(notification(row).map_err(pg_error)?),
         };
         range
             .events

@@ -21,9 +21,9 @@ use crate::{
     bus::{Bus, Committed, local::LocalBus},
     hub::Hub,
     notification::{
-        Content, Delivery, Epoch, EventBody, NewNotification, Notification, NotificationFilter,
-        PageQuery, Sent, StateAction, StateChange, StateOutcome, StateRequest, StateTarget,
-        StreamEvent, StreamHead, StreamKey, StreamRange, new_epoch,
+        Content, Delivery, Epoch, EventBody, Fold, Group, NewNotification, Notification,
+        NotificationFilter, PageQuery, Sent, StateAction, StateChange, StateOutcome, StateRequest,
+        StateTarget, StreamEvent, StreamHead, StreamKey, StreamRange, new_epoch,
     },
     ticket::{TicketDigest, TicketGrant},
 };
@@ -44,6 +44,10 @@ struct UserLog {
     /// Current notifications by seq, with live state; deleted ones are
     /// removed (their events stay in `events`).
     notifications: BTreeMap<u64, Notification>,
+    /// Fold keys ((is a group, key)) → the seq of the notification of that
+    /// key and when it was first stored (a group's window starts then).
+    /// An entry whose notification is gone (deleted, pruned) is dead.
+    folds: HashMap<(bool, String), (u64, SystemTime)>,
 }
 
 type UserKey = (String, String);
@@ -178,6 +182,45 @@ impl MemoryStore {
     }
 }
 
+/// Folds the send `n` (its stored `content`) onto the notification of
+/// its key in `log`, if it has a fold and there is one (for a group, opened
+/// within the window before `now`): replaces its content, grows its group,
+/// and with `renotify` makes it unread and unseen again. Returns the
+/// updated notification as its `updated` event carries it.
+fn fold_onto(
+    log: &mut UserLog,
+    n: &NewNotification,
+    content: &Arc<Content>,
+    now: SystemTime,
+) -> Option<Notification> {
+    let fold = n.fold.as_ref()?;
+    let is_group = matches!(fold, Fold::Group { .. });
+    let &(seq, opened) = log.folds.get(&(is_group, fold.key().to_owned()))?;
+    if let Fold::Group { window, .. } = fold
+        && opened + *window < now
+    {
+        return None;
+    }
+    let target = log.notifications.get_mut(&seq)?;
+    target.content = content.clone();
+    if is_group {
+        target.group = Some(match &target.group {
+            Some(g) => g.fold(&n.presentation.actor),
+            None => Group::open(&n.presentation.actor),
+        });
+    }
+    if n.renotify {
+        target.read_at = None;
+        target.seen_at = None;
+    }
+    Some(Notification {
+        read_at: None,
+        seen_at: None,
+        archived_at: None,
+        ..target.clone()
+    })
+}
+
 /// Applies `action` to `n` at `now`; whether its state changed (the same
 /// rules as the PostgreSQL store's: read implies seen, deleting always
 /// changes, the caller removes what it deletes).
@@ -241,12 +284,39 @@ impl Store for MemoryStore {
             data: n.data.clone(),
             presentation: n.presentation.clone(),
             created_at: now,
+            replace_key: match &n.fold {
+                Some(Fold::Replace(k)) => k.clone(),
+                _ => String::new(),
+            },
+            group_key: match &n.fold {
+                Some(Fold::Group { key, .. }) => key.clone(),
+                _ => String::new(),
+            },
         });
+        let actor = n.presentation.actor.as_str();
         let mut deliveries = Vec::with_capacity(n.recipients.len());
         let mut committed = Vec::with_capacity(n.recipients.len());
         for recipient in &n.recipients {
+            let epoch = self.epoch;
+            let log = inner.log(epoch, tenant, recipient.as_str());
+            if let Some(updated) = fold_onto(log, n, &content, now) {
+                let c = self.append(&mut inner, tenant, recipient.as_str(), now, |_| {
+                    EventBody::Updated(updated)
+                });
+                if let EventBody::Updated(u) = &c.event.body {
+                    deliveries.push(Delivery {
+                        recipient: recipient.to_string(),
+                        notification_id: u.id,
+                        seq: c.event.seq,
+                        updated: true,
+                    });
+                }
+                committed.push(c);
+                continue;
+            }
             inner.next_id += 1;
             let id = inner.next_id;
+            let group = matches!(n.fold, Some(Fold::Group { .. })).then(|| Group::open(actor));
             let c = self.append(&mut inner, tenant, recipient.as_str(), now, |seq| {
                 EventBody::Notification(Notification {
                     id,
@@ -256,12 +326,20 @@ impl Store for MemoryStore {
                     read_at: None,
                     seen_at: None,
                     archived_at: None,
+                    group,
                 })
             });
+            if let Some(fold) = &n.fold {
+                let log = inner.log(epoch, tenant, recipient.as_str());
+                let is_group = matches!(fold, Fold::Group { .. });
+                log.folds
+                    .insert((is_group, fold.key().to_owned()), (c.event.seq, now));
+            }
             deliveries.push(Delivery {
                 recipient: recipient.to_string(),
                 notification_id: id,
                 seq: c.event.seq,
+                updated: false,
             });
             committed.push(c);
         }
@@ -468,6 +546,9 @@ impl Store for MemoryStore {
             }
             let keep = log.notifications.split_off(&(log.head.pruned_seq + 1));
             log.notifications = keep;
+            let notifications = &log.notifications;
+            log.folds
+                .retain(|_, (seq, _)| notifications.contains_key(seq));
             // A log with nothing left is dropped; its seqs are remembered
             // only as the store-wide floor.
             let empty = log.events.is_empty();

@@ -16,7 +16,7 @@ use tokio_postgres::{NoTls, error::SqlState};
 use super::{
     Store, StoreError, StoreResult, UnreadCounts,
     group_commit::{GroupCommit, GroupCommitSettings},
-    log::{self, Append, FilterColumns, NOTIFICATION_COLUMNS, NewEvent, notification},
+    log::{self, Append, CURRENT, FilterColumns, NOTIFICATION_COLUMNS, NewEvent, notification},
 };
 use crate::{
     bus::{Bus, postgres::NotifyBus},
@@ -390,6 +390,8 @@ const PRUNE_EVENTS: &str = "WITH sample AS ( \
        (SELECT tenant, user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2) \
        UNION ALL \
        (SELECT tenant, user_id, seq FROM state_events WHERE created_at < $1 LIMIT $2) \
+       UNION ALL \
+       (SELECT tenant, user_id, seq FROM update_events WHERE created_at < $1 LIMIT $2) \
      ), upto AS ( \
        SELECT tenant, user_id, max(seq) AS seq FROM sample GROUP BY tenant, user_id \
      ), locked AS ( \
@@ -406,6 +408,10 @@ const PRUNE_EVENTS: &str = "WITH sample AS ( \
        DELETE FROM state_events d USING locked \
        WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
        RETURNING 1 \
+     ), up AS ( \
+       DELETE FROM update_events d USING locked \
+       WHERE d.tenant = locked.tenant AND d.user_id = locked.user_id AND d.seq <= locked.seq \
+       RETURNING 1 \
      ), gone AS ( \
        SELECT tenant, user_id, count(*) FILTER (WHERE unread) AS unread, \
          count(*) FILTER (WHERE unseen) AS unseen \
@@ -415,7 +421,8 @@ const PRUNE_EVENTS: &str = "WITH sample AS ( \
          unread = s.unread - COALESCE(g.unread, 0), unseen = s.unseen - COALESCE(g.unseen, 0) \
        FROM locked l LEFT JOIN gone g USING (tenant, user_id) \
        WHERE s.tenant = l.tenant AND s.user_id = l.user_id \
-     ) SELECT ((SELECT count(*) FROM n) + (SELECT count(*) FROM r))::int8";
+     ) SELECT ((SELECT count(*) FROM n) + (SELECT count(*) FROM r) \
+               + (SELECT count(*) FROM up))::int8";
 
 const PRUNE_CONTENTS: &str = "WITH d AS ( \
        DELETE FROM contents WHERE id IN \
@@ -449,7 +456,7 @@ fn update_state_sql(target: &str, with_ids: bool) -> String {
         "WITH target AS ( \
            SELECT n.seq, n.id, n.read_at IS NULL AS r, \
                   n.seen_at IS NULL AND n.read_at IS NULL AS s, n.archived_at IS NULL AS a \
-           FROM notifications n JOIN contents c ON c.id = n.content_id \
+           FROM {CURRENT} \
            WHERE n.tenant = $1 AND n.user_id = $2 AND n.deleted_at IS NULL AND ({target}) \
              AND CASE $3::int2 \
                WHEN 1 THEN n.read_at IS NULL \
@@ -708,7 +715,7 @@ impl Store for PgStore {
         let stmt = client
             .prepare_cached(&format!(
                 "SELECT {NOTIFICATION_COLUMNS} \
-                 FROM notifications n JOIN contents c ON c.id = n.content_id \
+                 FROM {CURRENT} \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 AND n.seq <= $4 \
                    AND n.read_at IS NULL AND n.archived_at IS NULL AND n.deleted_at IS NULL \
                  ORDER BY n.seq LIMIT $5"
@@ -739,7 +746,7 @@ impl Store for PgStore {
         let stmt = client
             .prepare_cached(&format!(
                 "SELECT {NOTIFICATION_COLUMNS} \
-                 FROM notifications n JOIN contents c ON c.id = n.content_id \
+                 FROM {CURRENT} \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq < $3 \
                    AND (NOT $4 OR n.read_at IS NULL) AND n.deleted_at IS NULL \
                    AND (n.archived_at IS NOT NULL) = $10 AND {} \
@@ -819,7 +826,7 @@ impl Store for PgStore {
         let mut filtered = Vec::with_capacity(filters.len());
         let stmt = tx
             .prepare_cached(&format!(
-                "SELECT count(*) FROM notifications n JOIN contents c ON c.id = n.content_id \
+                "SELECT count(*) FROM {CURRENT} \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.read_at IS NULL \
                    AND n.archived_at IS NULL AND n.deleted_at IS NULL AND {}",
                 filter_sql(3)

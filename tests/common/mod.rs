@@ -461,13 +461,27 @@ pub async fn list(
         .notifications
 }
 
-/// Waits (up to 15 s, polling) until retention has deleted every
-/// notification of the database `db` is connected to.
+/// How many replicas a multi-replica test runs on `backend`: two on
+/// PostgreSQL, one on the in-memory store (which cannot share its state).
+pub fn replicas(backend: Backend) -> usize {
+    match backend {
+        Backend::Memory => 1,
+        Backend::Postgres => 2,
+    }
+}
+
+/// Waits (up to 15 s, polling) until retention has deleted every stream
+/// event (notifications, state and update events) of the database `db` is
+/// connected to.
 pub async fn until_all_pruned(db: &tokio_postgres::Client) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let left: i64 = db
-            .query_one("SELECT count(*) FROM notifications", &[])
+            .query_one(
+                "SELECT (SELECT count(*) FROM notifications) + (SELECT count(*) FROM state_events) \
+                 + (SELECT count(*) FROM update_events)",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);

@@ -25,7 +25,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file herald/v1/herald.proto.
  */
 export const file_herald_v1_herald: GenFile = /*@__PURE__*/
-  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEivAMKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCgdzZWVuX2F0GBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthcmNoaXZlZF9hdBgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiJAoGQWN0aW9uEg0KBWxhYmVsGAEgASgJEgsKA3VybBgCIAEoCSL/AQoXU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QSEgoKcmVjaXBpZW50cxgBIAMoCRIMCgR0eXBlGAIgASgJEg0KBXRpdGxlGAMgASgJEgwKBGJvZHkYBCABKAkSDAoEZGF0YRgFIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYBiABKAkSEAoIY2F0ZWdvcnkYByABKAkSJQoIc2V2ZXJpdHkYCCABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYCSABKAkSEgoKYWN0aW9uX3VybBgKIAEoCRIiCgdhY3Rpb25zGAsgAygLMhEuaGVyYWxkLnYxLkFjdGlvbiJDCghEZWxpdmVyeRIRCglyZWNpcGllbnQYASABKAkSFwoPbm90aWZpY2F0aW9uX2lkGAIgASgDEgsKA3NlcRgDIAEoBCJDChhTZW5kTm90aWZpY2F0aW9uUmVzcG9uc2USJwoKZGVsaXZlcmllcxgBIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJVChhTZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QSOQoNbm90aWZpY2F0aW9ucxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVxdWVzdCJwChdTZW5kTm90aWZpY2F0aW9uc1Jlc3VsdBINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSJwoKZGVsaXZlcmllcxgEIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJQChlTZW5kTm90aWZpY2F0aW9uc1Jlc3BvbnNlEjMKB3Jlc3VsdHMYASADKAsyIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXN1bHQilQEKEFN1YnNjcmliZVJlcXVlc3QSFgoJYWZ0ZXJfc2VxGAEgASgESACIAQESDQoFdHlwZXMYAiADKAkSDQoFZXBvY2gYAyABKAQSEgoKY2F0ZWdvcmllcxgEIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBSABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHlCDAoKX2FmdGVyX3NlcSKtAgoFRXZlbnQSCwoDc2VxGAEgASgEEi8KDG5vdGlmaWNhdGlvbhgCIAEoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb25IABIrCgRyZWFkGAMgASgLMhsuaGVyYWxkLnYxLlJlYWRTdGF0ZUNoYW5nZWRIABIoCgljYXVnaHRfdXAYBCABKAsyEy5oZXJhbGQudjEuQ2F1Z2h0VXBIABIpCgloZWFydGJlYXQYBSABKAsyFC5oZXJhbGQudjEuSGVhcnRiZWF0SAASIwoGcmVzeW5jGAYgASgLMhEuaGVyYWxkLnYxLlJlc3luY0gAEigKBXN0YXRlGAggASgLMhcuaGVyYWxkLnYxLlN0YXRlQ2hhbmdlZEgAEg0KBWVwb2NoGAcgASgEQgYKBGtpbmQiPwoQUmVhZFN0YXRlQ2hhbmdlZBIYChBub3RpZmljYXRpb25faWRzGAEgAygDEhEKCXVwX3RvX3NlcRgCIAEoBCKSAQoMU3RhdGVDaGFuZ2VkEiYKBmFjdGlvbhgBIAEoDjIWLmhlcmFsZC52MS5TdGF0ZUFjdGlvbhIYChBub3RpZmljYXRpb25faWRzGAIgAygDEhEKCXVwX3RvX3NlcRgDIAEoBBItCgZmaWx0ZXIYBCABKAsyHS5oZXJhbGQudjEuTm90aWZpY2F0aW9uRmlsdGVyImIKEk5vdGlmaWNhdGlvbkZpbHRlchINCgV0eXBlcxgBIAMoCRISCgpjYXRlZ29yaWVzGAIgAygJEikKDG1pbl9zZXZlcml0eRgDIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eSJBCghDYXVnaHRVcBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPAoJSGVhcnRiZWF0Ei8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKZAQoGUmVzeW5jEigKBnJlYXNvbhgBIAEoDjIYLmhlcmFsZC52MS5SZXN5bmMuUmVhc29uImUKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUFTT05fRVBPQ0hfQ0hBTkdFRBABEhEKDVJFQVNPTl9QUlVORUQQAhIWChJSRUFTT05fQkVZT05EX0hFQUQQAyJbCg9NYXJrUmVhZFJlcXVlc3QSKQoDaWRzGAEgASgLMhouaGVyYWxkLnYxLk5vdGlmaWNhdGlvbklkc0gAEhMKCXVwX3RvX3NlcRgCIAEoBEgAQggKBnRhcmdldCIeCg9Ob3RpZmljYXRpb25JZHMSCwoDaWRzGAEgAygDIrcBChJVcGRhdGVTdGF0ZVJlcXVlc3QSJgoGYWN0aW9uGAEgASgOMhYuaGVyYWxkLnYxLlN0YXRlQWN0aW9uEikKA2lkcxgCIAEoCzIaLmhlcmFsZC52MS5Ob3RpZmljYXRpb25JZHNIABITCgl1cF90b19zZXEYAyABKARIABIvCgZmaWx0ZXIYBCABKAsyHS5oZXJhbGQudjEuTm90aWZpY2F0aW9uRmlsdGVySABCCAoGdGFyZ2V0IjMKE1VwZGF0ZVN0YXRlUmVzcG9uc2USDwoHY2hhbmdlZBgBIAEoDRILCgNzZXEYAiABKAQiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIrYBChhMaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QSEwoLdW5yZWFkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkSDQoFdHlwZXMYBCADKAkSEgoKY2F0ZWdvcmllcxgFIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBiABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSEAoIYXJjaGl2ZWQYByABKAgiZAoZTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRIuCg1ub3RpZmljYXRpb25zGAEgAygLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiQQoVR2V0VW5yZWFkQ291bnRSZXF1ZXN0EigKB2ZpbHRlcnMYASADKAsyFy5oZXJhbGQudjEuVW5yZWFkRmlsdGVyImoKDFVucmVhZEZpbHRlchIMCgRuYW1lGAEgASgJEg0KBXR5cGVzGAIgAygJEhIKCmNhdGVnb3JpZXMYAyADKAkSKQoMbWluX3NldmVyaXR5GAQgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5IisKC1VucmVhZENvdW50EgwKBG5hbWUYASABKAkSDgoGdW5yZWFkGAIgASgEIm0KFkdldFVucmVhZENvdW50UmVzcG9uc2USDgoGdW5yZWFkGAEgASgEEgsKA3NlcRgCIAEoBBImCgZjb3VudHMYAyADKAsyFi5oZXJhbGQudjEuVW5yZWFkQ291bnQSDgoGdW5zZWVuGAQgASgEIhsKGUNyZWF0ZVN0cmVhbVRpY2tldFJlcXVlc3QiXAoaQ3JlYXRlU3RyZWFtVGlja2V0UmVzcG9uc2USDgoGdGlja2V0GAEgASgJEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKnUKCFNldmVyaXR5EhgKFFNFVkVSSVRZX1VOU1BFQ0lGSUVEEAASEAoMU0VWRVJJVFlfTE9XEAESEwoPU0VWRVJJVFlfTk9STUFMEAISEQoNU0VWRVJJVFlfSElHSBADEhUKEVNFVkVSSVRZX0NSSVRJQ0FMEAQqwQEKC1N0YXRlQWN0aW9uEhwKGFNUQVRFX0FDVElPTl9VTlNQRUNJRklFRBAAEhUKEVNUQVRFX0FDVElPTl9SRUFEEAESFwoTU1RBVEVfQUNUSU9OX1VOUkVBRBACEhUKEVNUQVRFX0FDVElPTl9TRUVOEAMSGAoUU1RBVEVfQUNUSU9OX0FSQ0hJVkUQBBIaChZTVEFURV9BQ1RJT05fVU5BUkNISVZFEAUSFwoTU1RBVEVfQUNUSU9OX0RFTEVURRAGMrcFCg1Ob3RpZmljYXRpb25zElsKEFNlbmROb3RpZmljYXRpb24SIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QaIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEl4KEVNlbmROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1Jlc3BvbnNlEjwKCVN1YnNjcmliZRIbLmhlcmFsZC52MS5TdWJzY3JpYmVSZXF1ZXN0GhAuaGVyYWxkLnYxLkV2ZW50MAESQwoITWFya1JlYWQSGi5oZXJhbGQudjEuTWFya1JlYWRSZXF1ZXN0GhsuaGVyYWxkLnYxLk1hcmtSZWFkUmVzcG9uc2USTAoLVXBkYXRlU3RhdGUSHS5oZXJhbGQudjEuVXBkYXRlU3RhdGVSZXF1ZXN0Gh4uaGVyYWxkLnYxLlVwZGF0ZVN0YXRlUmVzcG9uc2USXgoRTGlzdE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USVQoOR2V0VW5yZWFkQ291bnQSIC5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXF1ZXN0GiEuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVzcG9uc2USYQoSQ3JlYXRlU3RyZWFtVGlja2V0EiQuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlcXVlc3QaJS5oZXJhbGQudjEuQ3JlYXRlU3RyZWFtVGlja2V0UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEiiQQKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCgdzZWVuX2F0GBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthcmNoaXZlZF9hdBgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLcmVwbGFjZV9rZXkYEiABKAkSEQoJZ3JvdXBfa2V5GBMgASgJEhMKC2dyb3VwX2NvdW50GBQgASgNEg4KBmFjdG9ycxgVIAMoCSIkCgZBY3Rpb24SDQoFbGFiZWwYASABKAkSCwoDdXJsGAIgASgJIuoCChdTZW5kTm90aWZpY2F0aW9uUmVxdWVzdBISCgpyZWNpcGllbnRzGAEgAygJEgwKBHR5cGUYAiABKAkSDQoFdGl0bGUYAyABKAkSDAoEYm9keRgEIAEoCRIMCgRkYXRhGAUgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIQCghjYXRlZ29yeRgHIAEoCRIlCghzZXZlcml0eRgIIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRINCgVhY3RvchgJIAEoCRISCgphY3Rpb25fdXJsGAogASgJEiIKB2FjdGlvbnMYCyADKAsyES5oZXJhbGQudjEuQWN0aW9uEhMKC3JlcGxhY2Vfa2V5GAwgASgJEhAKCHJlbm90aWZ5GA0gASgIEhEKCWdyb3VwX2tleRgOIAEoCRIvCgxncm91cF93aW5kb3cYDyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iVAoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQSDwoHdXBkYXRlZBgEIAEoCCJDChhTZW5kTm90aWZpY2F0aW9uUmVzcG9uc2USJwoKZGVsaXZlcmllcxgBIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJVChhTZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QSOQoNbm90aWZpY2F0aW9ucxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVxdWVzdCJwChdTZW5kTm90aWZpY2F0aW9uc1Jlc3VsdBINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSJwoKZGVsaXZlcmllcxgEIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJQChlTZW5kTm90aWZpY2F0aW9uc1Jlc3BvbnNlEjMKB3Jlc3VsdHMYASADKAsyIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXN1bHQilQEKEFN1YnNjcmliZVJlcXVlc3QSFgoJYWZ0ZXJfc2VxGAEgASgESACIAQESDQoFdHlwZXMYAiADKAkSDQoFZXBvY2gYAyABKAQSEgoKY2F0ZWdvcmllcxgEIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBSABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHlCDAoKX2FmdGVyX3NlcSLZAgoFRXZlbnQSCwoDc2VxGAEgASgEEi8KDG5vdGlmaWNhdGlvbhgCIAEoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb25IABIrCgRyZWFkGAMgASgLMhsuaGVyYWxkLnYxLlJlYWRTdGF0ZUNoYW5nZWRIABIoCgljYXVnaHRfdXAYBCABKAsyEy5oZXJhbGQudjEuQ2F1Z2h0VXBIABIpCgloZWFydGJlYXQYBSABKAsyFC5oZXJhbGQudjEuSGVhcnRiZWF0SAASIwoGcmVzeW5jGAYgASgLMhEuaGVyYWxkLnYxLlJlc3luY0gAEigKBXN0YXRlGAggASgLMhcuaGVyYWxkLnYxLlN0YXRlQ2hhbmdlZEgAEioKB3VwZGF0ZWQYCSABKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uSAASDQoFZXBvY2gYByABKARCBgoEa2luZCI/ChBSZWFkU3RhdGVDaGFuZ2VkEhgKEG5vdGlmaWNhdGlvbl9pZHMYASADKAMSEQoJdXBfdG9fc2VxGAIgASgEIpIBCgxTdGF0ZUNoYW5nZWQSJgoGYWN0aW9uGAEgASgOMhYuaGVyYWxkLnYxLlN0YXRlQWN0aW9uEhgKEG5vdGlmaWNhdGlvbl9pZHMYAiADKAMSEQoJdXBfdG9fc2VxGAMgASgEEi0KBmZpbHRlchgEIAEoCzIdLmhlcmFsZC52MS5Ob3RpZmljYXRpb25GaWx0ZXIiYgoSTm90aWZpY2F0aW9uRmlsdGVyEg0KBXR5cGVzGAEgAygJEhIKCmNhdGVnb3JpZXMYAiADKAkSKQoMbWluX3NldmVyaXR5GAMgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5IkEKCENhdWdodFVwEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI8CglIZWFydGJlYXQSLwoLc2VydmVyX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkBCgZSZXN5bmMSKAoGcmVhc29uGAEgASgOMhguaGVyYWxkLnYxLlJlc3luYy5SZWFzb24iZQoGUmVhc29uEhYKElJFQVNPTl9VTlNQRUNJRklFRBAAEhgKFFJFQVNPTl9FUE9DSF9DSEFOR0VEEAESEQoNUkVBU09OX1BSVU5FRBACEhYKElJFQVNPTl9CRVlPTkRfSEVBRBADIlsKD01hcmtSZWFkUmVxdWVzdBIpCgNpZHMYASABKAsyGi5oZXJhbGQudjEuTm90aWZpY2F0aW9uSWRzSAASEwoJdXBfdG9fc2VxGAIgASgESABCCAoGdGFyZ2V0Ih4KD05vdGlmaWNhdGlvbklkcxILCgNpZHMYASADKAMitwEKElVwZGF0ZVN0YXRlUmVxdWVzdBImCgZhY3Rpb24YASABKA4yFi5oZXJhbGQudjEuU3RhdGVBY3Rpb24SKQoDaWRzGAIgASgLMhouaGVyYWxkLnYxLk5vdGlmaWNhdGlvbklkc0gAEhMKCXVwX3RvX3NlcRgDIAEoBEgAEi8KBmZpbHRlchgEIAEoCzIdLmhlcmFsZC52MS5Ob3RpZmljYXRpb25GaWx0ZXJIAEIICgZ0YXJnZXQiMwoTVXBkYXRlU3RhdGVSZXNwb25zZRIPCgdjaGFuZ2VkGAEgASgNEgsKA3NlcRgCIAEoBCIvChBNYXJrUmVhZFJlc3BvbnNlEg4KBm1hcmtlZBgBIAEoDRILCgNzZXEYAiABKAQitgEKGExpc3ROb3RpZmljYXRpb25zUmVxdWVzdBITCgt1bnJlYWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCRINCgV0eXBlcxgEIAMoCRISCgpjYXRlZ29yaWVzGAUgAygJEikKDG1pbl9zZXZlcml0eRgGIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRIQCghhcmNoaXZlZBgHIAEoCCJkChlMaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlEi4KDW5vdGlmaWNhdGlvbnMYASADKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChVHZXRVbnJlYWRDb3VudFJlcXVlc3QSKAoHZmlsdGVycxgBIAMoCzIXLmhlcmFsZC52MS5VbnJlYWRGaWx0ZXIiagoMVW5yZWFkRmlsdGVyEgwKBG5hbWUYASABKAkSDQoFdHlwZXMYAiADKAkSEgoKY2F0ZWdvcmllcxgDIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBCABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkiKwoLVW5yZWFkQ291bnQSDAoEbmFtZRgBIAEoCRIOCgZ1bnJlYWQYAiABKAQibQoWR2V0VW5yZWFkQ291bnRSZXNwb25zZRIOCgZ1bnJlYWQYASABKAQSCwoDc2VxGAIgASgEEiYKBmNvdW50cxgDIAMoCzIWLmhlcmFsZC52MS5VbnJlYWRDb3VudBIOCgZ1bnNlZW4YBCABKAQiGwoZQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdCJcChpDcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZRIOCgZ0aWNrZXQYASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqdQoIU2V2ZXJpdHkSGAoUU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIQCgxTRVZFUklUWV9MT1cQARITCg9TRVZFUklUWV9OT1JNQUwQAhIRCg1TRVZFUklUWV9ISUdIEAMSFQoRU0VWRVJJVFlfQ1JJVElDQUwQBCrBAQoLU3RhdGVBY3Rpb24SHAoYU1RBVEVfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFQoRU1RBVEVfQUNUSU9OX1JFQUQQARIXChNTVEFURV9BQ1RJT05fVU5SRUFEEAISFQoRU1RBVEVfQUNUSU9OX1NFRU4QAxIYChRTVEFURV9BQ1RJT05fQVJDSElWRRAEEhoKFlNUQVRFX0FDVElPTl9VTkFSQ0hJVkUQBRIXChNTVEFURV9BQ1RJT05fREVMRVRFEAYytwUKDU5vdGlmaWNhdGlvbnMSWwoQU2VuZE5vdGlmaWNhdGlvbhIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVxdWVzdBojLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVzcG9uc2USXgoRU2VuZE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVzcG9uc2USPAoJU3Vic2NyaWJlEhsuaGVyYWxkLnYxLlN1YnNjcmliZVJlcXVlc3QaEC5oZXJhbGQudjEuRXZlbnQwARJDCghNYXJrUmVhZBIaLmhlcmFsZC52MS5NYXJrUmVhZFJlcXVlc3QaGy5oZXJhbGQudjEuTWFya1JlYWRSZXNwb25zZRJMCgtVcGRhdGVTdGF0ZRIdLmhlcmFsZC52MS5VcGRhdGVTdGF0ZVJlcXVlc3QaHi5oZXJhbGQudjEuVXBkYXRlU3RhdGVSZXNwb25zZRJeChFMaXN0Tm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRJVCg5HZXRVbnJlYWRDb3VudBIgLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlcXVlc3QaIS5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXNwb25zZRJhChJDcmVhdGVTdHJlYW1UaWNrZXQSJC5oZXJhbGQudjEuQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdBolLmhlcmFsZC52MS5DcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A notification as stored for one recipient.
@@ -159,6 +159,36 @@ export type Notification = Message<"herald.v1.Notification"> & {
    * @generated from field: google.protobuf.Timestamp archived_at = 17;
    */
   archivedAt?: Timestamp | undefined;
+
+  /**
+   * The send's `replace_key`, empty when none.
+   *
+   * @generated from field: string replace_key = 18;
+   */
+  replaceKey: string;
+
+  /**
+   * The send's `group_key`, empty when none.
+   *
+   * @generated from field: string group_key = 19;
+   */
+  groupKey: string;
+
+  /**
+   * With `group_key`: how many sends this notification holds (1 when
+   * none folded into it yet); 0 without a group.
+   *
+   * @generated from field: uint32 group_count = 20;
+   */
+  groupCount: number;
+
+  /**
+   * With `group_key`: the distinct actors of its sends, newest first, at
+   * most 5; empty without a group.
+   *
+   * @generated from field: repeated string actors = 21;
+   */
+  actors: string[];
 };
 
 /**
@@ -287,6 +317,53 @@ export type SendNotificationRequest = Message<"herald.v1.SendNotificationRequest
    * @generated from field: repeated herald.v1.Action actions = 11;
    */
   actions: Action[];
+
+  /**
+   * Optional update in place, at most 128 bytes of the `type` alphabet:
+   * when a recipient already has a notification (not deleted) sent with
+   * this key, its content is replaced by this send's (same id, same place
+   * in listings) and an `updated` event is emitted at a new seq — a
+   * progress bar, an order going from placed to shipped. Otherwise a new
+   * notification is stored, with this key. Keys are per recipient, across
+   * senders (so several services can move one notification along).
+   * Concurrent sends with the same key to the same recipient are applied
+   * one after the other, each to the result of the one before.
+   *
+   * @generated from field: string replace_key = 12;
+   */
+  replaceKey: string;
+
+  /**
+   * With `replace_key` or `group_key`, when this send updates an existing
+   * notification: make it unread and unseen again, so the badge shows the
+   * news (as the Notifications API's `renotify` alerts again for a `tag`,
+   * https://notifications.spec.whatwg.org/). Default: its read state is
+   * kept. INVALID_ARGUMENT without either key.
+   *
+   * @generated from field: bool renotify = 13;
+   */
+  renotify: boolean;
+
+  /**
+   * Optional grouping, at most 128 bytes of the `type` alphabet, with
+   * `group_window`: when a recipient has a notification (not deleted) of
+   * this group created less than `group_window` ago, this send folds into
+   * it instead of adding one: its content becomes this send's,
+   * `group_count` grows by one and this send's actor joins `actors`
+   * ("Alice and 3 others commented"), emitted as an `updated` event.
+   * Otherwise it opens a new group. Not with `replace_key`.
+   *
+   * @generated from field: string group_key = 14;
+   */
+  groupKey: string;
+
+  /**
+   * How long a group stays open for folding, from its first send: 1 s to
+   * 7 days. Required with `group_key`, refused without it.
+   *
+   * @generated from field: google.protobuf.Duration group_window = 15;
+   */
+  groupWindow?: Duration | undefined;
 };
 
 /**
@@ -316,6 +393,15 @@ export type Delivery = Message<"herald.v1.Delivery"> & {
    * @generated from field: uint64 seq = 3;
    */
   seq: bigint;
+
+  /**
+   * True when the send updated the recipient's existing notification
+   * (`replace_key`, `group_key`) instead of adding one: `notification_id`
+   * is that notification's, `seq` the `updated` event's.
+   *
+   * @generated from field: bool updated = 4;
+   */
+  updated: boolean;
 };
 
 /**
@@ -496,7 +582,7 @@ export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*
  */
 export type Event = Message<"herald.v1.Event"> & {
   /**
-   * For `notification` and `read`: this event's position in the stream
+   * For `notification`, `read`, `state` and `updated`: this event's position in the stream
    * (gap-free, starting at 1, in commit order). For `caught_up`, `heartbeat`
    * and `resync`: the position the client has reached; resume from it.
    *
@@ -543,6 +629,17 @@ export type Event = Message<"herald.v1.Event"> & {
      */
     value: StateChanged;
     case: "state";
+  } | {
+    /**
+     * A notification was updated in place (SendNotificationRequest's
+     * `replace_key` or `group_key`): the same `id` and `seq` (its place in
+     * listings) as the notification it replaces, its new content;
+     * `Event.seq` is this update's position. Replace the one you show.
+     *
+     * @generated from field: herald.v1.Notification updated = 9;
+     */
+    value: Notification;
+    case: "updated";
   } | { case: undefined; value?: undefined };
 
   /**
