@@ -23,8 +23,8 @@ CREATE INDEX notifications_group_key ON notifications (tenant, user_id, group_ke
 
 -- An update in place is an event of its own at a new seq: which
 -- notification (its id and its seq, its place in listings), the content it
--- got (a `contents` row, shared by the send's recipients), and the keys and
--- group state it had then, so replaying it shows what it showed live even
+-- got (a `contents` row, shared by the send's recipients), and the keys,
+-- group state and read state it had then, so replaying it shows what it showed live even
 -- after later updates or after retention deleted the notification's row.
 CREATE TABLE update_events (
     tenant          text        NOT NULL,
@@ -37,6 +37,11 @@ CREATE TABLE update_events (
     group_key       text,
     group_count     integer,
     actors          text[],
+    -- The notification's state after the update (renotify clears the
+    -- first two).
+    read_at         timestamptz,
+    seen_at         timestamptz,
+    archived_at     timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (tenant, user_id, seq)
 );

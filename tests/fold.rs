@@ -87,6 +87,10 @@ async fn replace_key_updates_in_place_live_and_on_resume(backend: Backend) {
         (n.id, n.seq, n.title.as_str(), n.replace_key.as_str()),
         (first.notification_id, 2, "shipped", "order-7")
     );
+    assert!(
+        n.read && n.read_at.is_some(),
+        "the state after the update: read"
+    );
     let listed = inbox(&mut b).await;
     let titles: Vec<_> = listed.iter().map(|n| (n.title.as_str(), n.read)).collect();
     assert_eq!(titles, [("shipped", true), ("before", true)], "in place");
@@ -96,7 +100,10 @@ async fn replace_key_updates_in_place_live_and_on_resume(backend: Backend) {
     send(&mut a, replacing("order-7", "delivered", true))
         .await
         .unwrap();
-    assert_eq!(updated(&next_event(&mut watcher).await).title, "delivered");
+    let event = next_event(&mut watcher).await;
+    let n = updated(&event);
+    assert_eq!(n.title, "delivered");
+    assert!(!n.read && n.seen_at.is_none(), "renotified: unread, unseen");
     let listed = inbox(&mut b).await;
     assert_eq!(
         (

@@ -134,6 +134,16 @@ pub enum Payload {
         /// With a group key: the group's count and actors.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         g: Option<(u32, Vec<String>)>,
+        /// Read at after the update, microseconds since the Unix epoch;
+        /// left out when not read (so seen and archived at).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ra: Option<i64>,
+        /// Seen at.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sa: Option<i64>,
+        /// Archived at.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        aa: Option<i64>,
     },
     /// A read-state change of one user.
     #[serde(rename = "r")]
@@ -380,6 +390,9 @@ pub fn payloads(events: &[Committed]) -> Vec<Payload> {
                     rk: n.content.replace_key.clone(),
                     gk: n.content.group_key.clone(),
                     g: n.group.as_ref().map(|g| (g.count, g.actors.clone())),
+                    ra: n.read_at.map(crate::store::postgres::micros),
+                    sa: n.seen_at.map(crate::store::postgres::micros),
+                    aa: n.archived_at.map(crate::store::postgres::micros),
                 });
                 last_content = None;
             }
@@ -597,6 +610,9 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             rk,
             gk,
             g,
+            ra,
+            sa,
+            aa,
         } => {
             let key = StreamKey::User { tenant: t, user: u };
             let body = EventBody::Updated(Notification {
@@ -615,9 +631,9 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                     replace_key: rk,
                     group_key: gk,
                 }),
-                read_at: None,
-                seen_at: None,
-                archived_at: None,
+                read_at: ra.map(micros_to_time),
+                seen_at: sa.map(micros_to_time),
+                archived_at: aa.map(micros_to_time),
                 group: g.map(|(count, actors)| Group { count, actors }),
             });
             hub.publish(&key, &Arc::new(StreamEvent::new(s, stamp(e), body)));

@@ -154,17 +154,20 @@ const UPDATE_NOTIFICATION: &str = "WITH old AS ( \
 
 const INSERT_UPDATE_EVENT: &str = "INSERT INTO update_events \
      (tenant, user_id, seq, notification_id, note_seq, content_id, replace_key, group_key, \
-      group_count, actors, created_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+      group_count, actors, created_at, read_at, seen_at, archived_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
 
 // Each fold's target: the recipient's live notification of the replace
 // key, or its newest group of the key opened within the window (ms),
 // as of this statement (which runs after the take locked the streams).
-const FIND_FOLD_TARGETS: &str = "SELECT k.i, n.id, n.seq, n.group_count, n.actors \
+const FIND_FOLD_TARGETS: &str = "SELECT k.i, n.id, n.seq, n.group_count, n.actors, n.read_at, \
+       n.seen_at, n.archived_at \
      FROM unnest($1::text[], $2::text[], $3::text[], $4::bool[], $5::int8[]) \
        WITH ORDINALITY AS k(tenant, user_id, key, grp, window_ms, i) \
      CROSS JOIN LATERAL ( \
-       SELECT n.id, n.seq, n.group_count, n.actors FROM notifications n \
+       SELECT n.id, n.seq, n.group_count, n.actors, n.read_at, \
+              COALESCE(n.seen_at, n.read_at) AS seen_at, n.archived_at \
+       FROM notifications n \
        WHERE n.tenant = k.tenant AND n.user_id = k.user_id AND n.deleted_at IS NULL \
          AND ((NOT k.grp AND n.replace_key = k.key) \
            OR (k.grp AND n.group_key = k.key \
@@ -385,6 +388,9 @@ struct UpdateRow<'c> {
     actors: Option<Vec<String>>,
     renotify: bool,
     at: SystemTime,
+    read_at: Option<SystemTime>,
+    seen_at: Option<SystemTime>,
+    archived_at: Option<SystemTime>,
 }
 
 /// A fold's key as looked up: (tenant, user, is a group, key).
@@ -397,6 +403,9 @@ struct FoldTarget {
     id: i64,
     seq: i64,
     group: Option<Group>,
+    read_at: Option<SystemTime>,
+    seen_at: Option<SystemTime>,
+    archived_at: Option<SystemTime>,
 }
 
 /// The recipients' notifications the folds of `appends` land on, looked
@@ -460,6 +469,9 @@ async fn find_fold_targets<'c>(
                     count: count.and_then(|c| u32::try_from(c).ok()).unwrap_or(1),
                     actors: actors.unwrap_or_default(),
                 }),
+                read_at: row.try_get(5).map_err(pg_error)?,
+                seen_at: row.try_get(6).map_err(pg_error)?,
+                archived_at: row.try_get(7).map_err(pg_error)?,
             },
         );
     }
@@ -569,6 +581,9 @@ impl<'c> Appending<'c> {
                     &u.group_count,
                     &u.actors,
                     &u.at,
+                    &u.read_at,
+                    &u.seen_at,
+                    &u.archived_at,
                 ],
             );
         }
@@ -730,6 +745,10 @@ pub async fn take<'c>(
                     Some((key, target)) => {
                         let group = target.group.as_ref().map(|g| g.fold(actor));
                         target.group.clone_from(&group);
+                        if new.renotify {
+                            target.read_at = None;
+                            target.seen_at = None;
+                        }
                         let content_id = *content_ids
                             .get(*c)
                             .ok_or_else(|| StoreError::internal("no such content"))?;
@@ -748,15 +767,18 @@ pub async fn take<'c>(
                             actors: group.as_ref().map(|g| g.actors.clone()),
                             renotify: new.renotify,
                             at: taken.at,
+                            read_at: target.read_at,
+                            seen_at: target.seen_at,
+                            archived_at: target.archived_at,
                         });
                         EventBody::Updated(Notification {
                             id: target.id,
                             seq: seq(target.seq),
                             recipient: a.user.to_owned(),
                             content: content(*c)?.clone(),
-                            read_at: None,
-                            seen_at: None,
-                            archived_at: None,
+                            read_at: target.read_at,
+                            seen_at: target.seen_at,
+                            archived_at: target.archived_at,
                             group,
                         })
                     }
@@ -770,6 +792,9 @@ pub async fn take<'c>(
                                     id: ids[i],
                                     seq: seqs[i],
                                     group: group.clone(),
+                                    read_at: None,
+                                    seen_at: None,
+                                    archived_at: None,
                                 },
                             );
                         }
@@ -1017,8 +1042,8 @@ pub async fn read_range(
                  FROM state_events WHERE tenant = $1 AND user_id = $2 AND seq > $3 \
                  UNION ALL \
                  SELECT 2::int2, u.seq, u.notification_id, u.note_seq, u.user_id, c.type, c.title, \
-                        c.body, c.data::text, c.created_at, NULL, c.category, c.severity, \
-                        c.actor, c.action_url, c.actions, NULL, NULL, u.replace_key, \
+                        c.body, c.data::text, c.created_at, u.read_at, c.category, c.severity, \
+                        c.actor, c.action_url, c.actions, u.seen_at, u.archived_at, u.replace_key, \
                         u.group_key, u.group_count, u.actors, \
                         NULL, 0::bigint, 0::int2, NULL, NULL, NULL, 0::int2 \
                  FROM update_events u JOIN contents c ON c.id = u.content_id \

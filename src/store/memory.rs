@@ -213,12 +213,7 @@ fn fold_onto(
         target.read_at = None;
         target.seen_at = None;
     }
-    Some(Notification {
-        read_at: None,
-        seen_at: None,
-        archived_at: None,
-        ..target.clone()
-    })
+    Some(target.clone())
 }
 
 /// Applies `action` to `n` at `now`; whether its state changed (the same

@@ -90,8 +90,9 @@ export type Notification = Message<"herald.v1.Notification"> & {
   createdAt?: Timestamp | undefined;
 
   /**
-   * Whether the recipient has marked it read. Always false in `Event`s,
-   * which carry read changes separately; current in ListNotifications.
+   * Whether the recipient has marked it read. Always false in
+   * `notification` events, which carry read changes separately; current in
+   * ListNotifications and `updated` events.
    *
    * @generated from field: bool read = 9;
    */
@@ -137,7 +138,7 @@ export type Notification = Message<"herald.v1.Notification"> & {
 
   /**
    * When the recipient marked it read; absent while unread (and in
-   * `Event`s). Current in ListNotifications.
+   * `notification` events). Current in ListNotifications and `updated` events.
    *
    * @generated from field: google.protobuf.Timestamp read_at = 15;
    */
@@ -146,7 +147,7 @@ export type Notification = Message<"herald.v1.Notification"> & {
   /**
    * When the recipient first saw it (STATE_ACTION_SEEN: the bell was
    * opened) or read it, whichever came first; absent while unseen (and in
-   * `Event`s). Current in ListNotifications.
+   * `notification` events). Current in ListNotifications and `updated` events.
    *
    * @generated from field: google.protobuf.Timestamp seen_at = 16;
    */
@@ -154,7 +155,7 @@ export type Notification = Message<"herald.v1.Notification"> & {
 
   /**
    * When the recipient archived it; absent unless archived (and in
-   * `Event`s). Current in ListNotifications.
+   * `notification` events). Current in ListNotifications and `updated` events.
    *
    * @generated from field: google.protobuf.Timestamp archived_at = 17;
    */
@@ -633,8 +634,10 @@ export type Event = Message<"herald.v1.Event"> & {
     /**
      * A notification was updated in place (SendNotificationRequest's
      * `replace_key` or `group_key`): the same `id` and `seq` (its place in
-     * listings) as the notification it replaces, its new content;
-     * `Event.seq` is this update's position. Replace the one you show.
+     * listings) as the notification it replaces, its new content, and its
+     * state after the update (`read`, `read_at`, `seen_at`, `archived_at`:
+     * `renotify` clears the first three); `Event.seq` is this update's
+     * position. Replace the one you show.
      *
      * @generated from field: herald.v1.Notification updated = 9;
      */
