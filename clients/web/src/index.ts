@@ -2,7 +2,10 @@
  * `@herald/web`: a typed grpc-web client for Herald.
  *
  * - `createHeraldClient()` — transport, token, and the unary helpers
- *   (`markRead`, `markAllRead`, `list`, `unreadCount`);
+ *   (`markRead`, `markAllRead`, `updateState` and its helpers `markUnread`,
+ *   `markSeen`, `markAllSeen`, `archive`, `unarchive`, `delete`; `list`,
+ *   `unreadCount`);
+ * - `matchesFilter()` — the server's filter rule, for `state` events by filter;
  * - `subscribe()` — a resumable, de-duplicated event stream with backoff,
  *   heartbeat watchdog and token refresh;
  * - `createInbox()` — a framework-free live inbox model;
@@ -28,10 +31,14 @@ export {
   type HeraldClient,
   type HeraldClientOptions,
   type ListOptions,
+  type StateTarget,
+  type UnreadFilterOptions,
 } from "./client.js";
 export { classifyError, codeName, HeraldError, toHeraldError, type ErrorAction } from "./errors.js";
+export { matchesFilter, type FilterOptions, type FilterSubject } from "./filter.js";
 export {
   createInbox,
+  toInboxItem,
   DEFAULT_HISTORY_SIZE,
   type Inbox,
   type InboxItem,

@@ -5,9 +5,9 @@
 import {
   createContext,
   createElement,
-  useCallback,
   useContext,
   useEffect,
+  useMemo,
   useRef,
   useState,
   useSyncExternalStore,
@@ -43,8 +43,9 @@ export function HeraldProvider(props: HeraldProviderProps): ReactNode {
 
 /**
  * Options of `useNotifications()`: those of `createInbox()`, with the client
- * optional (default: the `HeraldProvider`'s). Changing `client`, `types`,
- * `historySize` or the stream timing reopens the stream; other changes do not.
+ * optional (default: the `HeraldProvider`'s). Changing `client`, the filter
+ * (`types`, `categories`, `minSeverity`), `historySize` or the stream timing
+ * reopens the stream; other changes do not.
  */
 export interface UseNotificationsOptions extends Omit<InboxOptions, "client"> {
   /** The client; default the one from `HeraldProvider`. */
@@ -55,8 +56,10 @@ export interface UseNotificationsOptions extends Omit<InboxOptions, "client"> {
 export interface UseNotificationsResult {
   /** The user's notifications, newest first; read ones included (`read: true`). */
   notifications: readonly InboxItem[];
-  /** Number of unread notifications (of the `types`, when filtered). */
+  /** Number of unread notifications (of the filter, when given). */
   unreadCount: number;
+  /** Number of notifications neither seen nor read: the bell badge that `markAllSeen` clears. */
+  unseenCount: number;
   /** True while the stream is live. */
   connected: boolean;
   /** The stream's connection state (`connecting`, `live`, `reconnecting`, `stopped`). */
@@ -76,11 +79,34 @@ export interface UseNotificationsResult {
   markRead: (ids: bigint | readonly bigint[]) => Promise<void>;
   /** Marks every listed notification read; never rejects (see `error`). */
   markAllRead: () => Promise<void>;
+  /** Marks one or several notifications unread (they stay seen); never rejects. */
+  markUnread: (ids: bigint | readonly bigint[]) => Promise<void>;
+  /** Marks one or several notifications seen (not read); never rejects. */
+  markSeen: (ids: bigint | readonly bigint[]) => Promise<void>;
+  /** Marks every listed notification seen — call it when the bell opens; never rejects. */
+  markAllSeen: () => Promise<void>;
+  /** Archives one or several notifications: they leave the list and the counts; never rejects. */
+  archive: (ids: bigint | readonly bigint[]) => Promise<void>;
+  /**
+   * Brings archived notifications back into the list (after the stream
+   * brings the change and the inbox refetches); never rejects.
+   */
+  unarchive: (ids: bigint | readonly bigint[]) => Promise<void>;
+  /**
+   * Deletes one or several notifications for good; never rejects. A
+   * reserved word as a variable: destructure it renamed,
+   * `const { delete: deleteNotifications } = useNotifications()`.
+   */
+  delete: (ids: bigint | readonly bigint[]) => Promise<void>;
 }
+
+/** The `Inbox` actions that take ids. */
+type IdAction = "markRead" | "markUnread" | "markSeen" | "archive" | "unarchive" | "delete";
 
 const STARTING: InboxSnapshot = {
   notifications: [],
   unreadCount: 0,
+  unseenCount: 0,
   connected: false,
   status: { kind: "connecting", attempt: 1 },
   error: undefined,
@@ -90,15 +116,16 @@ const noSubscription = (): (() => void) => () => {};
 const startingSnapshot = (): InboxSnapshot => STARTING;
 
 /**
- * The signed-in user's live notifications, unread count and connection
- * state, with mark-read actions. Opens one stream per mounted hook and
+ * The signed-in user's live notifications, unread and unseen counts and
+ * connection state, with the state-change actions (read, unread, seen,
+ * archive, unarchive, delete). Opens one stream per mounted hook and
  * closes it on unmount.
  *
  * Throws `Error` when no client is given and there is no `HeraldProvider`.
  *
  * @example
- * const { notifications, unreadCount, connected, markRead, markAllRead } =
- *   useNotifications({ types: ["project.created"] });
+ * const { notifications, unreadCount, unseenCount, markRead, markAllSeen, archive } =
+ *   useNotifications({ types: ["project.*"] });
  */
 export function useNotifications(options: UseNotificationsOptions = {}): UseNotificationsResult {
   const contextClient = useContext(HeraldContext);
@@ -110,6 +137,8 @@ export function useNotifications(options: UseNotificationsOptions = {}): UseNoti
   latest.current = options;
   const key = JSON.stringify([
     options.types ?? [],
+    options.categories ?? [],
+    options.minSeverity ?? null,
     options.historySize ?? null,
     options.heartbeatIntervalMs ?? null,
     options.watchdogMultiplier ?? null,
@@ -133,26 +162,38 @@ export function useNotifications(options: UseNotificationsOptions = {}): UseNoti
     inbox ? inbox.getSnapshot : startingSnapshot,
   );
 
-  const markRead = useCallback(
-    async (ids: bigint | readonly bigint[]): Promise<void> => {
+  // Stable functions per inbox; a failure shows up in `error`, never as a rejection.
+  const actions = useMemo(() => {
+    const byIds =
+      (action: IdAction) =>
+      async (ids: bigint | readonly bigint[]): Promise<void> => {
+        if (!inbox) return;
+        await inbox[action](typeof ids === "bigint" ? [ids] : ids).catch(() => undefined);
+      };
+    const all = (action: "markAllRead" | "markAllSeen") => async (): Promise<void> => {
       if (!inbox) return;
-      await inbox.markRead(typeof ids === "bigint" ? [ids] : ids).catch(() => undefined);
-    },
-    [inbox],
-  );
-  const markAllRead = useCallback(async (): Promise<void> => {
-    if (!inbox) return;
-    await inbox.markAllRead().catch(() => undefined);
+      await inbox[action]().catch(() => undefined);
+    };
+    return {
+      markRead: byIds("markRead"),
+      markAllRead: all("markAllRead"),
+      markUnread: byIds("markUnread"),
+      markSeen: byIds("markSeen"),
+      markAllSeen: all("markAllSeen"),
+      archive: byIds("archive"),
+      unarchive: byIds("unarchive"),
+      delete: byIds("delete"),
+    };
   }, [inbox]);
 
   return {
     notifications: snapshot.notifications,
     unreadCount: snapshot.unreadCount,
+    unseenCount: snapshot.unseenCount,
     connected: snapshot.connected,
     status: snapshot.status,
     error: snapshot.error,
     lastResync: snapshot.lastResync,
-    markRead,
-    markAllRead,
+    ...actions,
   };
 }

@@ -34,13 +34,27 @@ export const DEFAULT_HEARTBEAT_INTERVAL_MS = 15_000;
 export const DEFAULT_WATCHDOG_MULTIPLIER = 2;
 
 /**
- * An event handed to `onEvent`: a notification, or a read-state change
- * (`kind.case` is `"notification"` or `"read"`). `seq` is its position in
- * the user's stream; every delivered event has a larger `seq` than the one
- * before.
+ * An event handed to `onEvent` (`kind.case`):
+ * - `"notification"`: a new notification;
+ * - `"updated"`: a notification updated in place (the sender's
+ *   `replace_key` or `group_key`): the same `id` and `seq` as the one it
+ *   replaces, its new content, and its state after the update (`read`,
+ *   `readAt`, `seenAt`, `archivedAt`; a `renotify` makes it unread and
+ *   unseen again). Replace the one shown;
+ * - `"read"`: notifications were marked read (`ReadStateChanged`: by ids,
+ *   or every one with seq <= `upToSeq`);
+ * - `"state"`: any other state change (`StateChanged`: `action` — unread,
+ *   seen, archive, unarchive, delete, or read by filter — applied to
+ *   `notificationIds` when given, otherwise to every notification with seq
+ *   <= `upToSeq` that `filter` matches, all of them without a filter).
+ *   `matchesFilter()` evaluates the filter.
+ *
+ * `seq` is its position in the user's stream; every delivered event has a
+ * larger `seq` than the one before. Switch on `kind.case`: a `state` event
+ * is not a read change unless its `action` is `StateAction.READ`.
  */
 export type DeliveredEvent = Event & {
-  kind: Extract<Event["kind"], { case: "notification" | "read" }>;
+  kind: Extract<Event["kind"], { case: "notification" | "updated" | "read" | "state" }>;
 };
 
 /**
@@ -110,7 +124,7 @@ export interface SubscribeOptions {
    */
   epoch?: bigint;
   /**
-   * Called once per notification or read event, in seq order, never twice
+   * Called once per notification, updated, read or state event, in seq order, never twice
    * for the same seq, never for a seq at or below the resume position.
    * An exception thrown here is reported (`reportError`) and the stream
    * goes on.
@@ -333,7 +347,9 @@ export function subscribe(options: SubscribeOptions): Subscription {
           if (closed) return;
           switch (event.kind.case) {
             case "notification":
+            case "updated":
             case "read":
+            case "state":
               if (position !== undefined && event.seq <= position) break; // already delivered
               position = event.seq;
               if (event.epoch !== 0n) epoch = event.epoch;

@@ -64,6 +64,7 @@ function rawRequest(url, { method, headers, body }) {
 const q = {
   status: '[data-testid="status"]',
   badge: '[data-testid="badge"]',
+  unseen: '[data-testid="unseen"]',
   error: '[data-testid="error"]',
   resync: '[data-testid="resync"]',
   item: '[data-testid="notification"]',
@@ -73,6 +74,7 @@ async function pageState(page) {
   return page.evaluate((sel) => {
     const status = document.querySelector(sel.status);
     const badge = document.querySelector(sel.badge);
+    const unseen = document.querySelector(sel.unseen);
     const error = document.querySelector(sel.error);
     const resync = document.querySelector(sel.resync);
     return {
@@ -90,13 +92,16 @@ async function pageState(page) {
           }
         : null,
       badge: badge ? Number(badge.getAttribute("data-count")) : null,
+      unseen: unseen ? Number(unseen.getAttribute("data-count")) : null,
       items: [...document.querySelectorAll(sel.item)].map((li) => ({
         id: li.getAttribute("data-id"),
         seq: Number(li.getAttribute("data-seq")),
         read: li.getAttribute("data-read") === "true",
+        seen: li.getAttribute("data-seen") === "true",
         shownAt: Number(li.getAttribute("data-shown-at")),
         title: li.querySelector('[data-testid="notification-title"]')?.textContent ?? "",
         severity: li.querySelector('[data-testid="severity"]')?.textContent ?? "",
+        group: li.querySelector('[data-testid="group"]')?.textContent?.trim() ?? "",
         actions: [...li.querySelectorAll('[data-testid="notification-action"]')].map((a) => [
           a.textContent,
           a.getAttribute("href"),
@@ -261,10 +266,72 @@ async function main() {
   await page1.locator("main.inbox").screenshot({ path: screenshot });
   log(`screenshot: ${process.env.HERALD_SCREENSHOT ? screenshot : "(temporary)"}`);
 
-  // 3. Replica A stops (SIGTERM) and starts again on the same port; what is
+  // 3. Inbox state set on page 1 reaches page 2 (replica B) live: the read
+  //    one marked unread again (still seen), the newest archived, the next
+  //    deleted; then the bell opened on page 1 clears both unseen badges.
+  //    Counts: 5 unread, 4 unseen (the read one was seen) → unread again: 5
+  //    unread → archive and delete two unseen ones: 3 unread, 2 unseen.
+  const [archived, deleted] = [s1.items[0], s1.items[1]];
+  check(![archived.seq, deleted.seq].includes(target.seq), "page 1: the read item is among the newest two");
+  const gone = (s, item) => !s.items.some((i) => i.seq === item.seq);
+  await page1.click(`${q.item}[data-seq="${target.seq}"] [data-testid="mark-unread"]`);
+  await waitFor(page1, (s) => s.badge === titles.length && !s.items.find((i) => i.seq === target.seq)?.read, "page 1: unread again", 5000);
+  await page1.click(`${q.item}[data-seq="${archived.seq}"] [data-testid="archive"]`);
+  await waitFor(page1, (s) => gone(s, archived) && s.badge === titles.length - 1, "page 1: archived", 5000);
+  await page1.click(`${q.item}[data-seq="${deleted.seq}"] [data-testid="delete"]`);
+  const stateClickedAt = Date.now();
+  s1 = await waitFor(page1, (s) => gone(s, deleted) && s.badge === titles.length - 2, "page 1: deleted", 5000);
+  check(s1.unseen === titles.length - 3, `page 1 unseen badge ${s1.unseen}, expected ${titles.length - 3}`);
+  const reflected = (s) => {
+    const t = s.items.find((i) => i.seq === target.seq);
+    return gone(s, archived) && gone(s, deleted) && t && !t.read && t.seen && s.badge === titles.length - 2;
+  };
+  let s2b = await waitFor(page2, reflected, "page 2 to show unread, archive and delete live", 5000);
+  check(s2b.unseen === titles.length - 3, `page 2 unseen badge ${s2b.unseen}, expected ${titles.length - 3}`);
+  assertOrderedOnce(s2b, "page 2 after the state changes");
+  log(`unread, archive and delete on page 1 reached page 2 (replica B) in ${Date.now() - stateClickedAt} ms after the last click`);
+  await page1.click('[data-testid="bell"]');
+  s1 = await waitFor(page1, (s) => s.unseen === 0 && s.items.every((i) => i.seen), "page 1: everything seen after the bell", 5000);
+  check(s1.badge === titles.length - 2, `page 1: opening the bell changed the unread badge to ${s1.badge}`);
+  s2b = await waitFor(page2, (s) => s.unseen === 0 && s.badge === titles.length - 2, "page 2: unseen badge cleared live", 5000);
+  // The archived one is kept and listed as archived; the deleted one is gone.
+  const inArchive = await nativeB.listNotifications({ archived: true }, auth(alice));
+  const archivedSeqs = inArchive.notifications.map((n) => Number(n.seq));
+  check(archivedSeqs.includes(archived.seq) && !archivedSeqs.includes(deleted.seq), `archived listing: seqs ${archivedSeqs}`);
+  log(`bell opened on page 1: unseen 0 on both pages; archived listing holds seq ${archived.seq}`);
+
+  // 3b. Updates in place and grouping, sent through B: a progress
+  //     notification replaced three times (the last renotifies) and two
+  //     comments folding into one group show as one item each, updated
+  //     live on both pages, in their first place.
+  const progressSeq = await send(nativeB, "Export 10 %", "", "export.progress", { replaceKey: "export-7" });
+  for (const [pct, renotify] of [[60, false], [100, true]]) {
+    await send(nativeB, `Export ${pct} %`, "", "export.progress", { replaceKey: "export-7", renotify });
+  }
+  const window = { seconds: 3600n, nanos: 0 };
+  const groupSeq = await send(nativeB, "carol commented", "", "review.comment", { groupKey: "pr-1024", groupWindow: window, actor: "carol" });
+  await send(nativeB, "dave commented", "", "review.comment", { groupKey: "pr-1024", groupWindow: window, actor: "dave" });
+  for (const [p, name] of [[page1, "page 1"], [page2, "page 2"]]) {
+    const s = await waitFor(
+      p,
+      (s) =>
+        s.items.find((i) => i.seq === progressSeq)?.title === "Export 100 %" &&
+        s.items.find((i) => i.seq === groupSeq)?.group === "· by dave and 1 other",
+      `${name}: the progress at 100 % and the group of two, in place`,
+      5000,
+    );
+    check(s.items.filter((i) => i.title.startsWith("Export")).length === 1, `${name}: one progress item`);
+    check(s.items.filter((i) => i.title.endsWith("commented")).length === 1, `${name}: one group item`);
+    assertOrderedOnce(s, `${name} after updates in place`);
+  }
+  log("a replaced progress notification and a group of two show as one item each on both pages");
+  s1 = await pageState(page1);
+
+  // 4. Replica A stops (SIGTERM) and starts again on the same port; what is
   //    sent through B meanwhile shows up on page 1 after it reconnects,
   //    once each, in order.
   const before = s1.items.length;
+  const unreadBefore = s1.badge;
   const stopped = await A.stop();
   log(`replica A stopped (${stopped})`);
   await waitFor(page1, (s) => s.status !== "live", "page 1 to notice replica A is gone", 10_000);
@@ -287,7 +354,7 @@ async function main() {
   );
   assertOrderedOnce(s1, "page 1 after reconnect");
   check(s1.items.length === before + missed.length, `page 1 shows ${s1.items.length} items, expected ${before + missed.length}`);
-  check(s1.badge === titles.length - 1 + missed.length, `page 1 badge ${s1.badge}`);
+  check(s1.badge === unreadBefore + missed.length, `page 1 badge ${s1.badge}, expected ${unreadBefore + missed.length}`);
   // Nothing is re-delivered later either.
   await sleep(HEARTBEAT_MS + 500);
   s1 = await pageState(page1);
@@ -295,7 +362,7 @@ async function main() {
   check(s1.items.length === before + missed.length, "page 1 item count changed after reconnect");
   log(`page 1 reconnected and showed seqs ${missed.join(", ")} once each, in order`);
 
-  // 4. Origins not on the allow-list are refused.
+  // 5. Origins not on the allow-list are refused.
   const preflight = (origin) =>
     rawRequest(`${A.url}/herald.v1.Notifications/Subscribe`, {
       method: "OPTIONS",
@@ -335,7 +402,7 @@ async function main() {
   check(exposed.grpcStatus === "16", `an unauthenticated grpc-web call from the page: ${JSON.stringify(exposed)}`);
   log(`unauthenticated grpc-web fetch from the allowed page: grpc-status ${exposed.grpcStatus} (${exposed.grpcMessage}) readable`);
 
-  // 5. A replica with the in-memory store. Its page assumes a 1 s heartbeat
+  // 6. A replica with the in-memory store. Its page assumes a 1 s heartbeat
   //    (a 2 s watchdog), the server states 3 s in caught_up: the page
   //    follows the server and stays connected between heartbeats. Then the
   //    replica restarts, losing everything: the page's resume position is
@@ -398,7 +465,7 @@ async function main() {
   assertOrderedOnce(s4, "page 4 after the resync");
   log(`page 4 after the restart: ${JSON.stringify(titles4)} (seqs ${s4.items.map((i) => i.seq)}), badge ${s4.badge}, no error`);
 
-  // 6. No token, or a garbage one: UNAUTHENTICATED in the page's state.
+  // 7. No token, or a garbage one: UNAUTHENTICATED in the page's state.
   for (const [label, params] of [
     ["no token", { server: A.url }],
     ["garbage token", { server: A.url, token: "not.a.jwt" }],

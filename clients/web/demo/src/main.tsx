@@ -9,10 +9,13 @@
  *
  * Stable `data-testid`s for tests: `status` (with `data-status`,
  * `data-error-code` and `data-live-count`: how many times the stream went
- * live), `badge` (`data-count`), `error`, `resync` (`data-reason`,
- * `data-epoch`, `data-refetching`), `notifications`,
- * `notification` (`data-id`, `data-seq`, `data-read`, `data-shown-at`: epoch
- * ms when first rendered), `notification-title`, `mark-read`,
+ * live), `badge` (unread, `data-count`), `bell` (the button that "opens the
+ * bell": marks everything seen), `unseen` (the unseen badge on it,
+ * `data-count`), `error`, `resync` (`data-reason`, `data-epoch`,
+ * `data-refetching`), `notifications`, `notification` (`data-id`,
+ * `data-seq`, `data-read`, `data-seen`, `data-shown-at`: epoch ms when
+ * first rendered), `notification-title`, per notification `mark-read` (when
+ * unread) or `mark-unread` (when read), `archive` and `delete`, and
  * `mark-all-read`.
  */
 import { useRef, useState } from "react";
@@ -92,7 +95,15 @@ function useLiveCount(status: ConnectionState): number {
   return seen.current.count;
 }
 
-function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) => void }) {
+/** What a notification's buttons do. */
+interface ItemActions {
+  markRead: (id: bigint) => void;
+  markUnread: (id: bigint) => void;
+  archive: (id: bigint) => void;
+  remove: (id: bigint) => void;
+}
+
+function Item({ item, actions }: { item: InboxItem; actions: ItemActions }) {
   // When this notification first appeared on the page (epoch ms).
   const [shownAt] = useState(() => Date.now());
   return (
@@ -102,6 +113,7 @@ function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) 
       data-id={item.id.toString()}
       data-seq={item.seq.toString()}
       data-read={String(item.read)}
+      data-seen={String(item.seen)}
       data-shown-at={shownAt}
     >
       <div className="content">
@@ -117,7 +129,14 @@ function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) 
           )}
           {item.category !== "" && <>{item.category} · </>}
           {item.type} · #{item.seq.toString()}
-          {item.actor !== "" && <> · by {item.actor}</>}
+          {item.groupCount > 1 ? (
+            <span data-testid="group">
+              {" "}
+              · by {item.actors[0]} and {item.groupCount - 1} {item.groupCount === 2 ? "other" : "others"}
+            </span>
+          ) : (
+            item.actor !== "" && <> · by {item.actor}</>
+          )}
           {item.createdAt && <> · {item.createdAt.toLocaleTimeString()}</>}
         </div>
         {item.actions.length > 0 && (
@@ -130,24 +149,67 @@ function Item({ item, onMarkRead }: { item: InboxItem; onMarkRead: (id: bigint) 
           </div>
         )}
       </div>
-      <button data-testid="mark-read" disabled={item.read} onClick={() => onMarkRead(item.id)}>
-        {item.read ? "Read" : "Mark read"}
-      </button>
+      <div className="buttons">
+        {item.read ? (
+          <button data-testid="mark-unread" onClick={() => actions.markUnread(item.id)}>
+            Mark unread
+          </button>
+        ) : (
+          <button data-testid="mark-read" onClick={() => actions.markRead(item.id)}>
+            Mark read
+          </button>
+        )}
+        <button data-testid="archive" onClick={() => actions.archive(item.id)}>
+          Archive
+        </button>
+        <button data-testid="delete" onClick={() => actions.remove(item.id)}>
+          Delete
+        </button>
+      </div>
     </li>
   );
 }
 
 function Inbox() {
-  const { notifications, unreadCount, status, error, lastResync, markRead, markAllRead } = useNotifications({
+  const inbox = useNotifications({
     types,
     heartbeatIntervalMs,
     historySize,
     backoff: { baseMs: 250, maxMs: 5000 },
   });
+  const { notifications, unreadCount, unseenCount, status, error, lastResync } = inbox;
   const liveCount = useLiveCount(status);
+  const actions: ItemActions = {
+    markRead: (id) => void inbox.markRead(id),
+    markUnread: (id) => void inbox.markUnread(id),
+    archive: (id) => void inbox.archive(id),
+    remove: (id) => void inbox.delete(id),
+  };
   return (
     <main className="inbox">
       <header>
+        {/* Opening the bell marks everything seen: its badge counts what arrived since. */}
+        <button
+          className="bell"
+          data-testid="bell"
+          aria-label="Notifications"
+          title="Open the bell (marks everything seen)"
+          onClick={() => void inbox.markAllSeen()}
+        >
+          {/* An outline bell; not an emoji, which headless browsers may lack a font for. */}
+          <svg viewBox="0 0 24 24" width="18" height="18" aria-hidden="true">
+            <path
+              d="M6 16V11a6 6 0 0 1 12 0v5l2 2H4zM10 20a2 2 0 0 0 4 0"
+              fill="none"
+              stroke="currentColor"
+              strokeWidth="1.8"
+              strokeLinejoin="round"
+            />
+          </svg>
+          <span className="unseen" data-testid="unseen" data-count={unseenCount}>
+            {unseenCount}
+          </span>
+        </button>
         <h1>Inbox</h1>
         <span className="badge" data-testid="badge" data-count={unreadCount} title="unread">
           {unreadCount}
@@ -185,13 +247,13 @@ function Inbox() {
         </div>
       )}
       <div className="toolbar">
-        <button data-testid="mark-all-read" disabled={unreadCount === 0} onClick={() => void markAllRead()}>
+        <button data-testid="mark-all-read" disabled={unreadCount === 0} onClick={() => void inbox.markAllRead()}>
           Mark all read
         </button>
       </div>
       <ul data-testid="notifications">
         {notifications.map((n) => (
-          <Item key={n.id.toString()} item={n} onMarkRead={(id) => void markRead(id)} />
+          <Item key={n.id.toString()} item={n} actions={actions} />
         ))}
       </ul>
       {notifications.length === 0 && <div className="empty">No notifications yet.</div>}

@@ -11,9 +11,13 @@ import {
   GetUnreadCountResponseSchema,
   ListNotificationsResponseSchema,
   MarkReadResponseSchema,
+  NotificationFilterSchema,
   NotificationSchema,
   Notifications,
   Resync_Reason,
+  Severity,
+  StateAction,
+  UpdateStateResponseSchema,
   type Event,
   type GetUnreadCountRequest,
   type GetUnreadCountResponse,
@@ -23,6 +27,8 @@ import {
   type MarkReadResponse,
   type Notification,
   type SubscribeRequest,
+  type UpdateStateRequest,
+  type UpdateStateResponse,
 } from "../../src/gen/herald/v1/herald_pb.js";
 
 /** One Subscribe call as the fake server saw it. */
@@ -58,11 +64,17 @@ export class FakeHerald {
   readonly markReads: { request: MarkReadRequest; authorization: string | null }[] = [];
   readonly lists: { request: ListNotificationsRequest; authorization: string | null }[] = [];
   readonly counts: { request: GetUnreadCountRequest; authorization: string | null }[] = [];
+  readonly updateStates: { request: UpdateStateRequest; authorization: string | null }[] = [];
   /** Unary behaviours; defaults answer empty responses. */
   onMarkRead: (r: MarkReadRequest, ctx: HandlerContext) => MessageInitShape<typeof MarkReadResponseSchema> = () => ({});
   onList: (r: ListNotificationsRequest, ctx: HandlerContext) => MessageInitShape<typeof ListNotificationsResponseSchema> =
     () => ({});
   onCount: (ctx: HandlerContext) => MessageInitShape<typeof GetUnreadCountResponseSchema> = () => ({});
+  onUpdateState: (
+    r: UpdateStateRequest,
+    ctx: HandlerContext,
+  ) => MessageInitShape<typeof UpdateStateResponseSchema> | Promise<MessageInitShape<typeof UpdateStateResponseSchema>> =
+    () => ({});
   private waiters: (() => void)[] = [];
 
   /** The transport to give the client. */
@@ -75,6 +87,10 @@ export class FakeHerald {
       markRead: (request, ctx): MarkReadResponse => {
         this.markReads.push({ request, authorization: ctx.requestHeader.get("authorization") });
         return create(MarkReadResponseSchema, this.onMarkRead(request, ctx));
+      },
+      updateState: async (request, ctx): Promise<UpdateStateResponse> => {
+        this.updateStates.push({ request, authorization: ctx.requestHeader.get("authorization") });
+        return create(UpdateStateResponseSchema, await this.onUpdateState(request, ctx));
       },
       listNotifications: (request, ctx): ListNotificationsResponse => {
         this.lists.push({ request, authorization: ctx.requestHeader.get("authorization") });
@@ -144,8 +160,22 @@ export async function until(predicate: () => boolean, what: string, timeoutMs = 
   }
 }
 
-/** A notification message. */
-export function notification(id: number, seq: number, extra: Partial<{ type: string; title: string; read: boolean }> = {}): Notification {
+/** What a test may set on a notification besides its id and seq. */
+export interface NotificationExtra {
+  type: string;
+  title: string;
+  category: string;
+  severity: Severity;
+  /** Read (with a `read_at`); also seen. */
+  read: boolean;
+  /** Seen (with a `seen_at`), not necessarily read. */
+  seen: boolean;
+}
+
+/** A notification message; `read` and `seen` as a listing carries them (with their times). */
+export function notification(id: number, seq: number, extra: Partial<NotificationExtra> = {}): Notification {
+  const at = timestampFromDate(new Date(1_700_000_000_000 + seq * 1000));
+  const read = extra.read ?? false;
   return create(NotificationSchema, {
     id: BigInt(id),
     seq: BigInt(seq),
@@ -154,8 +184,12 @@ export function notification(id: number, seq: number, extra: Partial<{ type: str
     title: extra.title ?? `n${id}`,
     body: "",
     data: "{}",
-    createdAt: timestampFromDate(new Date(1_700_000_000_000 + seq * 1000)),
-    read: extra.read ?? false,
+    createdAt: at,
+    read,
+    category: extra.category ?? "",
+    severity: extra.severity ?? Severity.NORMAL,
+    ...(read ? { readAt: at } : {}),
+    ...(read || extra.seen ? { seenAt: at } : {}),
   });
 }
 
@@ -165,11 +199,57 @@ export function notification(id: number, seq: number, extra: Partial<{ type: str
  * the server's heartbeat interval (default: nothing stated).
  */
 export const ev = {
-  notification: (id: number, seq: number, extra: Partial<{ type: string; title: string; epoch: number }> = {}): Event =>
+  notification: (
+    id: number,
+    seq: number,
+    extra: Partial<Pick<NotificationExtra, "type" | "title" | "category" | "severity"> & { epoch: number }> = {},
+  ): Event =>
     create(EventSchema, {
       seq: BigInt(seq),
       epoch: BigInt(extra.epoch ?? 0),
       kind: { case: "notification", value: notification(id, seq, extra) },
+    }),
+  /**
+   * An `updated` event at `seq` for notification `id` (at `noteSeq`), with
+   * its state after the update (`read`, `seen`) and group fields.
+   */
+  updated: (
+    seq: number,
+    id: number,
+    noteSeq: number,
+    extra: Partial<NotificationExtra & { groupKey: string; groupCount: number; actors: string[] }> = {},
+  ): Event =>
+    create(EventSchema, {
+      seq: BigInt(seq),
+      kind: {
+        case: "updated",
+        value: {
+          ...notification(id, noteSeq, extra),
+          groupKey: extra.groupKey ?? "",
+          groupCount: extra.groupCount ?? 0,
+          actors: extra.actors ?? [],
+        },
+      },
+    }),
+  /** A `state` event: `ids`, or (when empty) everything up to `upToSeq` that `filter` matches. */
+  state: (
+    seq: number,
+    action: StateAction,
+    target: { ids?: number[]; upToSeq?: number; filter?: MessageInitShape<typeof NotificationFilterSchema> },
+    epoch = 0,
+  ): Event =>
+    create(EventSchema, {
+      seq: BigInt(seq),
+      epoch: BigInt(epoch),
+      kind: {
+        case: "state",
+        value: {
+          action,
+          notificationIds: (target.ids ?? []).map(BigInt),
+          upToSeq: BigInt(target.upToSeq ?? 0),
+          ...(target.filter ? { filter: target.filter } : {}),
+        },
+      },
     }),
   read: (seq: number, ids: number[], upToSeq = 0, epoch = 0): Event =>
     create(EventSchema, {

@@ -136,9 +136,9 @@ describe("createInbox", () => {
     await sleep(0);
     assert.equal(t.view(), "5u 3u 2r 1r");
     assert.equal(t.snap().unreadCount, 2);
-    assert.equal(server.lists[0]!.request.pageSize, 3);
-    assert.equal(server.lists[0]!.request.unreadOnly, false);
-    assert.ok(server.lists[0]!.authorization === "Bearer tok");
+    const history = server.lists.find((l) => !l.request.unreadOnly)!;
+    assert.equal(history.request.pageSize, 3);
+    assert.ok(history.authorization === "Bearer tok");
   });
 
   it("keeps a types filter on the history, the stream and the list", async () => {
@@ -152,6 +152,11 @@ describe("createInbox", () => {
     await sleep(0);
     assert.equal(t.view(), "1u");
     assert.deepEqual(server.calls[0]!.types, ["build"]);
+    assert.deepEqual(
+      server.lists.map((l) => l.request.types),
+      [["build"], ["build"]],
+      "the history and the unread listing are filtered by the server too",
+    );
   });
 
   it("markRead calls MarkRead with the ids and updates the list and count", async () => {
@@ -273,7 +278,8 @@ describe("createInbox", () => {
     assert.equal(i.getSnapshot().error, undefined);
     assert.equal(i.getSnapshot().connected, true);
     // Refetched: the recent notifications (as at start), the unread ones, the count.
-    const refetch = server.lists.slice(1).map((l) => [l.request.unreadOnly, l.request.pageSize]);
+    // (The start loaded the recent ones and the unread ones: two lists.)
+    const refetch = server.lists.slice(2).map((l) => [l.request.unreadOnly, l.request.pageSize]);
     assert.deepEqual(refetch.sort(), [
       [false, 5],
       [true, 500],
@@ -298,22 +304,29 @@ describe("createInbox", () => {
         yield ev.read(20_002, [], 10_500, 2);
       },
     );
-    // 10,000 unread listed (20 pages, each claiming a next one), 10,003 counted.
+    // 10,000 unread listed (20 pages, each claiming a next one), 10,003 counted;
+    // nothing at start (before the stream).
     server.onList = (r) => {
+      if (server.calls.length === 0) return {};
       const first = 20_000 - Number(r.pageToken || "0") * 500;
       return {
         notifications: Array.from({ length: 500 }, (_, k) => notification(first - k, first - k)),
         nextPageToken: String(Number(r.pageToken || "0") + 1),
       };
     };
-    server.onCount = () => ({ unread: 10_003n, seq: 20_000n });
+    // All of them unseen.
+    server.onCount = () => ({ unread: 10_003n, unseen: 10_003n, seq: 20_000n });
     const t = inbox(server, { random: () => 0 });
     await until(() => t.snap().lastResync?.refetching === false, "the refetch", 5000);
-    assert.equal(server.lists.length, 20);
+    assert.equal(server.lists.length, 21, "one at start, 20 pages in the refetch");
     assert.equal(t.snap().notifications.length, 10_000);
     assert.equal(t.snap().unreadCount, 10_002);
+    // Reading 1 read an unseen one (reading implies seeing): never more
+    // unseen than unread are unlisted.
+    assert.equal(t.snap().unseenCount, 10_002);
     releaseSecond();
     await until(() => t.snap().unreadCount === 9_500, "up_to_seq 10,500 applied", 5000);
+    assert.equal(t.snap().unseenCount, 9_500, "reading implies seeing; no unlisted ones left");
   });
 
   it("shows a failed refetch in error, and goes on live", async () => {

@@ -3,7 +3,7 @@ import { afterEach, describe, it } from "node:test";
 import { Code } from "@connectrpc/connect";
 import { backoffCeiling, backoffDelay, resolveBackoff } from "../../src/backoff.js";
 import { HeraldError } from "../../src/errors.js";
-import { Resync_Reason } from "../../src/gen/herald/v1/herald_pb.js";
+import { Resync_Reason, StateAction } from "../../src/gen/herald/v1/herald_pb.js";
 import {
   subscribe,
   type ConnectionState,
@@ -86,6 +86,26 @@ describe("subscribe", () => {
     assert.equal(t.sub.position, 4n);
     assert.equal(server.calls[0]!.afterSeq, undefined, "a fresh stream sends no after_seq");
     assert.equal(server.calls[0]!.authorization, "Bearer t0");
+  });
+
+  it("delivers state events in order, with their action, target and filter, and moves the position", async () => {
+    const server = new FakeHerald();
+    server.scripts.push(
+      script([
+        ev.notification(1, 1),
+        ev.caughtUp(1),
+        ev.state(2, StateAction.ARCHIVE, { ids: [1] }),
+        ev.state(3, StateAction.SEEN, { upToSeq: 3, filter: { types: ["build.*"] } }),
+      ]),
+    );
+    const t = start(server);
+    await until(() => t.events.length === 3, "3 events");
+    assert.deepEqual(t.seqs(), [1, 2, 3]);
+    const kinds = t.events.map((e) =>
+      e.kind.case === "state" ? [e.kind.value.action, e.kind.value.notificationIds, e.kind.value.upToSeq, e.kind.value.filter?.types] : e.kind.case,
+    );
+    assert.deepEqual(kinds, ["notification", [StateAction.ARCHIVE, [1n], 0n, undefined], [StateAction.SEEN, [], 3n, ["build.*"]]]);
+    assert.equal(t.sub.position, 3n);
   });
 
   it("reconnects with exponential backoff and full jitter, resuming from the last seq", async () => {
