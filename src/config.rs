@@ -48,6 +48,10 @@ pub struct Config {
     pub retention: Duration,
     /// Time between retention runs.
     pub prune_interval: Duration,
+    /// Time between scheduler runs (scheduled sends, expiry).
+    pub schedule_interval: Duration,
+    /// The clock scheduling and expiry go by: the system's, or a test's.
+    pub clock: crate::clock::Clock,
     /// Listener liveness probing.
     pub listener: ListenerSettings,
     /// Send limits.
@@ -91,6 +95,8 @@ impl Config {
             stream_ticket_lifetime: crate::api::DEFAULT_TICKET_LIFETIME,
             retention: Duration::from_secs(30 * 24 * 3600),
             prune_interval: Duration::from_secs(3600),
+            schedule_interval: crate::store::scheduler::DEFAULT_SCHEDULE_INTERVAL,
+            clock: crate::clock::Clock::system(),
             listener: ListenerSettings {
                 ping_interval: Duration::from_secs(10),
                 ping_timeout: Duration::from_secs(5),
@@ -322,6 +328,10 @@ pub struct ServeArgs {
     /// Time between retention runs.
     #[arg(long, env = "HERALD_PRUNE_INTERVAL", default_value = "1h", value_parser = duration)]
     pub prune_interval: Duration,
+    /// Time between scheduler runs: how late, at most, a scheduled send
+    /// (`deliver_at`) is delivered and an expired notification deleted.
+    #[arg(long, env = "HERALD_SCHEDULE_INTERVAL", default_value = "1s", value_parser = duration)]
+    pub schedule_interval: Duration,
     /// Time between LISTEN liveness probes.
     #[arg(long, env = "HERALD_LISTENER_PING_INTERVAL", default_value = "10s", value_parser = duration)]
     pub listener_ping_interval: Duration,
@@ -505,6 +515,7 @@ impl ServeArgs {
             // client would always get resync and a fresh one no backlog.
             ("--retention", self.retention),
             ("--prune-interval", self.prune_interval),
+            ("--schedule-interval", self.schedule_interval),
             ("--listener-ping-interval", self.listener_ping_interval),
             ("--listener-ping-timeout", self.listener_ping_timeout),
             ("--pool-timeout", self.pool_timeout),
@@ -566,6 +577,8 @@ impl ServeArgs {
             stream_ticket_lifetime: self.stream_ticket_lifetime,
             retention: self.retention,
             prune_interval: self.prune_interval,
+            schedule_interval: self.schedule_interval,
+            clock: crate::clock::Clock::system(),
             listener: ListenerSettings {
                 ping_interval: self.listener_ping_interval,
                 ping_timeout: self.listener_ping_timeout,

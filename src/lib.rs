@@ -28,6 +28,7 @@ pub mod proto {
 pub mod api;
 pub mod auth;
 pub mod bus;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod health;

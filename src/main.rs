@@ -158,6 +158,13 @@ struct SendArgs {
     /// unread and unseen again.
     #[arg(long)]
     renotify: bool,
+    /// Expire it this long after it is delivered, e.g. `15m`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    expires_in: Option<std::time::Duration>,
+    /// Deliver it this much later, e.g. `2h` (scheduled; cancel with its
+    /// idempotency key).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    deliver_in: Option<std::time::Duration>,
     /// The sender, when minting a token.
     #[arg(long = "as", default_value = "herald-cli")]
     sender: String,
@@ -346,6 +353,12 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
             None => None,
         },
         renotify: args.renotify,
+        deliver_at: args
+            .deliver_in
+            .map(|d| (std::time::SystemTime::now() + d).into()),
+        expires_at: args.expires_in.map(|d| {
+            (std::time::SystemTime::now() + args.deliver_in.unwrap_or_default() + d).into()
+        }),
     };
     let response = client
         .send_notification(authorized(request, &token)?)
@@ -354,9 +367,19 @@ async fn send(args: SendArgs) -> anyhow::Result<()> {
     let deliveries: Vec<_> = response
         .deliveries
         .iter()
-        .map(|d| json!({"recipient": d.recipient, "notification_id": d.notification_id, "seq": d.seq}))
+        .map(|d| {
+            json!({
+                "recipient": d.recipient,
+                "notification_id": d.notification_id,
+                "seq": d.seq,
+                "updated": d.updated,
+            })
+        })
         .collect();
-    println!("{}", json!({ "deliveries": deliveries }));
+    println!(
+        "{}",
+        json!({ "deliveries": deliveries, "scheduled": response.scheduled })
+    );
     Ok(())
 }
 

@@ -538,6 +538,32 @@ pub struct NewNotification {
     pub fold: Option<Fold>,
     /// When it updates a notification: make it unread and unseen again.
     pub renotify: bool,
+    /// When it stops mattering, if ever.
+    pub expires_at: Option<SystemTime>,
+    /// When to deliver it, if later than now (see [`NewNotification::check_times`]).
+    pub deliver_at: Option<SystemTime>,
+}
+
+/// How far in the past a `deliver_at` may be and still mean "now" (clock
+/// skew between the caller and the server).
+pub const DELIVER_AT_TOLERANCE: Duration = Duration::from_secs(60);
+/// Furthest ahead a send may be scheduled.
+pub const MAX_SCHEDULE_AHEAD: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A protobuf timestamp as a time, naming `field` when it is not one
+/// (nanos out of range, or before the Unix epoch).
+fn parse_time(
+    field: &str,
+    t: Option<prost_types::Timestamp>,
+) -> Result<Option<SystemTime>, InvalidArgument> {
+    match t {
+        None => Ok(None),
+        Some(t) => SystemTime::try_from(t)
+            .ok()
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+            .map(Some)
+            .ok_or_else(|| InvalidArgument::new(field, "is not a valid time")),
+    }
 }
 
 /// Most actors a group remembers (newest first).
@@ -719,9 +745,11 @@ impl NewNotification {
         let idempotency_key = if req.idempotency_key.is_empty() {
             None
         } else {
-            Some(parse_name("idempotency_key", &req.idempotency_key)?)
+            Some(Self::parse_idempotency_key(&req.idempotency_key)?)
         };
         let fold = Fold::parse(&req)?;
+        let expires_at = parse_time("expires_at", req.expires_at)?;
+        let deliver_at = parse_time("deliver_at", req.deliver_at)?;
         Ok(Self {
             recipients,
             kind,
@@ -732,7 +760,101 @@ impl NewNotification {
             idempotency_key,
             fold,
             renotify: req.renotify,
+            expires_at,
+            deliver_at,
         })
+    }
+
+    /// Parses an idempotency key: 1 to [`MAX_NAME_BYTES`] bytes, no control
+    /// characters; errors name `idempotency_key`.
+    pub fn parse_idempotency_key(key: &str) -> Result<String, InvalidArgument> {
+        parse_name("idempotency_key", key)
+    }
+
+    /// Checks `deliver_at` and `expires_at` against `now` (the server's
+    /// clock): a `deliver_at` up to [`DELIVER_AT_TOLERANCE`] in the past,
+    /// or not after `now`, means now (and is cleared); earlier, or more
+    /// than [`MAX_SCHEDULE_AHEAD`] ahead, is an error naming `deliver_at`;
+    /// an `expires_at` not after the delivery time is an error naming
+    /// `expires_at`.
+    pub fn check_times(&mut self, now: SystemTime) -> Result<(), InvalidArgument> {
+        if let Some(at) = self.deliver_at {
+            // Checked: `at` is the client's, up to the largest time there is.
+            if at
+                .checked_add(DELIVER_AT_TOLERANCE)
+                .is_some_and(|latest| latest < now)
+            {
+                return Err(InvalidArgument::new(
+                    "deliver_at",
+                    format!(
+                        "is in the past (more than {} s before the server's clock)",
+                        DELIVER_AT_TOLERANCE.as_secs()
+                    ),
+                ));
+            }
+            if at > now + MAX_SCHEDULE_AHEAD {
+                return Err(InvalidArgument::new(
+                    "deliver_at",
+                    "is more than 366 days ahead",
+                ));
+            }
+            if at <= now {
+                self.deliver_at = None;
+            }
+        }
+        if let Some(expires) = self.expires_at {
+            let delivered = self.deliver_at.unwrap_or(now);
+            if expires <= delivered {
+                return Err(InvalidArgument::new(
+                    "expires_at",
+                    if self.deliver_at.is_some() {
+                        "must be after deliver_at"
+                    } else {
+                        "must be in the future"
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The request this send was parsed from, as stored for a scheduled
+    /// delivery: the default actor filled in, and no idempotency key or
+    /// `deliver_at` (the delivery neither claims the key again nor waits).
+    pub fn to_scheduled_request(&self) -> proto::SendNotificationRequest {
+        let p = &self.presentation;
+        let (replace_key, group_key, group_window) = match &self.fold {
+            None => (String::new(), String::new(), None),
+            Some(Fold::Replace(k)) => (k.clone(), String::new(), None),
+            Some(Fold::Group { key, window }) => (
+                String::new(),
+                key.clone(),
+                prost_types::Duration::try_from(*window).ok(),
+            ),
+        };
+        proto::SendNotificationRequest {
+            recipients: self
+                .recipients
+                .iter()
+                .map(|r| r.as_str().to_owned())
+                .collect(),
+            r#type: self.kind.as_str().to_owned(),
+            title: self.title.clone(),
+            body: self.body.clone(),
+            data: self.data.clone(),
+            idempotency_key: String::new(),
+            category: p.category.clone(),
+            severity: p.severity.to_proto() as i32,
+            actor: p.actor.clone(),
+            action_url: p.action_url.clone(),
+            actions: p.actions.iter().map(Into::into).collect(),
+            replace_key,
+            renotify: self.renotify,
+            group_key,
+            group_window,
+            expires_at: self.expires_at.map(Into::into),
+            deliver_at: None,
+        }
     }
 
     /// A canonical text of everything but the idempotency key, so a retried
@@ -758,8 +880,14 @@ impl NewNotification {
             serde_json::json!(self.body),
             serde_json::json!(self.data),
         ];
-        if !presentation.is_default() || self.fold.is_some() {
+        if !presentation.is_default() || self.fold.is_some() || self.expires_at.is_some() {
             parts.push(serde_json::json!(presentation));
+        }
+        if let Some(expires) = self.expires_at {
+            let micros = expires
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            parts.push(serde_json::json!({"expires_at_us": micros}));
         }
         match &self.fold {
             None => {}
@@ -846,6 +974,8 @@ pub struct Content {
     pub replace_key: String,
     /// The send's `group_key`, empty when none.
     pub group_key: String,
+    /// When it expires, if it does.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// A notification as stored for one recipient.
@@ -1073,6 +1203,9 @@ pub struct Sent {
     /// True when nothing was stored: the idempotency key was used by an
     /// earlier send, whose deliveries these are.
     pub replayed: bool,
+    /// True when the send was stored for later delivery (`deliver_at`):
+    /// no deliveries yet.
+    pub scheduled: bool,
 }
 
 /// Which notifications a state change covers.

@@ -41,7 +41,7 @@ use crate::{
         Store, StoreError,
         memory::MemoryStore,
         postgres::{self, PgSettings, PgStore},
-        retention,
+        retention, scheduler,
     },
     subscription::StreamSettings,
     telemetry,
@@ -201,16 +201,19 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
             if !applied.is_empty() {
                 tracing::info!(?applied, "database migrated");
             }
-            let store = Arc::new(PgStore::with_settings(
-                url,
-                PgSettings {
-                    pool_size: config.pool_size,
-                    wait_timeout: config.pool_timeout,
-                    group_commit: config.group_commit,
-                    statement_timeout: config.statement_timeout,
-                },
-                &jobs,
-            )?);
+            let store = Arc::new(
+                PgStore::with_settings(
+                    url,
+                    PgSettings {
+                        pool_size: config.pool_size,
+                        wait_timeout: config.pool_timeout,
+                        group_commit: config.group_commit,
+                        statement_timeout: config.statement_timeout,
+                    },
+                    &jobs,
+                )?
+                .with_clock(config.clock.clone()),
+            );
             store.ping().await?;
             let listen_url = config.listener_database_url.as_deref().unwrap_or(url);
             let listen_config = listener_config(listen_url)
@@ -236,7 +239,7 @@ pub async fn start(config: Config) -> Result<RunningServer, ServerError> {
                 "no DATABASE_URL: using the in-memory store; notifications are lost on \
                  restart and replicas do not share them (one replica only)"
             );
-            let store = Arc::new(MemoryStore::new(hub));
+            let store = Arc::new(MemoryStore::new(hub).with_clock(config.clock.clone()));
             replica.spawn(store, None, tokio::sync::Semaphore::MAX_PERMITS)?
         }
     };
@@ -328,6 +331,15 @@ impl Replica<'_> {
                 shutdown.clone(),
             ),
         );
+        jobs.spawn(
+            "scheduler",
+            scheduler::run(
+                store.clone(),
+                config.clock.clone(),
+                config.schedule_interval,
+                shutdown.clone(),
+            ),
+        );
         let (reporter, health) = tonic_health::server::health_reporter();
         jobs.spawn(
             "health",
@@ -362,7 +374,8 @@ impl Replica<'_> {
                 StreamSettings::new(config.heartbeat_interval, store_reads),
                 shutdown.clone(),
             )
-            .with_ticket_lifetime(config.stream_ticket_lifetime),
+            .with_ticket_lifetime(config.stream_ticket_lifetime)
+            .with_clock(config.clock.clone()),
         );
         let door = Door::new(
             service.clone(),

@@ -89,6 +89,7 @@ pub fn shared_fields(content: &Content) -> Bytes {
         group_key: content.group_key.clone(),
         group_count: group.as_ref().map_or(0, |g| g.count),
         actors: group.map_or_else(Vec::new, |g| g.actors),
+        expires_at: content.expires_at.map(Into::into),
         ..Default::default()
     }
     .encode_to_vec()
@@ -187,6 +188,7 @@ mod tests {
                     } else {
                         String::new()
                     },
+                    expires_at: (id == 7).then(|| at + Duration::from_secs(3600)),
                 }),
                 read_at: None,
                 seen_at: None,

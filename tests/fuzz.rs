@@ -73,6 +73,8 @@ proptest! {
         fold in 0u8..3,
         window_s in prop_oneof![Just(None), (-5i64..700_000).prop_map(Some)],
         renotify in any::<bool>(),
+        expires in prop_oneof![Just(None), (any::<i64>(), any::<i32>()).prop_map(Some)],
+        deliver in prop_oneof![Just(None), (any::<i64>(), any::<i32>()).prop_map(Some)],
     ) {
         let limits = SendLimits { max_recipients: 4, ..SendLimits::default() };
         let request = proto::SendNotificationRequest {
@@ -83,9 +85,23 @@ proptest! {
             group_key: if fold == 2 { fold_key } else { String::new() },
             group_window: window_s.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
             renotify,
+            expires_at: expires.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
+            deliver_at: deliver.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos }),
         };
         match NewNotification::parse(request, &limits) {
-            Ok(n) => {
+            Ok(mut n) => {
+                // Times check against any clock without panicking, and a
+                // send they accept is due no earlier than a minute ago and
+                // expires after it is due.
+                let now = std::time::SystemTime::now();
+                if n.check_times(now).is_ok() {
+                    if let Some(at) = n.deliver_at {
+                        prop_assert!(at > now);
+                    }
+                    if let Some(x) = n.expires_at {
+                        prop_assert!(x > n.deliver_at.unwrap_or(now));
+                    }
+                }
                 prop_assert!(!n.recipients.is_empty() && n.recipients.len() <= 4);
                 let mut names: Vec<_> = n.recipients.iter().map(|r| r.as_str()).collect();
                 for r in &names {
@@ -198,6 +214,7 @@ proptest! {
                 p: Default::default(),
                 rk: String::new(),
                 gk: String::new(),
+                x: None,
                 r: users.iter().enumerate().map(|(k, u)| (u.clone(), k as u64 + 1, i as i64)).collect(),
             })
             .collect();

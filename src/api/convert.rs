@@ -35,6 +35,7 @@ impl From<&Notification> for proto::Notification {
             group_key: n.content.group_key.clone(),
             group_count: n.group.as_ref().map_or(0, |g| g.count),
             actors: n.group.as_ref().map_or_else(Vec::new, |g| g.actors.clone()),
+            expires_at: n.content.expires_at.map(Into::into),
         }
     }
 }

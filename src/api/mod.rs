@@ -17,6 +17,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::{
     auth::{AuthError, Identity, Verifier},
+    clock::Clock,
     hub::Hub,
     limits::RateLimits,
     notification::{
@@ -44,6 +45,7 @@ pub struct NotificationsService<S> {
     streams: StreamSettings,
     shutdown: CancellationToken,
     ticket_lifetime: Duration,
+    clock: Clock,
 }
 
 /// Most named filters in one `GetUnreadCount`.
@@ -72,7 +74,15 @@ impl<S: Store> NotificationsService<S> {
             streams,
             shutdown,
             ticket_lifetime: DEFAULT_TICKET_LIFETIME,
+            clock: Clock::system(),
         }
+    }
+
+    /// Sends' `deliver_at` and `expires_at` are checked against `clock`.
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Stream tickets minted by `CreateStreamTicket` expire unused after
@@ -153,6 +163,16 @@ impl<S: Store> Notifications for NotificationsService<S> {
         observe("Subscribe", self.open_stream(request).await)
     }
 
+    async fn cancel_scheduled_notification(
+        &self,
+        request: Request<proto::CancelScheduledNotificationRequest>,
+    ) -> Result<Response<proto::CancelScheduledNotificationResponse>, Status> {
+        observe(
+            "CancelScheduledNotification",
+            self.cancel_scheduled(request).await,
+        )
+    }
+
     async fn mark_read(
         &self,
         request: Request<proto::MarkReadRequest>,
@@ -215,6 +235,7 @@ impl<S: Store> NotificationsService<S> {
         let identity = self.identify(&request)?;
         identity.require_send()?;
         let mut new = NewNotification::parse(request.into_inner(), &self.limits)?;
+        new.check_times(self.clock.now())?;
         new.presentation.default_actor(&identity.user);
         self.rates.check_send(
             identity.tenant.as_str(),
@@ -238,6 +259,7 @@ impl<S: Store> NotificationsService<S> {
         );
         Ok(Response::new(proto::SendNotificationResponse {
             deliveries: deliveries.into_iter().map(Into::into).collect(),
+            scheduled: sent.scheduled,
         }))
     }
 
@@ -269,12 +291,14 @@ impl<S: Store> NotificationsService<S> {
             .into_iter()
             .enumerate()
             .map(|(i, item)| {
-                let mut new = NewNotification::parse(item, &self.limits).map_err(|e| {
+                let in_item = |e: InvalidArgument| {
                     Status::from(InvalidArgument::new(
                         format!("notifications[{i}].{}", e.field),
                         e.reason,
                     ))
-                })?;
+                };
+                let mut new = NewNotification::parse(item, &self.limits).map_err(in_item)?;
+                new.check_times(self.clock.now()).map_err(in_item)?;
                 new.presentation.default_actor(&identity.user);
                 self.rates.check_send(tenant, sender, &new.recipients)?;
                 Ok(new)
@@ -307,6 +331,7 @@ impl<S: Store> NotificationsService<S> {
                             code: Code::Ok as i32,
                             message: String::new(),
                             deliveries: sent.deliveries.into_iter().map(Into::into).collect(),
+                            scheduled: sent.scheduled,
                         }
                     }
                     Err(status) => proto::SendNotificationsResult {
@@ -314,6 +339,7 @@ impl<S: Store> NotificationsService<S> {
                         code: status.code() as i32,
                         message: status.message().to_owned(),
                         deliveries: Vec::new(),
+                        scheduled: false,
                     },
                 }
             })
@@ -425,6 +451,25 @@ impl<S: Store> NotificationsService<S> {
     /// The token identity of a request's headers (`authorization: Bearer`).
     pub fn identify_headers(&self, headers: &http::HeaderMap) -> Result<Identity, Status> {
         Ok(self.verifier.verify_headers(headers)?)
+    }
+
+    /// `CancelScheduledNotification`: the caller's scheduled send with the
+    /// key, if still waiting.
+    async fn cancel_scheduled(
+        &self,
+        request: Request<proto::CancelScheduledNotificationRequest>,
+    ) -> Result<Response<proto::CancelScheduledNotificationResponse>, Status> {
+        let identity = self.identify(&request)?;
+        identity.require_send()?;
+        let key = request.into_inner().idempotency_key;
+        let key = NewNotification::parse_idempotency_key(&key)?;
+        let cancelled = self
+            .store
+            .cancel_scheduled(identity.tenant.as_str(), identity.user.as_str(), &key)
+            .await?;
+        Ok(Response::new(proto::CancelScheduledNotificationResponse {
+            cancelled,
+        }))
     }
 
     /// `MarkRead` and `UpdateState`: the token user's state change, parsed

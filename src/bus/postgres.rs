@@ -92,6 +92,10 @@ pub enum Payload {
         /// send's actor); left out when none.
         #[serde(default, skip_serializing_if = "String::is_empty")]
         gk: String,
+        /// Expires at, microseconds since the Unix epoch; left out when
+        /// it does not expire.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        x: Option<i64>,
         /// Recipients: (user, seq, notification id).
         r: Vec<(String, u64, i64)>,
     },
@@ -134,6 +138,10 @@ pub enum Payload {
         /// With a group key: the group's count and actors.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         g: Option<(u32, Vec<String>)>,
+        /// Expires at, microseconds since the Unix epoch; left out when
+        /// it does not expire.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        x: Option<i64>,
         /// Read at after the update, microseconds since the Unix epoch;
         /// left out when not read (so seen and archived at).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -264,6 +272,7 @@ impl Payload {
                 p,
                 rk,
                 gk,
+                x,
                 r,
             } => {
                 let shell = |r: Vec<(String, u64, i64)>| Payload::Notification {
@@ -277,6 +286,7 @@ impl Payload {
                     p: p.clone(),
                     rk: rk.clone(),
                     gk: gk.clone(),
+                    x,
                     r,
                 };
                 let base = json(&shell(Vec::new())).len();
@@ -369,6 +379,7 @@ pub fn payloads(events: &[Committed]) -> Vec<Payload> {
                     p: n.content.presentation.clone(),
                     rk: n.content.replace_key.clone(),
                     gk: n.content.group_key.clone(),
+                    x: n.content.expires_at.map(crate::store::postgres::micros),
                     r: vec![recipient],
                 });
                 last_content = Some(&n.content);
@@ -390,6 +401,7 @@ pub fn payloads(events: &[Committed]) -> Vec<Payload> {
                     rk: n.content.replace_key.clone(),
                     gk: n.content.group_key.clone(),
                     g: n.group.as_ref().map(|g| (g.count, g.actors.clone())),
+                    x: n.content.expires_at.map(crate::store::postgres::micros),
                     ra: n.read_at.map(crate::store::postgres::micros),
                     sa: n.seen_at.map(crate::store::postgres::micros),
                     aa: n.archived_at.map(crate::store::postgres::micros),
@@ -487,6 +499,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             p,
             rk,
             gk,
+            x,
             r,
         } => {
             let epoch = stamp(e);
@@ -514,6 +527,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                         created_at: micros_to_time(at),
                         replace_key: rk.clone(),
                         group_key: gk.clone(),
+                        expires_at: x.map(micros_to_time),
                     })
                 });
                 let body = EventBody::Notification(Notification {
@@ -610,6 +624,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             rk,
             gk,
             g,
+            x,
             ra,
             sa,
             aa,
@@ -630,6 +645,7 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
                     created_at: micros_to_time(at),
                     replace_key: rk,
                     group_key: gk,
+                    expires_at: x.map(micros_to_time),
                 }),
                 read_at: ra.map(micros_to_time),
                 seen_at: sa.map(micros_to_time),
@@ -966,6 +982,7 @@ mod tests {
             p: Presentation::default(),
             rk: String::new(),
             gk: String::new(),
+            x: None,
             r: (0..recipients)
                 .map(|i| (format!("user-{i}"), i as u64 + 1, i as i64 + 1))
                 .collect(),

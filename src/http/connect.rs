@@ -43,6 +43,7 @@ pub const SERVICE_PREFIX: &str = "/herald.v1.Notifications/";
 pub const UNARY_METHODS: &[&str] = &[
     "SendNotification",
     "SendNotifications",
+    "CancelScheduledNotification",
     "MarkRead",
     "UpdateState",
     "ListNotifications",
@@ -249,6 +250,10 @@ async fn dispatch<S: Store>(
     match method {
         "SendNotification" => unary!(proto::SendNotificationRequest, send_notification),
         "SendNotifications" => unary!(proto::SendNotificationsRequest, send_notifications),
+        "CancelScheduledNotification" => unary!(
+            proto::CancelScheduledNotificationRequest,
+            cancel_scheduled_notification
+        ),
         "MarkRead" => unary!(proto::MarkReadRequest, mark_read),
         "UpdateState" => unary!(proto::UpdateStateRequest, update_state),
         "ListNotifications" => unary!(proto::ListNotificationsRequest, list_notifications),

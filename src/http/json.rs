@@ -213,6 +213,7 @@ mod tests {
                         seq: 3,
                         updated: false,
                     }],
+                    scheduled: false,
                 },
             )
             .unwrap();

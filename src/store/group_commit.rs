@@ -44,9 +44,10 @@ use super::{
     postgres::{pg_error, pool_error, replay_idempotent, set_statement_timeout},
 };
 use crate::{
-    bus::Bus,
+    bus::{Bus, Committed},
     jobs::Jobs,
-    notification::{Delivery, EventBody, NewNotification, Sent},
+    notification::{Delivery, EventBody, NewNotification, SendLimits, Sent},
+    proto,
 };
 
 /// Most recipient rows in one batch, whatever the number of sends.
@@ -302,15 +303,12 @@ async fn try_commit(
             outcomes.push(Ok(Sent {
                 deliveries: std::mem::take(&mut deliveries[i]),
                 replayed: false,
+                scheduled: job.n.deliver_at.is_some(),
             }));
         } else {
             let (t, s, k) = idem_key(job).unwrap_or_default();
             let fingerprint = fingerprints.get(&i).map_or("", String::as_str);
-            let replayed = replay_idempotent(pool, t, s, k, fingerprint).await;
-            outcomes.push(replayed.map(|deliveries| Sent {
-                deliveries,
-                replayed: true,
-            }));
+            outcomes.push(replay_idempotent(pool, t, s, k, fingerprint).await);
         }
     }
     Ok(outcomes)
@@ -411,59 +409,34 @@ async fn write_batch(
     }
 
     // 2. Each send's content once, then one notification per recipient
-    //    appended to the recipients' streams (and staged on the bus).
-    let writing: Vec<usize> = (0..jobs.len()).filter(|&i| writes[i]).collect();
+    //    appended to the recipients' streams (and staged on the bus);
+    //    scheduled sends (`deliver_at`) are stored for the scheduler
+    //    instead.
+    let (scheduled, writing): (Vec<usize>, Vec<usize>) = (0..jobs.len())
+        .filter(|&i| writes[i])
+        .partition(|&i| jobs[i].n.deliver_at.is_some());
     let mut deliveries: Vec<Vec<Delivery>> = jobs
         .iter()
         .map(|j| Vec::with_capacity(j.n.recipients.len()))
         .collect();
-    let contents: Vec<NewContent<'_>> = writing
+    let sends: Vec<(&str, &NewNotification)> = writing
         .iter()
-        .map(|&i| {
-            let n = &jobs[i].n;
-            NewContent {
-                kind: n.kind.as_str(),
-                title: &n.title,
-                body: &n.body,
-                data: &n.data,
-                presentation: &n.presentation,
-                fold: n.fold.as_ref(),
-                renotify: n.renotify,
-            }
-        })
+        .map(|&i| (jobs[i].tenant.as_str(), &jobs[i].n))
         .collect();
-    let mut appends = Vec::new();
-    for (c, &i) in writing.iter().enumerate() {
-        appends.extend(jobs[i].n.recipients.iter().map(|user| Append {
-            tenant: &jobs[i].tenant,
-            user: user.as_str(),
-            event: NewEvent::Notification(c),
-        }));
-    }
+    let (contents, appends) = contents_and_appends(&sends);
     let appending = log::take(tx, bus, &contents, &appends).await?;
-    let mut committed = appending.committed().iter();
-    for &i in &writing {
-        for user in &jobs[i].n.recipients {
-            let c = committed
-                .next()
-                .ok_or_else(|| StoreError::internal("append returned too few events"))?;
-            let (id, updated) = match &c.event.body {
-                EventBody::Notification(n) => (n.id, false),
-                EventBody::Updated(n) => (n.id, true),
-                EventBody::State(_) => (0, false),
-            };
-            deliveries[i].push(Delivery {
-                recipient: user.to_string(),
-                notification_id: id,
-                seq: c.event.seq,
-                updated,
-            });
-        }
+    for (&i, d) in writing
+        .iter()
+        .zip(deliveries_of(&sends, appending.committed())?)
+    {
+        deliveries[i] = d;
     }
+    let schedule = Schedule::of(scheduled.iter().map(|&i| &jobs[i]))?;
 
     // 3. The responses to remember under their keys.
     let saving: Vec<usize> = writing
         .iter()
+        .chain(&scheduled)
         .copied()
         .filter(|&i| jobs[i].n.idempotency_key.is_some())
         .collect();
@@ -475,14 +448,18 @@ async fn write_batch(
         .collect();
     let responses = saving
         .iter()
-        .map(|&i| serde_json::to_string(&deliveries[i]))
+        .map(|&i| match jobs[i].n.deliver_at {
+            Some(_) => Ok(SCHEDULED_RESPONSE.to_owned()),
+            None => serde_json::to_string(&deliveries[i]),
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(StoreError::internal)?;
 
-    // 4. The rows, the bus message, the responses and COMMIT: one round
-    //    trip.
+    // 4. The rows, the bus message, the scheduled sends, the responses and
+    //    COMMIT: one round trip.
     let mut pipeline = Pipeline::default();
     appending.push_writes(&mut pipeline);
+    schedule.push_writes(&mut pipeline);
     if !saving.is_empty() {
         pipeline.push(SAVE_RESPONSES, vec![&tenants, &senders, &keys, &responses]);
     }
@@ -497,3 +474,219 @@ async fn write_batch(
 
     Ok((writes, deliveries, fingerprints))
 }
+
+/// What an idempotency key stores for a scheduled send until it is
+/// delivered (then its deliveries, as for any send).
+pub(super) const SCHEDULED_RESPONSE: &str = r#"{"scheduled":true}"#;
+
+/// The contents and appends of `sends` ((tenant, send)): each send's content
+/// once, then one notification per recipient, in order.
+fn contents_and_appends<'a>(
+    sends: &'a [(&'a str, &'a NewNotification)],
+) -> (Vec<NewContent<'a>>, Vec<Append<'a>>) {
+    let contents = sends
+        .iter()
+        .map(|(_, n)| NewContent {
+            kind: n.kind.as_str(),
+            title: &n.title,
+            body: &n.body,
+            data: &n.data,
+            presentation: &n.presentation,
+            fold: n.fold.as_ref(),
+            renotify: n.renotify,
+            expires_at: n.expires_at,
+        })
+        .collect();
+    let mut appends = Vec::new();
+    for (c, (tenant, n)) in sends.iter().enumerate() {
+        appends.extend(n.recipients.iter().map(|user| Append {
+            tenant,
+            user: user.as_str(),
+            event: NewEvent::Notification(c),
+        }));
+    }
+    (contents, appends)
+}
+
+/// Each send's deliveries, from the events its append committed (in the
+/// order [`contents_and_appends`] gave them).
+fn deliveries_of(
+    sends: &[(&str, &NewNotification)],
+    committed: &[Committed],
+) -> StoreResult<Vec<Vec<Delivery>>> {
+    let mut committed = committed.iter();
+    let mut out = Vec::with_capacity(sends.len());
+    for (_, n) in sends {
+        let mut deliveries = Vec::with_capacity(n.recipients.len());
+        for user in &n.recipients {
+            let c = committed
+                .next()
+                .ok_or_else(|| StoreError::internal("append returned too few events"))?;
+            let (id, updated) = match &c.event.body {
+                EventBody::Notification(n) => (n.id, false),
+                EventBody::Updated(n) => (n.id, true),
+                EventBody::State(_) => (0, false),
+            };
+            deliveries.push(Delivery {
+                recipient: user.to_string(),
+                notification_id: id,
+                seq: c.event.seq,
+                updated,
+            });
+        }
+        out.push(deliveries);
+    }
+    Ok(out)
+}
+
+const INSERT_SCHEDULED: &str = "INSERT INTO scheduled_sends \
+     (tenant, sender, idempotency_key, request, deliver_at) \
+     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::timestamptz[])";
+
+/// Scheduled sends of a batch, as the rows [`INSERT_SCHEDULED`] stores.
+struct Schedule<'a> {
+    tenants: Vec<&'a str>,
+    senders: Vec<&'a str>,
+    keys: Vec<Option<&'a str>>,
+    requests: Vec<Vec<u8>>,
+    due: Vec<std::time::SystemTime>,
+}
+
+impl<'a> Schedule<'a> {
+    fn of(jobs: impl Iterator<Item = &'a Job>) -> StoreResult<Self> {
+        let mut s = Schedule {
+            tenants: Vec::new(),
+            senders: Vec::new(),
+            keys: Vec::new(),
+            requests: Vec::new(),
+            due: Vec::new(),
+        };
+        for job in jobs {
+            let due = job
+                .n
+                .deliver_at
+                .ok_or_else(|| StoreError::internal("a scheduled send without deliver_at"))?;
+            s.tenants.push(&job.tenant);
+            s.senders.push(&job.sender);
+            s.keys.push(job.n.idempotency_key.as_deref());
+            s.requests
+                .push(prost::Message::encode_to_vec(&job.n.to_scheduled_request()));
+            s.due.push(due);
+        }
+        Ok(s)
+    }
+
+    fn push_writes<'p>(&'p self, pipeline: &mut Pipeline<'p>) {
+        if !self.tenants.is_empty() {
+            pipeline.push(
+                INSERT_SCHEDULED,
+                vec![
+                    &self.tenants,
+                    &self.senders,
+                    &self.keys,
+                    &self.requests,
+                    &self.due,
+                ],
+            );
+        }
+    }
+}
+
+/// Delivers the scheduled sends due by `now` (up to [`MAX_DUE_PER_RUN`]),
+/// in one transaction: they are appended to their recipients' streams
+/// exactly as a send is (folds included), their rows deleted, and keyed
+/// ones' stored responses become their deliveries. Rows another replica
+/// is delivering are skipped (`FOR UPDATE SKIP LOCKED`), so each is
+/// delivered once. A send whose `expires_at` has passed by then is dropped
+/// undelivered. Returns how many sends were delivered or dropped.
+pub async fn deliver_due(
+    pool: &Pool,
+    bus: &dyn Bus,
+    now: std::time::SystemTime,
+    statement_timeout: Option<Duration>,
+) -> StoreResult<usize> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(pg_error)?;
+    if let Some(t) = statement_timeout {
+        tx.batch_execute(&set_statement_timeout(t))
+            .await
+            .map_err(pg_error)?;
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT id, tenant, sender, idempotency_key, request FROM scheduled_sends \
+             WHERE deliver_at <= $1 ORDER BY deliver_at, id LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .await
+        .map_err(pg_error)?;
+    let rows = tx
+        .query(&stmt, &[&now, &MAX_DUE_PER_RUN])
+        .await
+        .map_err(pg_error)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut due: Vec<(String, String, Option<String>, NewNotification)> = Vec::new();
+    let unbounded = SendLimits {
+        max_recipients: usize::MAX,
+        max_bulk_items: usize::MAX,
+        max_body_bytes: usize::MAX,
+        max_data_bytes: usize::MAX,
+        max_data_depth: usize::MAX,
+    };
+    for row in &rows {
+        let id: i64 = row.try_get(0).map_err(pg_error)?;
+        ids.push(id);
+        let bytes: Vec<u8> = row.try_get(4).map_err(pg_error)?;
+        let parsed = <proto::SendNotificationRequest as prost::Message>::decode(bytes.as_slice())
+            .map_err(|e| e.to_string())
+            .and_then(|r| NewNotification::parse(r, &unbounded).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(n) if n.expires_at.is_some_and(|x| x <= now) => {
+                tracing::info!(id, "a scheduled send expired before it was due; dropped");
+            }
+            Ok(n) => due.push((
+                row.try_get(1).map_err(pg_error)?,
+                row.try_get(2).map_err(pg_error)?,
+                row.try_get(3).map_err(pg_error)?,
+                n,
+            )),
+            Err(e) => {
+                tracing::warn!(id, error = %e, "a stored scheduled send does not parse; dropped")
+            }
+        }
+    }
+    let sends: Vec<(&str, &NewNotification)> =
+        due.iter().map(|(t, _, _, n)| (t.as_str(), n)).collect();
+    let (contents, appends) = contents_and_appends(&sends);
+    let appending = log::take(&tx, bus, &contents, &appends).await?;
+    let deliveries = deliveries_of(&sends, appending.committed())?;
+    let keyed: Vec<usize> = (0..due.len()).filter(|&i| due[i].2.is_some()).collect();
+    let tenants: Vec<&str> = keyed.iter().map(|&i| due[i].0.as_str()).collect();
+    let senders: Vec<&str> = keyed.iter().map(|&i| due[i].1.as_str()).collect();
+    let keys: Vec<&str> = keyed
+        .iter()
+        .map(|&i| due[i].2.as_deref().unwrap_or_default())
+        .collect();
+    let responses = keyed
+        .iter()
+        .map(|&i| serde_json::to_string(&deliveries[i]))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(StoreError::internal)?;
+    let mut pipeline = Pipeline::default();
+    appending.push_writes(&mut pipeline);
+    pipeline.push("DELETE FROM scheduled_sends WHERE id = ANY($1)", vec![&ids]);
+    if !keyed.is_empty() {
+        pipeline.push(SAVE_RESPONSES, vec![&tenants, &senders, &keys, &responses]);
+    }
+    for outcome in pipeline.run(&tx).await {
+        outcome?;
+    }
+    tx.commit().await.map_err(pg_error)?;
+    Ok(rows.len())
+}
+
+/// Most scheduled sends one [`deliver_due`] run delivers (one
+/// transaction); the scheduler runs again at once while there are more.
+pub const MAX_DUE_PER_RUN: i64 = 256;

@@ -63,6 +63,8 @@ pub struct NewContent<'a> {
     /// With a fold that updates a notification: make it unread and unseen
     /// again.
     pub renotify: bool,
+    /// When its notifications expire, if they do.
+    pub expires_at: Option<SystemTime>,
 }
 
 /// An event to append, before it has a seq.
@@ -124,13 +126,13 @@ const INSERT_NOTIFICATIONS: &str = "WITH c AS ( \
                    $12::text[], $13::int2[], $14::text[], $15::text[], $16::text[]) \
          AS c(id, type, title, body, data, category, severity, actor, action_url, actions) \
      ) INSERT INTO notifications (id, tenant, user_id, seq, content_id, created_at, \
-                                  replace_key, group_key, group_count, actors) \
+                                  replace_key, group_key, group_count, actors, expires_at) \
      SELECT id, tenant, user_id, seq, content_id, $11, rk, gk, \
             CASE WHEN gk IS NULL THEN NULL ELSE 1 END, \
-            CASE WHEN gk IS NULL THEN NULL ELSE ARRAY[actor] END \
+            CASE WHEN gk IS NULL THEN NULL ELSE ARRAY[actor] END, expires \
      FROM unnest($6::int8[], $7::text[], $8::text[], $9::int8[], $10::int8[], \
-                 $17::text[], $18::text[], $19::text[]) \
-       AS r(id, tenant, user_id, seq, content_id, rk, gk, actor)";
+                 $17::text[], $18::text[], $19::text[], $20::timestamptz[]) \
+       AS r(id, tenant, user_id, seq, content_id, rk, gk, actor, expires)";
 
 // An update in place of the notification at seq $3 of stream $1/$2: its
 // current content and group state, and, with `renotify` ($7), unread and
@@ -144,6 +146,7 @@ const UPDATE_NOTIFICATION: &str = "WITH old AS ( \
        FROM notifications n WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq = $3 \
      ), u AS ( \
        UPDATE notifications n SET current_content_id = $4, group_count = $5, actors = $6, \
+         expires_at = $8, \
          read_at = CASE WHEN $7 THEN NULL ELSE n.read_at END, \
          seen_at = CASE WHEN $7 THEN NULL ELSE n.seen_at END \
        WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq = $3 \
@@ -154,8 +157,8 @@ const UPDATE_NOTIFICATION: &str = "WITH old AS ( \
 
 const INSERT_UPDATE_EVENT: &str = "INSERT INTO update_events \
      (tenant, user_id, seq, notification_id, note_seq, content_id, replace_key, group_key, \
-      group_count, actors, created_at, read_at, seen_at, archived_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)";
+      group_count, actors, created_at, read_at, seen_at, archived_at, expires_at) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 
 // Each fold's target: the recipient's live notification of the replace
 // key, or its newest group of the key opened within the window (ms),
@@ -369,6 +372,7 @@ pub struct Appending<'c> {
     n_replace_keys: Vec<Option<&'c str>>,
     n_group_keys: Vec<Option<&'c str>>,
     n_actors: Vec<Option<&'c str>>,
+    n_expires: Vec<Option<SystemTime>>,
     states: Vec<StateRow<'c>>,
     updates: Vec<UpdateRow<'c>>,
     staged: Option<Staged>,
@@ -391,6 +395,7 @@ struct UpdateRow<'c> {
     read_at: Option<SystemTime>,
     seen_at: Option<SystemTime>,
     archived_at: Option<SystemTime>,
+    expires_at: Option<SystemTime>,
 }
 
 /// A fold's key as looked up: (tenant, user, is a group, key).
@@ -502,6 +507,7 @@ impl<'c> Appending<'c> {
             n_replace_keys: Vec::new(),
             n_group_keys: Vec::new(),
             n_actors: Vec::new(),
+            n_expires: Vec::new(),
             states: Vec::new(),
             updates: Vec::new(),
             staged: None,
@@ -549,6 +555,7 @@ impl<'c> Appending<'c> {
                     &self.n_replace_keys,
                     &self.n_group_keys,
                     &self.n_actors,
+                    &self.n_expires,
                 ],
             );
         }
@@ -565,6 +572,7 @@ impl<'c> Appending<'c> {
                     &u.group_count,
                     &u.actors,
                     &u.renotify,
+                    &u.expires_at,
                 ],
             );
             pipeline.push(
@@ -584,6 +592,7 @@ impl<'c> Appending<'c> {
                     &u.read_at,
                     &u.seen_at,
                     &u.archived_at,
+                    &u.expires_at,
                 ],
             );
         }
@@ -708,6 +717,7 @@ pub async fn take<'c>(
                     Some(Fold::Group { key, .. }) => key.clone(),
                     _ => String::new(),
                 },
+                expires_at: c.expires_at,
             })
         })
         .collect();
@@ -770,6 +780,7 @@ pub async fn take<'c>(
                             read_at: target.read_at,
                             seen_at: target.seen_at,
                             archived_at: target.archived_at,
+                            expires_at: new.expires_at,
                         });
                         EventBody::Updated(Notification {
                             id: target.id,
@@ -896,6 +907,13 @@ pub async fn take<'c>(
                 _ => None,
             })
             .collect(),
+        n_expires: new_notes
+            .iter()
+            .map(|&i| match appends[i].event {
+                NewEvent::Notification(c) => contents.get(c).and_then(|c| c.expires_at),
+                NewEvent::State(_) => None,
+            })
+            .collect(),
         n_actors: new_notes
             .iter()
             .map(|&i| match fold_of(i) {
@@ -925,7 +943,7 @@ macro_rules! notification_columns {
             "n.id, n.seq, n.user_id, c.type, c.title, c.body, c.data::text AS data, \
              c.created_at, n.read_at, c.category, c.severity, c.actor, c.action_url, c.actions, \
              COALESCE(n.seen_at, n.read_at) AS seen_at, n.archived_at, n.replace_key, \
-             n.group_key, ",
+             n.group_key, n.expires_at, ",
             $group
         )
     };
@@ -968,6 +986,7 @@ pub fn notification(row: &tokio_postgres::Row) -> Result<Notification, tokio_pos
             group_key: row
                 .try_get::<_, Option<String>>("group_key")?
                 .unwrap_or_default(),
+            expires_at: row.try_get("expires_at")?,
         }),
         read_at: row.try_get("read_at")?,
         seen_at: row.try_get("seen_at")?,
@@ -1035,7 +1054,7 @@ pub async fn read_range(
                  FROM notifications n JOIN contents c ON c.id = n.content_id \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 \
                  UNION ALL \
-                 SELECT 1::int2, seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+                 SELECT 1::int2, seq, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
                         NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
                         notification_ids, up_to_seq, \
                         action, types, type_prefixes, categories, min_severity \
@@ -1044,7 +1063,7 @@ pub async fn read_range(
                  SELECT 2::int2, u.seq, u.notification_id, u.note_seq, u.user_id, c.type, c.title, \
                         c.body, c.data::text, c.created_at, u.read_at, c.category, c.severity, \
                         c.actor, c.action_url, c.actions, u.seen_at, u.archived_at, u.replace_key, \
-                        u.group_key, u.group_count, u.actors, \
+                        u.group_key, u.expires_at, u.group_count, u.actors, \
                         NULL, 0::bigint, 0::int2, NULL, NULL, NULL, 0::int2 \
                  FROM update_events u JOIN contents c ON c.id = u.content_id \
                  WHERE u.tenant = $1 AND u.user_id = $2 AND u.seq > $3 \

@@ -8,7 +8,8 @@
 //! older than the cutoff; at most [`MAX_IDEMPOTENCY_KEYS`] keys are kept
 //! in any case (the oldest go first). Stream tickets are dropped when
 //! taken or expired, and at most [`MAX_TICKETS`] are kept (the ones that
-//! expire soonest go first).
+//! expire soonest go first). Scheduled sends are kept until due or
+//! cancelled (the senders' rate limits bound how many arrive).
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -19,6 +20,7 @@ use std::{
 use super::{Store, StoreError, StoreResult, UnreadCounts};
 use crate::{
     bus::{Bus, Committed, local::LocalBus},
+    clock::Clock,
     hub::Hub,
     notification::{
         Content, Delivery, Epoch, EventBody, Fold, Group, NewNotification, Notification,
@@ -51,6 +53,14 @@ struct UserLog {
 }
 
 type UserKey = (String, String);
+
+/// A send stored for later delivery.
+#[derive(Debug)]
+struct ScheduledSend {
+    tenant: String,
+    sender: String,
+    n: NewNotification,
+}
 type IdempotencyKey = (String, String, String);
 
 #[derive(Debug, Default)]
@@ -63,7 +73,9 @@ struct Inner {
     /// the new one that happens to have the same number.
     dropped_seq: u64,
     /// (tenant, sender, key) → (request fingerprint, first result, when).
-    idempotency: HashMap<IdempotencyKey, (String, Vec<Delivery>, SystemTime)>,
+    idempotency: HashMap<IdempotencyKey, (String, Vec<Delivery>, bool, SystemTime)>,
+    /// Sends waiting for their `deliver_at`.
+    scheduled: Vec<ScheduledSend>,
     /// Idempotency keys, oldest first.
     idempotency_order: VecDeque<IdempotencyKey>,
     /// Stream tickets by digest, with their expiry.
@@ -98,7 +110,13 @@ impl Inner {
         }
     }
 
-    fn remember(&mut self, key: IdempotencyKey, fingerprint: String, deliveries: Vec<Delivery>) {
+    fn remember(
+        &mut self,
+        key: IdempotencyKey,
+        fingerprint: String,
+        deliveries: Vec<Delivery>,
+        scheduled: bool,
+    ) {
         while self.idempotency_order.len() >= MAX_IDEMPOTENCY_KEYS {
             match self.idempotency_order.pop_front() {
                 Some(old) => {
@@ -109,7 +127,7 @@ impl Inner {
         }
         self.idempotency_order.push_back(key.clone());
         self.idempotency
-            .insert(key, (fingerprint, deliveries, SystemTime::now()));
+            .insert(key, (fingerprint, deliveries, scheduled, SystemTime::now()));
     }
 }
 
@@ -122,6 +140,7 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
     bus: LocalBus,
     epoch: Epoch,
+    clock: Clock,
 }
 
 fn key(tenant: &str, user: &str) -> UserKey {
@@ -135,7 +154,14 @@ impl MemoryStore {
             inner: Mutex::default(),
             bus: LocalBus::new(hub),
             epoch: new_epoch(),
+            clock: Clock::system(),
         }
+    }
+
+    /// This store, going by `clock` for expiry and scheduling.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The epoch of every stream of this store.
@@ -171,6 +197,139 @@ impl MemoryStore {
         Committed {
             key: StreamKey::user(tenant, user),
             event,
+        }
+    }
+
+    /// Appends the send `n` to its recipients' streams now (folds
+    /// included) and hands the events to the bus; its deliveries.
+    fn send_now(&self, inner: &mut Inner, tenant: &str, n: &NewNotification) -> Vec<Delivery> {
+        let now = self.clock.now();
+        let content = Arc::new(Content {
+            kind: n.kind.as_str().to_owned(),
+            title: n.title.clone(),
+            body: n.body.clone(),
+            data: n.data.clone(),
+            presentation: n.presentation.clone(),
+            created_at: now,
+            replace_key: match &n.fold {
+                Some(Fold::Replace(k)) => k.clone(),
+                _ => String::new(),
+            },
+            group_key: match &n.fold {
+                Some(Fold::Group { key, .. }) => key.clone(),
+                _ => String::new(),
+            },
+            expires_at: n.expires_at,
+        });
+        let actor = n.presentation.actor.as_str();
+        let mut deliveries = Vec::with_capacity(n.recipients.len());
+        let mut committed = Vec::with_capacity(n.recipients.len());
+        for recipient in &n.recipients {
+            let epoch = self.epoch;
+            let log = inner.log(epoch, tenant, recipient.as_str());
+            if let Some(updated) = fold_onto(log, n, &content, now) {
+                let c = self.append(inner, tenant, recipient.as_str(), now, |_| {
+                    EventBody::Updated(updated)
+                });
+                if let EventBody::Updated(u) = &c.event.body {
+                    deliveries.push(Delivery {
+                        recipient: recipient.to_string(),
+                        notification_id: u.id,
+                        seq: c.event.seq,
+                        updated: true,
+                    });
+                }
+                committed.push(c);
+                continue;
+            }
+            inner.next_id += 1;
+            let id = inner.next_id;
+            let group = matches!(n.fold, Some(Fold::Group { .. })).then(|| Group::open(actor));
+            let c = self.append(inner, tenant, recipient.as_str(), now, |seq| {
+                EventBody::Notification(Notification {
+                    id,
+                    seq,
+                    recipient: recipient.to_string(),
+                    content: content.clone(),
+                    read_at: None,
+                    seen_at: None,
+                    archived_at: None,
+                    group,
+                })
+            });
+            if let Some(fold) = &n.fold {
+                let log = inner.log(epoch, tenant, recipient.as_str());
+                let is_group = matches!(fold, Fold::Group { .. });
+                log.folds
+                    .insert((is_group, fold.key().to_owned()), (c.event.seq, now));
+            }
+            deliveries.push(Delivery {
+                recipient: recipient.to_string(),
+                notification_id: id,
+                seq: c.event.seq,
+                updated: false,
+            });
+            committed.push(c);
+        }
+        self.bus.stage(&committed);
+        deliveries
+    }
+
+    /// `update_state` under the lock: applies `request` to `user`'s
+    /// notifications and appends its event when anything changed.
+    fn change_state(
+        &self,
+        inner: &mut Inner,
+        tenant: &str,
+        user: &str,
+        request: &StateRequest,
+    ) -> StateOutcome {
+        let Some(log) = inner.users.get_mut(&key(tenant, user)) else {
+            return StateOutcome::default();
+        };
+        let now = self.clock.now();
+        let head = log.head.last_seq;
+        let (up_to, filter) = match &request.target {
+            StateTarget::Ids(_) => (head, None),
+            StateTarget::UpTo(seq) => ((*seq).min(head), None),
+            StateTarget::Filter(f) => (head, Some(f)),
+        };
+        let targeted = |n: &Notification| match &request.target {
+            StateTarget::Ids(wanted) => wanted.binary_search(&n.id).is_ok(),
+            StateTarget::UpTo(_) => true,
+            StateTarget::Filter(f) => f.matches(&n.content),
+        };
+        let mut changed = Vec::new();
+        for (seq, n) in log.notifications.range_mut(..=up_to) {
+            if targeted(n) && apply(request.action, n, now) {
+                changed.push((*seq, n.id));
+            }
+        }
+        if changed.is_empty() {
+            return StateOutcome::default();
+        }
+        let mut change = StateChange {
+            action: request.action,
+            ids: Vec::new(),
+            up_to_seq: up_to,
+            filter: filter.cloned(),
+        };
+        if let StateTarget::Ids(_) = request.target {
+            change.ids = changed.iter().map(|(_, id)| *id).collect();
+            change.ids.sort_unstable();
+            change.up_to_seq = 0;
+        }
+        if request.action == StateAction::Delete {
+            for (seq, _) in &changed {
+                log.notifications.remove(seq);
+            }
+        }
+        let c = self.append(inner, tenant, user, now, |_| EventBody::State(change));
+        let seq = c.event.seq;
+        self.bus.stage(&[c]);
+        StateOutcome {
+            changed: u32::try_from(changed.len()).unwrap_or(u32::MAX),
+            seq,
         }
     }
 
@@ -247,9 +406,14 @@ fn apply(action: StateAction, n: &mut Notification, now: SystemTime) -> bool {
     }
 }
 
-/// Whether `n` is in the inbox and unread (what `unread` counts).
-fn counts_unread(n: &Notification) -> bool {
-    n.read_at.is_none() && n.archived_at.is_none()
+/// Whether `n` is in the inbox and unread at `now` (what `unread` counts).
+fn counts_unread(n: &Notification, now: SystemTime) -> bool {
+    n.read_at.is_none() && n.archived_at.is_none() && live(n, now)
+}
+
+/// Whether `n` has not expired by `now`.
+fn live(n: &Notification, now: SystemTime) -> bool {
+    n.content.expires_at.is_none_or(|x| x > now)
 }
 
 impl Store for MemoryStore {
@@ -260,92 +424,108 @@ impl Store for MemoryStore {
             .as_ref()
             .map(|k| (tenant.to_owned(), sender.to_owned(), k.clone()));
         let fingerprint = n.fingerprint(sender);
-        if let Some((stored, deliveries, _)) = idem.as_ref().and_then(|k| inner.idempotency.get(k))
+        if let Some((stored, deliveries, scheduled, _)) =
+            idem.as_ref().and_then(|k| inner.idempotency.get(k))
         {
             return if *stored == fingerprint {
                 Ok(Sent {
                     deliveries: deliveries.clone(),
                     replayed: true,
+                    scheduled: *scheduled,
                 })
             } else {
                 Err(StoreError::IdempotencyKeyReused)
             };
         }
-        let now = SystemTime::now();
-        let content = Arc::new(Content {
-            kind: n.kind.as_str().to_owned(),
-            title: n.title.clone(),
-            body: n.body.clone(),
-            data: n.data.clone(),
-            presentation: n.presentation.clone(),
-            created_at: now,
-            replace_key: match &n.fold {
-                Some(Fold::Replace(k)) => k.clone(),
-                _ => String::new(),
-            },
-            group_key: match &n.fold {
-                Some(Fold::Group { key, .. }) => key.clone(),
-                _ => String::new(),
-            },
-        });
-        let actor = n.presentation.actor.as_str();
-        let mut deliveries = Vec::with_capacity(n.recipients.len());
-        let mut committed = Vec::with_capacity(n.recipients.len());
-        for recipient in &n.recipients {
-            let epoch = self.epoch;
-            let log = inner.log(epoch, tenant, recipient.as_str());
-            if let Some(updated) = fold_onto(log, n, &content, now) {
-                let c = self.append(&mut inner, tenant, recipient.as_str(), now, |_| {
-                    EventBody::Updated(updated)
-                });
-                if let EventBody::Updated(u) = &c.event.body {
-                    deliveries.push(Delivery {
-                        recipient: recipient.to_string(),
-                        notification_id: u.id,
-                        seq: c.event.seq,
-                        updated: true,
-                    });
-                }
-                committed.push(c);
-                continue;
-            }
-            inner.next_id += 1;
-            let id = inner.next_id;
-            let group = matches!(n.fold, Some(Fold::Group { .. })).then(|| Group::open(actor));
-            let c = self.append(&mut inner, tenant, recipient.as_str(), now, |seq| {
-                EventBody::Notification(Notification {
-                    id,
-                    seq,
-                    recipient: recipient.to_string(),
-                    content: content.clone(),
-                    read_at: None,
-                    seen_at: None,
-                    archived_at: None,
-                    group,
-                })
+        if n.deliver_at.is_some() {
+            inner.scheduled.push(ScheduledSend {
+                tenant: tenant.to_owned(),
+                sender: sender.to_owned(),
+                n: n.clone(),
             });
-            if let Some(fold) = &n.fold {
-                let log = inner.log(epoch, tenant, recipient.as_str());
-                let is_group = matches!(fold, Fold::Group { .. });
-                log.folds
-                    .insert((is_group, fold.key().to_owned()), (c.event.seq, now));
+            if let Some(k) = idem {
+                inner.remember(k, fingerprint, Vec::new(), true);
             }
-            deliveries.push(Delivery {
-                recipient: recipient.to_string(),
-                notification_id: id,
-                seq: c.event.seq,
-                updated: false,
+            return Ok(Sent {
+                deliveries: Vec::new(),
+                replayed: false,
+                scheduled: true,
             });
-            committed.push(c);
         }
-        self.bus.stage(&committed);
+        let deliveries = self.send_now(&mut inner, tenant, n);
         if let Some(k) = idem {
-            inner.remember(k, fingerprint, deliveries.clone());
+            inner.remember(k, fingerprint, deliveries.clone(), false);
         }
         Ok(Sent {
             deliveries,
             replayed: false,
+            scheduled: false,
         })
+    }
+
+    async fn cancel_scheduled(&self, tenant: &str, sender: &str, key: &str) -> StoreResult<bool> {
+        let mut inner = self.lock();
+        let before = inner.scheduled.len();
+        inner.scheduled.retain(|s| {
+            !(s.tenant == tenant
+                && s.sender == sender
+                && s.n.idempotency_key.as_deref() == Some(key))
+        });
+        Ok(inner.scheduled.len() < before)
+    }
+
+    async fn deliver_due(&self, now: SystemTime) -> StoreResult<usize> {
+        let mut inner = self.lock();
+        let (mut due, waiting): (Vec<ScheduledSend>, Vec<ScheduledSend>) =
+            std::mem::take(&mut inner.scheduled)
+                .into_iter()
+                .partition(|s| s.n.deliver_at.is_none_or(|at| at <= now));
+        inner.scheduled = waiting;
+        due.sort_by_key(|s| s.n.deliver_at);
+        let count = due.len();
+        for s in due {
+            if s.n.expires_at.is_some_and(|x| x <= now) {
+                continue; // expired before it was due
+            }
+            let deliveries = self.send_now(&mut inner, &s.tenant, &s.n);
+            if let Some(k) = &s.n.idempotency_key {
+                let key = (s.tenant.clone(), s.sender.clone(), k.clone());
+                if let Some(entry) = inner.idempotency.get_mut(&key) {
+                    entry.1 = deliveries;
+                    entry.2 = false;
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    async fn expire(&self, now: SystemTime) -> StoreResult<usize> {
+        let mut inner = self.lock();
+        let expired: Vec<(UserKey, Vec<i64>)> = inner
+            .users
+            .iter()
+            .filter_map(|(k, log)| {
+                let ids: Vec<i64> = log
+                    .notifications
+                    .values()
+                    .filter(|n| n.content.expires_at.is_some_and(|x| x <= now))
+                    .map(|n| n.id)
+                    .collect();
+                (!ids.is_empty()).then(|| (k.clone(), ids))
+            })
+            .collect();
+        let mut deleted = 0;
+        for ((tenant, user), mut ids) in expired {
+            ids.sort_unstable();
+            let request = StateRequest {
+                action: StateAction::Delete,
+                target: StateTarget::Ids(ids),
+            };
+            deleted += self
+                .change_state(&mut inner, &tenant, &user, &request)
+                .changed as usize;
+        }
+        Ok(deleted)
     }
 
     async fn update_state(
@@ -355,53 +535,7 @@ impl Store for MemoryStore {
         request: &StateRequest,
     ) -> StoreResult<StateOutcome> {
         let mut inner = self.lock();
-        let Some(log) = inner.users.get_mut(&key(tenant, user)) else {
-            return Ok(StateOutcome::default());
-        };
-        let now = SystemTime::now();
-        let head = log.head.last_seq;
-        let (up_to, filter) = match &request.target {
-            StateTarget::Ids(_) => (head, None),
-            StateTarget::UpTo(seq) => ((*seq).min(head), None),
-            StateTarget::Filter(f) => (head, Some(f)),
-        };
-        let targeted = |n: &Notification| match &request.target {
-            StateTarget::Ids(wanted) => wanted.binary_search(&n.id).is_ok(),
-            StateTarget::UpTo(_) => true,
-            StateTarget::Filter(f) => f.matches(&n.content),
-        };
-        let mut changed = Vec::new();
-        for (seq, n) in log.notifications.range_mut(..=up_to) {
-            if targeted(n) && apply(request.action, n, now) {
-                changed.push((*seq, n.id));
-            }
-        }
-        if changed.is_empty() {
-            return Ok(StateOutcome::default());
-        }
-        let mut change = StateChange {
-            action: request.action,
-            ids: Vec::new(),
-            up_to_seq: up_to,
-            filter: filter.cloned(),
-        };
-        if let StateTarget::Ids(_) = request.target {
-            change.ids = changed.iter().map(|(_, id)| *id).collect();
-            change.ids.sort_unstable();
-            change.up_to_seq = 0;
-        }
-        if request.action == StateAction::Delete {
-            for (seq, _) in &changed {
-                log.notifications.remove(seq);
-            }
-        }
-        let c = self.append(&mut inner, tenant, user, now, |_| EventBody::State(change));
-        let seq = c.event.seq;
-        self.bus.stage(&[c]);
-        Ok(StateOutcome {
-            changed: u32::try_from(changed.len()).unwrap_or(u32::MAX),
-            seq,
-        })
+        Ok(self.change_state(&mut inner, tenant, user, request))
     }
 
     async fn head(&self, tenant: &str, user: &str) -> StoreResult<StreamHead> {
@@ -453,6 +587,7 @@ impl Store for MemoryStore {
         if after_seq >= up_to_seq {
             return Ok(Vec::new());
         }
+        let now = self.clock.now();
         let inner = self.lock();
         let Some(log) = inner.users.get(&key(tenant, user)) else {
             return Ok(Vec::new());
@@ -461,7 +596,7 @@ impl Store for MemoryStore {
             .notifications
             .range(after_seq + 1..=up_to_seq)
             .map(|(_, n)| n)
-            .filter(|n| counts_unread(n))
+            .filter(|n| counts_unread(n, now))
             .take(limit)
             .cloned()
             .collect())
@@ -473,6 +608,7 @@ impl Store for MemoryStore {
         user: &str,
         query: PageQuery,
     ) -> StoreResult<Vec<Notification>> {
+        let now = self.clock.now();
         let inner = self.lock();
         let Some(log) = inner.users.get(&key(tenant, user)) else {
             return Ok(Vec::new());
@@ -482,7 +618,7 @@ impl Store for MemoryStore {
             .range(..query.before_seq)
             .rev()
             .map(|(_, n)| n)
-            .filter(|n| n.archived_at.is_some() == query.archived)
+            .filter(|n| n.archived_at.is_some() == query.archived && live(n, now))
             .filter(|n| !query.unread_only || n.read_at.is_none())
             .filter(|n| query.filter.matches(&n.content))
             .take(query.limit)
@@ -496,6 +632,7 @@ impl Store for MemoryStore {
         user: &str,
         filters: &[NotificationFilter],
     ) -> StoreResult<UnreadCounts> {
+        let now = self.clock.now();
         let inner = self.lock();
         let Some(log) = inner.users.get(&key(tenant, user)) else {
             return Ok(UnreadCounts {
@@ -508,12 +645,12 @@ impl Store for MemoryStore {
         let unread: Vec<&Notification> = log
             .notifications
             .values()
-            .filter(|n| counts_unread(n))
+            .filter(|n| counts_unread(n, now))
             .collect();
         let unseen = log
             .notifications
             .values()
-            .filter(|n| n.archived_at.is_none() && n.seen_at.is_none() && n.read_at.is_none())
+            .filter(|n| n.seen_at.is_none() && counts_unread(n, now))
             .count();
         Ok(UnreadCounts {
             unread: unread.len() as u64,
@@ -556,7 +693,7 @@ impl Store for MemoryStore {
         inner.drop_tickets_expired_by(SystemTime::now());
         while let Some(oldest) = inner.idempotency_order.front() {
             match inner.idempotency.get(oldest) {
-                Some((_, _, at)) if *at >= cutoff => break,
+                Some((_, _, _, at)) if *at >= cutoff => break,
                 _ => {
                     if let Some(old) = inner.idempotency_order.pop_front() {
                         inner.idempotency.remove(&old);

@@ -23,6 +23,7 @@ pub mod log;
 pub mod memory;
 pub mod postgres;
 pub mod retention;
+pub mod scheduler;
 
 /// Why a store call failed. Cheap to clone (a batch's failure is answered
 /// to each of its sends); the cause is kept, so a log says what the
@@ -109,6 +110,28 @@ pub trait Store: Send + Sync + 'static {
         n: &NewNotification,
     ) -> impl Future<Output = StoreResult<Sent>> + Send;
 
+    /// Cancels the send `sender` scheduled in `tenant` with idempotency key
+    /// `key`, if it is still waiting: true when it was.
+    fn cancel_scheduled(
+        &self,
+        tenant: &str,
+        sender: &str,
+        key: &str,
+    ) -> impl Future<Output = StoreResult<bool>> + Send;
+
+    /// Delivers scheduled sends due by `now` (appended to their
+    /// recipients' streams as any send), each once whichever replica runs
+    /// it; a send that expired before it was due is dropped. Returns how
+    /// many it took (a run takes a bounded batch: run again while this is
+    /// positive).
+    fn deliver_due(&self, now: SystemTime) -> impl Future<Output = StoreResult<usize>> + Send;
+
+    /// Deletes the notifications expired by `now` (`expires_at`), with a
+    /// `state` delete event on each user's stream and the counters moved,
+    /// as `update_state` would. Returns how many (bounded per run, like
+    /// `deliver_due`).
+    fn expire(&self, now: SystemTime) -> impl Future<Output = StoreResult<usize>> + Send;
+
     /// Changes the state of `user`'s notifications (`request.action` on
     /// `request.target`) and, when any changed, appends one state event to
     /// the user's stream, in the same transaction. An `UpTo` seq beyond the
@@ -142,7 +165,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<StreamRange>> + Send;
 
     /// Up to `limit` unread notifications of `user`'s inbox (not archived,
-    /// not deleted) with `after_seq` < seq <= `up_to_seq`, in seq order
+    /// deleted or expired by the store's clock) with `after_seq` < seq <= `up_to_seq`, in seq order
     /// (the backlog of a fresh connection).
     fn unread_after(
         &self,
@@ -155,7 +178,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// A page of `user`'s notifications, newest first, with current state:
     /// the inbox, or the archived ones (`query.archived`); never deleted
-    /// ones.
+    /// or expired ones.
     fn list(
         &self,
         tenant: &str,
@@ -166,7 +189,8 @@ pub trait Store: Send + Sync + 'static {
     /// `user`'s unread and unseen counts and stream head seq, and the
     /// unread count of each of `filters` (in order), all read in one
     /// snapshot: each count is what `list` with `unread_only` and that
-    /// filter would list (archived and deleted notifications never count).
+    /// filter would list (archived, deleted and expired notifications never
+    /// count).
     fn unread_count(
         &self,
         tenant: &str,

@@ -20,10 +20,11 @@ use super::{
 };
 use crate::{
     bus::{Bus, postgres::NotifyBus},
+    clock::Clock,
     jobs::Jobs,
     notification::{
-        Delivery, Epoch, NewNotification, Notification, NotificationFilter, PageQuery, Sent,
-        StateChange, StateOutcome, StateRequest, StateTarget, StreamHead, StreamRange,
+        Epoch, MAX_MARK_IDS, NewNotification, Notification, NotificationFilter, PageQuery, Sent,
+        StateAction, StateChange, StateOutcome, StateRequest, StateTarget, StreamHead, StreamRange,
     },
     ticket::{TicketDigest, TicketGrant},
 };
@@ -272,6 +273,7 @@ pub struct PgStore {
     bus: Arc<dyn Bus>,
     sends: GroupCommit,
     statement_timeout: Option<Duration>,
+    clock: Clock,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -338,11 +340,20 @@ impl PgStore {
             bus,
             sends,
             statement_timeout,
+            clock: Clock::system(),
         })
+    }
+
+    /// This store, going by `clock` for expiry (what listings and counts
+    /// leave out).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 }
 
-/// The result stored under an idempotency key by a committed send:
+/// The result stored under an idempotency key by a committed send (its
+/// deliveries, or that it is scheduled), as a replay:
 /// `IdempotencyKeyReused` when it was stored for a different request.
 pub(super) async fn replay_idempotent(
     pool: &Pool,
@@ -350,7 +361,7 @@ pub(super) async fn replay_idempotent(
     sender: &str,
     key: &str,
     fingerprint: &str,
-) -> StoreResult<Vec<Delivery>> {
+) -> StoreResult<Sent> {
     let client = pool.get().await.map_err(pool_error)?;
     let row = client
         .query_one(
@@ -367,7 +378,20 @@ pub(super) async fn replay_idempotent(
     let response: Option<String> = row.try_get("response").map_err(pg_error)?;
     let response =
         response.ok_or_else(|| StoreError::internal("idempotency key without result"))?;
-    serde_json::from_str(&response).map_err(StoreError::internal)
+    // jsonb gives its own spacing back: compare parsed.
+    let value: serde_json::Value = serde_json::from_str(&response).map_err(StoreError::internal)?;
+    if value.get("scheduled") == Some(&serde_json::Value::Bool(true)) {
+        return Ok(Sent {
+            deliveries: Vec::new(),
+            replayed: true,
+            scheduled: true,
+        });
+    }
+    Ok(Sent {
+        deliveries: serde_json::from_value(value).map_err(StoreError::internal)?,
+        replayed: true,
+        scheduled: false,
+    })
 }
 
 /// Key of the transaction advisory lock each retention batch takes, so one
@@ -671,6 +695,60 @@ impl Store for PgStore {
         })
     }
 
+    async fn cancel_scheduled(&self, tenant: &str, sender: &str, key: &str) -> StoreResult<bool> {
+        let client = self.pool.get().await.map_err(pool_error)?;
+        let stmt = client
+            .prepare_cached(
+                "DELETE FROM scheduled_sends \
+                 WHERE tenant = $1 AND sender = $2 AND idempotency_key = $3",
+            )
+            .await
+            .map_err(pg_error)?;
+        let n = client
+            .execute(&stmt, &[&tenant, &sender, &key])
+            .await
+            .map_err(pg_error)?;
+        Ok(n > 0)
+    }
+
+    async fn deliver_due(&self, now: SystemTime) -> StoreResult<usize> {
+        super::group_commit::deliver_due(&self.pool, self.bus.as_ref(), now, self.statement_timeout)
+            .await
+    }
+
+    async fn expire(&self, now: SystemTime) -> StoreResult<usize> {
+        let expired = {
+            let client = self.pool.get().await.map_err(pool_error)?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT tenant, user_id, array_agg(id ORDER BY id) FROM ( \
+                       SELECT tenant, user_id, id FROM notifications \
+                       WHERE expires_at <= $1 AND deleted_at IS NULL \
+                       ORDER BY expires_at LIMIT $2 \
+                     ) AS e GROUP BY tenant, user_id",
+                )
+                .await
+                .map_err(pg_error)?;
+            let limit = i64::try_from(MAX_MARK_IDS).unwrap_or(i64::MAX);
+            client
+                .query(&stmt, &[&now, &limit])
+                .await
+                .map_err(pg_error)?
+        };
+        let mut deleted = 0;
+        for row in expired {
+            let tenant: String = row.try_get(0).map_err(pg_error)?;
+            let user: String = row.try_get(1).map_err(pg_error)?;
+            let ids: Vec<i64> = row.try_get(2).map_err(pg_error)?;
+            let request = StateRequest {
+                action: StateAction::Delete,
+                target: StateTarget::Ids(ids),
+            };
+            deleted += self.update_state(&tenant, &user, &request).await?.changed as usize;
+        }
+        Ok(deleted)
+    }
+
     async fn head(&self, tenant: &str, user: &str) -> StoreResult<StreamHead> {
         let client = self.pool.get().await.map_err(pool_error)?;
         let stmt = client
@@ -718,6 +796,7 @@ impl Store for PgStore {
                  FROM {CURRENT} \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq > $3 AND n.seq <= $4 \
                    AND n.read_at IS NULL AND n.archived_at IS NULL AND n.deleted_at IS NULL \
+                   AND (n.expires_at IS NULL OR n.expires_at > $6) \
                  ORDER BY n.seq LIMIT $5"
             ))
             .await
@@ -726,7 +805,14 @@ impl Store for PgStore {
         let rows = client
             .query(
                 &stmt,
-                &[&tenant, &user, &pos(after_seq), &pos(up_to_seq), &limit],
+                &[
+                    &tenant,
+                    &user,
+                    &pos(after_seq),
+                    &pos(up_to_seq),
+                    &limit,
+                    &self.clock.now(),
+                ],
             )
             .await
             .map_err(pg_error)?;
@@ -749,7 +835,8 @@ impl Store for PgStore {
                  FROM {CURRENT} \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.seq < $3 \
                    AND (NOT $4 OR n.read_at IS NULL) AND n.deleted_at IS NULL \
-                   AND (n.archived_at IS NOT NULL) = $10 AND {} \
+                   AND (n.archived_at IS NOT NULL) = $10 \
+                   AND (n.expires_at IS NULL OR n.expires_at > $11) AND {} \
                  ORDER BY n.seq DESC LIMIT $5",
                 filter_sql(6)
             ))
@@ -771,6 +858,7 @@ impl Store for PgStore {
                     &f.categories,
                     &f.min_severity,
                     &query.archived,
+                    &self.clock.now(),
                 ],
             )
             .await
@@ -788,14 +876,25 @@ impl Store for PgStore {
         filters: &[NotificationFilter],
     ) -> StoreResult<UnreadCounts> {
         let mut client = self.pool.get().await.map_err(pool_error)?;
-        const TOTAL: &str = "SELECT COALESCE(max(unread), 0), COALESCE(max(last_seq), 0), \
-             COALESCE(max(unseen), 0) FROM user_streams WHERE tenant = $1 AND user_id = $2";
+        // The counters, less what expired and is not yet deleted (the
+        // expiry job deletes it, moving the counters, soon after).
+        const TOTAL: &str = "SELECT COALESCE(max(s.unread), 0) - e.unread, \
+             COALESCE(max(s.last_seq), 0), COALESCE(max(s.unseen), 0) - e.unseen \
+             FROM (SELECT \
+                 count(*) FILTER (WHERE read_at IS NULL AND archived_at IS NULL) AS unread, \
+                 count(*) FILTER (WHERE read_at IS NULL AND seen_at IS NULL \
+                                  AND archived_at IS NULL) AS unseen \
+               FROM notifications WHERE tenant = $1 AND user_id = $2 AND expires_at <= $3 \
+                 AND deleted_at IS NULL) AS e \
+             LEFT JOIN user_streams s ON s.tenant = $1 AND s.user_id = $2 \
+             GROUP BY e.unread, e.unseen";
+        let now = self.clock.now();
         if filters.is_empty() {
             // One row: the count and the head agree (both change in the
             // transactions that change what they count).
             let stmt = client.prepare_cached(TOTAL).await.map_err(pg_error)?;
             let row = client
-                .query_one(&stmt, &[&tenant, &user])
+                .query_one(&stmt, &[&tenant, &user, &now])
                 .await
                 .map_err(pg_error)?;
             return Ok(UnreadCounts {
@@ -817,7 +916,7 @@ impl Store for PgStore {
             .map_err(pg_error)?;
         let stmt = tx.prepare_cached(TOTAL).await.map_err(pg_error)?;
         let row = tx
-            .query_one(&stmt, &[&tenant, &user])
+            .query_one(&stmt, &[&tenant, &user, &now])
             .await
             .map_err(pg_error)?;
         let unread: i64 = row.try_get(0).map_err(pg_error)?;
@@ -828,7 +927,8 @@ impl Store for PgStore {
             .prepare_cached(&format!(
                 "SELECT count(*) FROM {CURRENT} \
                  WHERE n.tenant = $1 AND n.user_id = $2 AND n.read_at IS NULL \
-                   AND n.archived_at IS NULL AND n.deleted_at IS NULL AND {}",
+                   AND n.archived_at IS NULL AND n.deleted_at IS NULL \
+                   AND (n.expires_at IS NULL OR n.expires_at > $7) AND {}",
                 filter_sql(3)
             ))
             .await
@@ -845,6 +945,7 @@ impl Store for PgStore {
                         &f.prefixes,
                         &f.categories,
                         &f.min_severity,
+                        &now,
                     ],
                 )
                 .await

@@ -25,7 +25,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file herald/v1/herald.proto.
  */
 export const file_herald_v1_herald: GenFile = /*@__PURE__*/
-  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEiiQQKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCgdzZWVuX2F0GBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthcmNoaXZlZF9hdBgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLcmVwbGFjZV9rZXkYEiABKAkSEQoJZ3JvdXBfa2V5GBMgASgJEhMKC2dyb3VwX2NvdW50GBQgASgNEg4KBmFjdG9ycxgVIAMoCSIkCgZBY3Rpb24SDQoFbGFiZWwYASABKAkSCwoDdXJsGAIgASgJIuoCChdTZW5kTm90aWZpY2F0aW9uUmVxdWVzdBISCgpyZWNpcGllbnRzGAEgAygJEgwKBHR5cGUYAiABKAkSDQoFdGl0bGUYAyABKAkSDAoEYm9keRgEIAEoCRIMCgRkYXRhGAUgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIQCghjYXRlZ29yeRgHIAEoCRIlCghzZXZlcml0eRgIIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRINCgVhY3RvchgJIAEoCRISCgphY3Rpb25fdXJsGAogASgJEiIKB2FjdGlvbnMYCyADKAsyES5oZXJhbGQudjEuQWN0aW9uEhMKC3JlcGxhY2Vfa2V5GAwgASgJEhAKCHJlbm90aWZ5GA0gASgIEhEKCWdyb3VwX2tleRgOIAEoCRIvCgxncm91cF93aW5kb3cYDyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iVAoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQSDwoHdXBkYXRlZBgEIAEoCCJDChhTZW5kTm90aWZpY2F0aW9uUmVzcG9uc2USJwoKZGVsaXZlcmllcxgBIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJVChhTZW5kTm90aWZpY2F0aW9uc1JlcXVlc3QSOQoNbm90aWZpY2F0aW9ucxgBIAMoCzIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVxdWVzdCJwChdTZW5kTm90aWZpY2F0aW9uc1Jlc3VsdBINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSJwoKZGVsaXZlcmllcxgEIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeSJQChlTZW5kTm90aWZpY2F0aW9uc1Jlc3BvbnNlEjMKB3Jlc3VsdHMYASADKAsyIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXN1bHQilQEKEFN1YnNjcmliZVJlcXVlc3QSFgoJYWZ0ZXJfc2VxGAEgASgESACIAQESDQoFdHlwZXMYAiADKAkSDQoFZXBvY2gYAyABKAQSEgoKY2F0ZWdvcmllcxgEIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBSABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHlCDAoKX2FmdGVyX3NlcSLZAgoFRXZlbnQSCwoDc2VxGAEgASgEEi8KDG5vdGlmaWNhdGlvbhgCIAEoCzIXLmhlcmFsZC52MS5Ob3RpZmljYXRpb25IABIrCgRyZWFkGAMgASgLMhsuaGVyYWxkLnYxLlJlYWRTdGF0ZUNoYW5nZWRIABIoCgljYXVnaHRfdXAYBCABKAsyEy5oZXJhbGQudjEuQ2F1Z2h0VXBIABIpCgloZWFydGJlYXQYBSABKAsyFC5oZXJhbGQudjEuSGVhcnRiZWF0SAASIwoGcmVzeW5jGAYgASgLMhEuaGVyYWxkLnYxLlJlc3luY0gAEigKBXN0YXRlGAggASgLMhcuaGVyYWxkLnYxLlN0YXRlQ2hhbmdlZEgAEioKB3VwZGF0ZWQYCSABKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uSAASDQoFZXBvY2gYByABKARCBgoEa2luZCI/ChBSZWFkU3RhdGVDaGFuZ2VkEhgKEG5vdGlmaWNhdGlvbl9pZHMYASADKAMSEQoJdXBfdG9fc2VxGAIgASgEIpIBCgxTdGF0ZUNoYW5nZWQSJgoGYWN0aW9uGAEgASgOMhYuaGVyYWxkLnYxLlN0YXRlQWN0aW9uEhgKEG5vdGlmaWNhdGlvbl9pZHMYAiADKAMSEQoJdXBfdG9fc2VxGAMgASgEEi0KBmZpbHRlchgEIAEoCzIdLmhlcmFsZC52MS5Ob3RpZmljYXRpb25GaWx0ZXIiYgoSTm90aWZpY2F0aW9uRmlsdGVyEg0KBXR5cGVzGAEgAygJEhIKCmNhdGVnb3JpZXMYAiADKAkSKQoMbWluX3NldmVyaXR5GAMgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5IkEKCENhdWdodFVwEjUKEmhlYXJ0YmVhdF9pbnRlcnZhbBgBIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI8CglIZWFydGJlYXQSLwoLc2VydmVyX3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkBCgZSZXN5bmMSKAoGcmVhc29uGAEgASgOMhguaGVyYWxkLnYxLlJlc3luYy5SZWFzb24iZQoGUmVhc29uEhYKElJFQVNPTl9VTlNQRUNJRklFRBAAEhgKFFJFQVNPTl9FUE9DSF9DSEFOR0VEEAESEQoNUkVBU09OX1BSVU5FRBACEhYKElJFQVNPTl9CRVlPTkRfSEVBRBADIlsKD01hcmtSZWFkUmVxdWVzdBIpCgNpZHMYASABKAsyGi5oZXJhbGQudjEuTm90aWZpY2F0aW9uSWRzSAASEwoJdXBfdG9fc2VxGAIgASgESABCCAoGdGFyZ2V0Ih4KD05vdGlmaWNhdGlvbklkcxILCgNpZHMYASADKAMitwEKElVwZGF0ZVN0YXRlUmVxdWVzdBImCgZhY3Rpb24YASABKA4yFi5oZXJhbGQudjEuU3RhdGVBY3Rpb24SKQoDaWRzGAIgASgLMhouaGVyYWxkLnYxLk5vdGlmaWNhdGlvbklkc0gAEhMKCXVwX3RvX3NlcRgDIAEoBEgAEi8KBmZpbHRlchgEIAEoCzIdLmhlcmFsZC52MS5Ob3RpZmljYXRpb25GaWx0ZXJIAEIICgZ0YXJnZXQiMwoTVXBkYXRlU3RhdGVSZXNwb25zZRIPCgdjaGFuZ2VkGAEgASgNEgsKA3NlcRgCIAEoBCIvChBNYXJrUmVhZFJlc3BvbnNlEg4KBm1hcmtlZBgBIAEoDRILCgNzZXEYAiABKAQitgEKGExpc3ROb3RpZmljYXRpb25zUmVxdWVzdBITCgt1bnJlYWRfb25seRgBIAEoCBIRCglwYWdlX3NpemUYAiABKA0SEgoKcGFnZV90b2tlbhgDIAEoCRINCgV0eXBlcxgEIAMoCRISCgpjYXRlZ29yaWVzGAUgAygJEikKDG1pbl9zZXZlcml0eRgGIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRIQCghhcmNoaXZlZBgHIAEoCCJkChlMaXN0Tm90aWZpY2F0aW9uc1Jlc3BvbnNlEi4KDW5vdGlmaWNhdGlvbnMYASADKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSJBChVHZXRVbnJlYWRDb3VudFJlcXVlc3QSKAoHZmlsdGVycxgBIAMoCzIXLmhlcmFsZC52MS5VbnJlYWRGaWx0ZXIiagoMVW5yZWFkRmlsdGVyEgwKBG5hbWUYASABKAkSDQoFdHlwZXMYAiADKAkSEgoKY2F0ZWdvcmllcxgDIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBCABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkiKwoLVW5yZWFkQ291bnQSDAoEbmFtZRgBIAEoCRIOCgZ1bnJlYWQYAiABKAQibQoWR2V0VW5yZWFkQ291bnRSZXNwb25zZRIOCgZ1bnJlYWQYASABKAQSCwoDc2VxGAIgASgEEiYKBmNvdW50cxgDIAMoCzIWLmhlcmFsZC52MS5VbnJlYWRDb3VudBIOCgZ1bnNlZW4YBCABKAQiGwoZQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdCJcChpDcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZRIOCgZ0aWNrZXQYASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqdQoIU2V2ZXJpdHkSGAoUU0VWRVJJVFlfVU5TUEVDSUZJRUQQABIQCgxTRVZFUklUWV9MT1cQARITCg9TRVZFUklUWV9OT1JNQUwQAhIRCg1TRVZFUklUWV9ISUdIEAMSFQoRU0VWRVJJVFlfQ1JJVElDQUwQBCrBAQoLU3RhdGVBY3Rpb24SHAoYU1RBVEVfQUNUSU9OX1VOU1BFQ0lGSUVEEAASFQoRU1RBVEVfQUNUSU9OX1JFQUQQARIXChNTVEFURV9BQ1RJT05fVU5SRUFEEAISFQoRU1RBVEVfQUNUSU9OX1NFRU4QAxIYChRTVEFURV9BQ1RJT05fQVJDSElWRRAEEhoKFlNUQVRFX0FDVElPTl9VTkFSQ0hJVkUQBRIXChNTVEFURV9BQ1RJT05fREVMRVRFEAYytwUKDU5vdGlmaWNhdGlvbnMSWwoQU2VuZE5vdGlmaWNhdGlvbhIiLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVxdWVzdBojLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uUmVzcG9uc2USXgoRU2VuZE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVzcG9uc2USPAoJU3Vic2NyaWJlEhsuaGVyYWxkLnYxLlN1YnNjcmliZVJlcXVlc3QaEC5oZXJhbGQudjEuRXZlbnQwARJDCghNYXJrUmVhZBIaLmhlcmFsZC52MS5NYXJrUmVhZFJlcXVlc3QaGy5oZXJhbGQudjEuTWFya1JlYWRSZXNwb25zZRJMCgtVcGRhdGVTdGF0ZRIdLmhlcmFsZC52MS5VcGRhdGVTdGF0ZVJlcXVlc3QaHi5oZXJhbGQudjEuVXBkYXRlU3RhdGVSZXNwb25zZRJeChFMaXN0Tm90aWZpY2F0aW9ucxIjLmhlcmFsZC52MS5MaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QaJC5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRJVCg5HZXRVbnJlYWRDb3VudBIgLmhlcmFsZC52MS5HZXRVbnJlYWRDb3VudFJlcXVlc3QaIS5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXNwb25zZRJhChJDcmVhdGVTdHJlYW1UaWNrZXQSJC5oZXJhbGQudjEuQ3JlYXRlU3RyZWFtVGlja2V0UmVxdWVzdBolLmhlcmFsZC52MS5DcmVhdGVTdHJlYW1UaWNrZXRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChZoZXJhbGQvdjEvaGVyYWxkLnByb3RvEgloZXJhbGQudjEiuQQKDE5vdGlmaWNhdGlvbhIKCgJpZBgBIAEoAxILCgNzZXEYAiABKAQSEQoJcmVjaXBpZW50GAMgASgJEgwKBHR5cGUYBCABKAkSDQoFdGl0bGUYBSABKAkSDAoEYm9keRgGIAEoCRIMCgRkYXRhGAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBHJlYWQYCSABKAgSEAoIY2F0ZWdvcnkYCiABKAkSJQoIc2V2ZXJpdHkYCyABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSDQoFYWN0b3IYDCABKAkSEgoKYWN0aW9uX3VybBgNIAEoCRIiCgdhY3Rpb25zGA4gAygLMhEuaGVyYWxkLnYxLkFjdGlvbhIrCgdyZWFkX2F0GA8gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIrCgdzZWVuX2F0GBAgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgthcmNoaXZlZF9hdBgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLcmVwbGFjZV9rZXkYEiABKAkSEQoJZ3JvdXBfa2V5GBMgASgJEhMKC2dyb3VwX2NvdW50GBQgASgNEg4KBmFjdG9ycxgVIAMoCRIuCgpleHBpcmVzX2F0GBYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCIkCgZBY3Rpb24SDQoFbGFiZWwYASABKAkSCwoDdXJsGAIgASgJIsoDChdTZW5kTm90aWZpY2F0aW9uUmVxdWVzdBISCgpyZWNpcGllbnRzGAEgAygJEgwKBHR5cGUYAiABKAkSDQoFdGl0bGUYAyABKAkSDAoEYm9keRgEIAEoCRIMCgRkYXRhGAUgASgJEhcKD2lkZW1wb3RlbmN5X2tleRgGIAEoCRIQCghjYXRlZ29yeRgHIAEoCRIlCghzZXZlcml0eRgIIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eRINCgVhY3RvchgJIAEoCRISCgphY3Rpb25fdXJsGAogASgJEiIKB2FjdGlvbnMYCyADKAsyES5oZXJhbGQudjEuQWN0aW9uEhMKC3JlcGxhY2Vfa2V5GAwgASgJEhAKCHJlbm90aWZ5GA0gASgIEhEKCWdyb3VwX2tleRgOIAEoCRIvCgxncm91cF93aW5kb3cYDyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLgoKZXhwaXJlc19hdBgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKZGVsaXZlcl9hdBgRIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVAoIRGVsaXZlcnkSEQoJcmVjaXBpZW50GAEgASgJEhcKD25vdGlmaWNhdGlvbl9pZBgCIAEoAxILCgNzZXEYAyABKAQSDwoHdXBkYXRlZBgEIAEoCCJWChhTZW5kTm90aWZpY2F0aW9uUmVzcG9uc2USJwoKZGVsaXZlcmllcxgBIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeRIRCglzY2hlZHVsZWQYAiABKAgiPQoiQ2FuY2VsU2NoZWR1bGVkTm90aWZpY2F0aW9uUmVxdWVzdBIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkiOAojQ2FuY2VsU2NoZWR1bGVkTm90aWZpY2F0aW9uUmVzcG9uc2USEQoJY2FuY2VsbGVkGAEgASgIIlUKGFNlbmROb3RpZmljYXRpb25zUmVxdWVzdBI5Cg1ub3RpZmljYXRpb25zGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25SZXF1ZXN0IoMBChdTZW5kTm90aWZpY2F0aW9uc1Jlc3VsdBINCgVpbmRleBgBIAEoDRIMCgRjb2RlGAIgASgFEg8KB21lc3NhZ2UYAyABKAkSJwoKZGVsaXZlcmllcxgEIAMoCzITLmhlcmFsZC52MS5EZWxpdmVyeRIRCglzY2hlZHVsZWQYBSABKAgiUAoZU2VuZE5vdGlmaWNhdGlvbnNSZXNwb25zZRIzCgdyZXN1bHRzGAEgAygLMiIuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVzdWx0IpUBChBTdWJzY3JpYmVSZXF1ZXN0EhYKCWFmdGVyX3NlcRgBIAEoBEgAiAEBEg0KBXR5cGVzGAIgAygJEg0KBWVwb2NoGAMgASgEEhIKCmNhdGVnb3JpZXMYBCADKAkSKQoMbWluX3NldmVyaXR5GAUgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5QgwKCl9hZnRlcl9zZXEi2QIKBUV2ZW50EgsKA3NlcRgBIAEoBBIvCgxub3RpZmljYXRpb24YAiABKAsyFy5oZXJhbGQudjEuTm90aWZpY2F0aW9uSAASKwoEcmVhZBgDIAEoCzIbLmhlcmFsZC52MS5SZWFkU3RhdGVDaGFuZ2VkSAASKAoJY2F1Z2h0X3VwGAQgASgLMhMuaGVyYWxkLnYxLkNhdWdodFVwSAASKQoJaGVhcnRiZWF0GAUgASgLMhQuaGVyYWxkLnYxLkhlYXJ0YmVhdEgAEiMKBnJlc3luYxgGIAEoCzIRLmhlcmFsZC52MS5SZXN5bmNIABIoCgVzdGF0ZRgIIAEoCzIXLmhlcmFsZC52MS5TdGF0ZUNoYW5nZWRIABIqCgd1cGRhdGVkGAkgASgLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbkgAEg0KBWVwb2NoGAcgASgEQgYKBGtpbmQiPwoQUmVhZFN0YXRlQ2hhbmdlZBIYChBub3RpZmljYXRpb25faWRzGAEgAygDEhEKCXVwX3RvX3NlcRgCIAEoBCKSAQoMU3RhdGVDaGFuZ2VkEiYKBmFjdGlvbhgBIAEoDjIWLmhlcmFsZC52MS5TdGF0ZUFjdGlvbhIYChBub3RpZmljYXRpb25faWRzGAIgAygDEhEKCXVwX3RvX3NlcRgDIAEoBBItCgZmaWx0ZXIYBCABKAsyHS5oZXJhbGQudjEuTm90aWZpY2F0aW9uRmlsdGVyImIKEk5vdGlmaWNhdGlvbkZpbHRlchINCgV0eXBlcxgBIAMoCRISCgpjYXRlZ29yaWVzGAIgAygJEikKDG1pbl9zZXZlcml0eRgDIAEoDjITLmhlcmFsZC52MS5TZXZlcml0eSJBCghDYXVnaHRVcBI1ChJoZWFydGJlYXRfaW50ZXJ2YWwYASABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iPAoJSGVhcnRiZWF0Ei8KC3NlcnZlcl90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCKZAQoGUmVzeW5jEigKBnJlYXNvbhgBIAEoDjIYLmhlcmFsZC52MS5SZXN5bmMuUmVhc29uImUKBlJlYXNvbhIWChJSRUFTT05fVU5TUEVDSUZJRUQQABIYChRSRUFTT05fRVBPQ0hfQ0hBTkdFRBABEhEKDVJFQVNPTl9QUlVORUQQAhIWChJSRUFTT05fQkVZT05EX0hFQUQQAyJbCg9NYXJrUmVhZFJlcXVlc3QSKQoDaWRzGAEgASgLMhouaGVyYWxkLnYxLk5vdGlmaWNhdGlvbklkc0gAEhMKCXVwX3RvX3NlcRgCIAEoBEgAQggKBnRhcmdldCIeCg9Ob3RpZmljYXRpb25JZHMSCwoDaWRzGAEgAygDIrcBChJVcGRhdGVTdGF0ZVJlcXVlc3QSJgoGYWN0aW9uGAEgASgOMhYuaGVyYWxkLnYxLlN0YXRlQWN0aW9uEikKA2lkcxgCIAEoCzIaLmhlcmFsZC52MS5Ob3RpZmljYXRpb25JZHNIABITCgl1cF90b19zZXEYAyABKARIABIvCgZmaWx0ZXIYBCABKAsyHS5oZXJhbGQudjEuTm90aWZpY2F0aW9uRmlsdGVySABCCAoGdGFyZ2V0IjMKE1VwZGF0ZVN0YXRlUmVzcG9uc2USDwoHY2hhbmdlZBgBIAEoDRILCgNzZXEYAiABKAQiLwoQTWFya1JlYWRSZXNwb25zZRIOCgZtYXJrZWQYASABKA0SCwoDc2VxGAIgASgEIrYBChhMaXN0Tm90aWZpY2F0aW9uc1JlcXVlc3QSEwoLdW5yZWFkX29ubHkYASABKAgSEQoJcGFnZV9zaXplGAIgASgNEhIKCnBhZ2VfdG9rZW4YAyABKAkSDQoFdHlwZXMYBCADKAkSEgoKY2F0ZWdvcmllcxgFIAMoCRIpCgxtaW5fc2V2ZXJpdHkYBiABKA4yEy5oZXJhbGQudjEuU2V2ZXJpdHkSEAoIYXJjaGl2ZWQYByABKAgiZAoZTGlzdE5vdGlmaWNhdGlvbnNSZXNwb25zZRIuCg1ub3RpZmljYXRpb25zGAEgAygLMhcuaGVyYWxkLnYxLk5vdGlmaWNhdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiQQoVR2V0VW5yZWFkQ291bnRSZXF1ZXN0EigKB2ZpbHRlcnMYASADKAsyFy5oZXJhbGQudjEuVW5yZWFkRmlsdGVyImoKDFVucmVhZEZpbHRlchIMCgRuYW1lGAEgASgJEg0KBXR5cGVzGAIgAygJEhIKCmNhdGVnb3JpZXMYAyADKAkSKQoMbWluX3NldmVyaXR5GAQgASgOMhMuaGVyYWxkLnYxLlNldmVyaXR5IisKC1VucmVhZENvdW50EgwKBG5hbWUYASABKAkSDgoGdW5yZWFkGAIgASgEIm0KFkdldFVucmVhZENvdW50UmVzcG9uc2USDgoGdW5yZWFkGAEgASgEEgsKA3NlcRgCIAEoBBImCgZjb3VudHMYAyADKAsyFi5oZXJhbGQudjEuVW5yZWFkQ291bnQSDgoGdW5zZWVuGAQgASgEIhsKGUNyZWF0ZVN0cmVhbVRpY2tldFJlcXVlc3QiXAoaQ3JlYXRlU3RyZWFtVGlja2V0UmVzcG9uc2USDgoGdGlja2V0GAEgASgJEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKnUKCFNldmVyaXR5EhgKFFNFVkVSSVRZX1VOU1BFQ0lGSUVEEAASEAoMU0VWRVJJVFlfTE9XEAESEwoPU0VWRVJJVFlfTk9STUFMEAISEQoNU0VWRVJJVFlfSElHSBADEhUKEVNFVkVSSVRZX0NSSVRJQ0FMEAQqwQEKC1N0YXRlQWN0aW9uEhwKGFNUQVRFX0FDVElPTl9VTlNQRUNJRklFRBAAEhUKEVNUQVRFX0FDVElPTl9SRUFEEAESFwoTU1RBVEVfQUNUSU9OX1VOUkVBRBACEhUKEVNUQVRFX0FDVElPTl9TRUVOEAMSGAoUU1RBVEVfQUNUSU9OX0FSQ0hJVkUQBBIaChZTVEFURV9BQ1RJT05fVU5BUkNISVZFEAUSFwoTU1RBVEVfQUNUSU9OX0RFTEVURRAGMrUGCg1Ob3RpZmljYXRpb25zElsKEFNlbmROb3RpZmljYXRpb24SIi5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlcXVlc3QaIy5oZXJhbGQudjEuU2VuZE5vdGlmaWNhdGlvblJlc3BvbnNlEl4KEVNlbmROb3RpZmljYXRpb25zEiMuaGVyYWxkLnYxLlNlbmROb3RpZmljYXRpb25zUmVxdWVzdBokLmhlcmFsZC52MS5TZW5kTm90aWZpY2F0aW9uc1Jlc3BvbnNlEnwKG0NhbmNlbFNjaGVkdWxlZE5vdGlmaWNhdGlvbhItLmhlcmFsZC52MS5DYW5jZWxTY2hlZHVsZWROb3RpZmljYXRpb25SZXF1ZXN0Gi4uaGVyYWxkLnYxLkNhbmNlbFNjaGVkdWxlZE5vdGlmaWNhdGlvblJlc3BvbnNlEjwKCVN1YnNjcmliZRIbLmhlcmFsZC52MS5TdWJzY3JpYmVSZXF1ZXN0GhAuaGVyYWxkLnYxLkV2ZW50MAESQwoITWFya1JlYWQSGi5oZXJhbGQudjEuTWFya1JlYWRSZXF1ZXN0GhsuaGVyYWxkLnYxLk1hcmtSZWFkUmVzcG9uc2USTAoLVXBkYXRlU3RhdGUSHS5oZXJhbGQudjEuVXBkYXRlU3RhdGVSZXF1ZXN0Gh4uaGVyYWxkLnYxLlVwZGF0ZVN0YXRlUmVzcG9uc2USXgoRTGlzdE5vdGlmaWNhdGlvbnMSIy5oZXJhbGQudjEuTGlzdE5vdGlmaWNhdGlvbnNSZXF1ZXN0GiQuaGVyYWxkLnYxLkxpc3ROb3RpZmljYXRpb25zUmVzcG9uc2USVQoOR2V0VW5yZWFkQ291bnQSIC5oZXJhbGQudjEuR2V0VW5yZWFkQ291bnRSZXF1ZXN0GiEuaGVyYWxkLnYxLkdldFVucmVhZENvdW50UmVzcG9uc2USYQoSQ3JlYXRlU3RyZWFtVGlja2V0EiQuaGVyYWxkLnYxLkNyZWF0ZVN0cmVhbVRpY2tldFJlcXVlc3QaJS5oZXJhbGQudjEuQ3JlYXRlU3RyZWFtVGlja2V0UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A notification as stored for one recipient.
@@ -190,6 +190,13 @@ export type Notification = Message<"herald.v1.Notification"> & {
    * @generated from field: repeated string actors = 21;
    */
   actors: string[];
+
+  /**
+   * The send's `expires_at`; absent when it does not expire.
+   *
+   * @generated from field: google.protobuf.Timestamp expires_at = 22;
+   */
+  expiresAt?: Timestamp | undefined;
 };
 
 /**
@@ -365,6 +372,28 @@ export type SendNotificationRequest = Message<"herald.v1.SendNotificationRequest
    * @generated from field: google.protobuf.Duration group_window = 15;
    */
   groupWindow?: Duration | undefined;
+
+  /**
+   * Optional: when the notification stops mattering (a one-time code, an
+   * offer). From then on it leaves listings, counts and the backlog of a
+   * fresh stream, and the user's streams get a `state` event deleting it;
+   * retention removes it. Must be after `deliver_at` (or now).
+   *
+   * @generated from field: google.protobuf.Timestamp expires_at = 16;
+   */
+  expiresAt?: Timestamp | undefined;
+
+  /**
+   * Optional: store the send now and deliver it then, at most 366 days
+   * ahead: it is appended to the recipients' streams when due (so `seq`
+   * stays commit order) and answered now with `scheduled` and no
+   * deliveries. A time up to 60 s in the past delivers now; earlier is
+   * INVALID_ARGUMENT. Cancel it before it is due with
+   * CancelScheduledNotification and its `idempotency_key`.
+   *
+   * @generated from field: google.protobuf.Timestamp deliver_at = 17;
+   */
+  deliverAt?: Timestamp | undefined;
 };
 
 /**
@@ -417,11 +446,20 @@ export const DeliverySchema: GenMessage<Delivery> = /*@__PURE__*/
  */
 export type SendNotificationResponse = Message<"herald.v1.SendNotificationResponse"> & {
   /**
-   * One per distinct recipient, in the order they were first named.
+   * One per distinct recipient, in the order they were first named; empty
+   * for a scheduled send.
    *
    * @generated from field: repeated herald.v1.Delivery deliveries = 1;
    */
   deliveries: Delivery[];
+
+  /**
+   * True when the send was stored for `deliver_at`: nothing is delivered
+   * yet.
+   *
+   * @generated from field: bool scheduled = 2;
+   */
+  scheduled: boolean;
 };
 
 /**
@@ -430,6 +468,47 @@ export type SendNotificationResponse = Message<"herald.v1.SendNotificationRespon
  */
 export const SendNotificationResponseSchema: GenMessage<SendNotificationResponse> = /*@__PURE__*/
   messageDesc(file_herald_v1_herald, 4);
+
+/**
+ * @generated from message herald.v1.CancelScheduledNotificationRequest
+ */
+export type CancelScheduledNotificationRequest = Message<"herald.v1.CancelScheduledNotificationRequest"> & {
+  /**
+   * The `idempotency_key` of the scheduled send (this caller's, in this
+   * tenant). Required.
+   *
+   * @generated from field: string idempotency_key = 1;
+   */
+  idempotencyKey: string;
+};
+
+/**
+ * Describes the message herald.v1.CancelScheduledNotificationRequest.
+ * Use `create(CancelScheduledNotificationRequestSchema)` to create a new message.
+ */
+export const CancelScheduledNotificationRequestSchema: GenMessage<CancelScheduledNotificationRequest> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 5);
+
+/**
+ * @generated from message herald.v1.CancelScheduledNotificationResponse
+ */
+export type CancelScheduledNotificationResponse = Message<"herald.v1.CancelScheduledNotificationResponse"> & {
+  /**
+   * True when a send scheduled with that key was waiting and is now
+   * cancelled; false when there was none (never scheduled, already
+   * delivered, or already cancelled).
+   *
+   * @generated from field: bool cancelled = 1;
+   */
+  cancelled: boolean;
+};
+
+/**
+ * Describes the message herald.v1.CancelScheduledNotificationResponse.
+ * Use `create(CancelScheduledNotificationResponseSchema)` to create a new message.
+ */
+export const CancelScheduledNotificationResponseSchema: GenMessage<CancelScheduledNotificationResponse> = /*@__PURE__*/
+  messageDesc(file_herald_v1_herald, 6);
 
 /**
  * @generated from message herald.v1.SendNotificationsRequest
@@ -450,7 +529,7 @@ export type SendNotificationsRequest = Message<"herald.v1.SendNotificationsReque
  * Use `create(SendNotificationsRequestSchema)` to create a new message.
  */
 export const SendNotificationsRequestSchema: GenMessage<SendNotificationsRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 5);
+  messageDesc(file_herald_v1_herald, 7);
 
 /**
  * The outcome of one item of a SendNotificationsRequest.
@@ -489,6 +568,13 @@ export type SendNotificationsResult = Message<"herald.v1.SendNotificationsResult
    * @generated from field: repeated herald.v1.Delivery deliveries = 4;
    */
   deliveries: Delivery[];
+
+  /**
+   * True when the item was scheduled (`deliver_at`): no deliveries yet.
+   *
+   * @generated from field: bool scheduled = 5;
+   */
+  scheduled: boolean;
 };
 
 /**
@@ -496,7 +582,7 @@ export type SendNotificationsResult = Message<"herald.v1.SendNotificationsResult
  * Use `create(SendNotificationsResultSchema)` to create a new message.
  */
 export const SendNotificationsResultSchema: GenMessage<SendNotificationsResult> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 6);
+  messageDesc(file_herald_v1_herald, 8);
 
 /**
  * @generated from message herald.v1.SendNotificationsResponse
@@ -515,7 +601,7 @@ export type SendNotificationsResponse = Message<"herald.v1.SendNotificationsResp
  * Use `create(SendNotificationsResponseSchema)` to create a new message.
  */
 export const SendNotificationsResponseSchema: GenMessage<SendNotificationsResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 7);
+  messageDesc(file_herald_v1_herald, 9);
 
 /**
  * @generated from message herald.v1.SubscribeRequest
@@ -574,7 +660,7 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
  * Use `create(SubscribeRequestSchema)` to create a new message.
  */
 export const SubscribeRequestSchema: GenMessage<SubscribeRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 8);
+  messageDesc(file_herald_v1_herald, 10);
 
 /**
  * One event of a user's stream.
@@ -662,7 +748,7 @@ export type Event = Message<"herald.v1.Event"> & {
  * Use `create(EventSchema)` to create a new message.
  */
 export const EventSchema: GenMessage<Event> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 9);
+  messageDesc(file_herald_v1_herald, 11);
 
 /**
  * Some of the user's notifications were marked read.
@@ -690,7 +776,7 @@ export type ReadStateChanged = Message<"herald.v1.ReadStateChanged"> & {
  * Use `create(ReadStateChangedSchema)` to create a new message.
  */
 export const ReadStateChangedSchema: GenMessage<ReadStateChanged> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 10);
+  messageDesc(file_herald_v1_herald, 12);
 
 /**
  * Some of the user's notifications changed state (UpdateState). Which
@@ -738,7 +824,7 @@ export type StateChanged = Message<"herald.v1.StateChanged"> & {
  * Use `create(StateChangedSchema)` to create a new message.
  */
 export const StateChangedSchema: GenMessage<StateChanged> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 11);
+  messageDesc(file_herald_v1_herald, 13);
 
 /**
  * Which notifications a filter covers; each part that is empty (or
@@ -771,7 +857,7 @@ export type NotificationFilter = Message<"herald.v1.NotificationFilter"> & {
  * Use `create(NotificationFilterSchema)` to create a new message.
  */
 export const NotificationFilterSchema: GenMessage<NotificationFilter> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 12);
+  messageDesc(file_herald_v1_herald, 14);
 
 /**
  * The backlog has been sent; what follows is live.
@@ -794,7 +880,7 @@ export type CaughtUp = Message<"herald.v1.CaughtUp"> & {
  * Use `create(CaughtUpSchema)` to create a new message.
  */
 export const CaughtUpSchema: GenMessage<CaughtUp> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 13);
+  messageDesc(file_herald_v1_herald, 15);
 
 /**
  * Sent when the stream has been idle for the heartbeat interval, so proxies
@@ -814,7 +900,7 @@ export type Heartbeat = Message<"herald.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 14);
+  messageDesc(file_herald_v1_herald, 16);
 
 /**
  * The server cannot continue from the requested resume position: the
@@ -836,7 +922,7 @@ export type Resync = Message<"herald.v1.Resync"> & {
  * Use `create(ResyncSchema)` to create a new message.
  */
 export const ResyncSchema: GenMessage<Resync> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 15);
+  messageDesc(file_herald_v1_herald, 17);
 
 /**
  * Why the position could not be continued.
@@ -878,7 +964,7 @@ export enum Resync_Reason {
  * Describes the enum herald.v1.Resync.Reason.
  */
 export const Resync_ReasonSchema: GenEnum<Resync_Reason> = /*@__PURE__*/
-  enumDesc(file_herald_v1_herald, 15, 0);
+  enumDesc(file_herald_v1_herald, 17, 0);
 
 /**
  * @generated from message herald.v1.MarkReadRequest
@@ -914,7 +1000,7 @@ export type MarkReadRequest = Message<"herald.v1.MarkReadRequest"> & {
  * Use `create(MarkReadRequestSchema)` to create a new message.
  */
 export const MarkReadRequestSchema: GenMessage<MarkReadRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 16);
+  messageDesc(file_herald_v1_herald, 18);
 
 /**
  * @generated from message herald.v1.NotificationIds
@@ -931,7 +1017,7 @@ export type NotificationIds = Message<"herald.v1.NotificationIds"> & {
  * Use `create(NotificationIdsSchema)` to create a new message.
  */
 export const NotificationIdsSchema: GenMessage<NotificationIds> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 17);
+  messageDesc(file_herald_v1_herald, 19);
 
 /**
  * @generated from message herald.v1.UpdateStateRequest
@@ -984,7 +1070,7 @@ export type UpdateStateRequest = Message<"herald.v1.UpdateStateRequest"> & {
  * Use `create(UpdateStateRequestSchema)` to create a new message.
  */
 export const UpdateStateRequestSchema: GenMessage<UpdateStateRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 18);
+  messageDesc(file_herald_v1_herald, 20);
 
 /**
  * @generated from message herald.v1.UpdateStateResponse
@@ -1010,7 +1096,7 @@ export type UpdateStateResponse = Message<"herald.v1.UpdateStateResponse"> & {
  * Use `create(UpdateStateResponseSchema)` to create a new message.
  */
 export const UpdateStateResponseSchema: GenMessage<UpdateStateResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 19);
+  messageDesc(file_herald_v1_herald, 21);
 
 /**
  * @generated from message herald.v1.MarkReadResponse
@@ -1036,7 +1122,7 @@ export type MarkReadResponse = Message<"herald.v1.MarkReadResponse"> & {
  * Use `create(MarkReadResponseSchema)` to create a new message.
  */
 export const MarkReadResponseSchema: GenMessage<MarkReadResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 20);
+  messageDesc(file_herald_v1_herald, 22);
 
 /**
  * @generated from message herald.v1.ListNotificationsRequest
@@ -1099,7 +1185,7 @@ export type ListNotificationsRequest = Message<"herald.v1.ListNotificationsReque
  * Use `create(ListNotificationsRequestSchema)` to create a new message.
  */
 export const ListNotificationsRequestSchema: GenMessage<ListNotificationsRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 21);
+  messageDesc(file_herald_v1_herald, 23);
 
 /**
  * @generated from message herald.v1.ListNotificationsResponse
@@ -1125,7 +1211,7 @@ export type ListNotificationsResponse = Message<"herald.v1.ListNotificationsResp
  * Use `create(ListNotificationsResponseSchema)` to create a new message.
  */
 export const ListNotificationsResponseSchema: GenMessage<ListNotificationsResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 22);
+  messageDesc(file_herald_v1_herald, 24);
 
 /**
  * @generated from message herald.v1.GetUnreadCountRequest
@@ -1147,7 +1233,7 @@ export type GetUnreadCountRequest = Message<"herald.v1.GetUnreadCountRequest"> &
  * Use `create(GetUnreadCountRequestSchema)` to create a new message.
  */
 export const GetUnreadCountRequestSchema: GenMessage<GetUnreadCountRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 23);
+  messageDesc(file_herald_v1_herald, 25);
 
 /**
  * A named filter for GetUnreadCount; its fields mean what they mean in
@@ -1182,7 +1268,7 @@ export type UnreadFilter = Message<"herald.v1.UnreadFilter"> & {
  * Use `create(UnreadFilterSchema)` to create a new message.
  */
 export const UnreadFilterSchema: GenMessage<UnreadFilter> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 24);
+  messageDesc(file_herald_v1_herald, 26);
 
 /**
  * One named count of GetUnreadCountResponse.
@@ -1210,7 +1296,7 @@ export type UnreadCount = Message<"herald.v1.UnreadCount"> & {
  * Use `create(UnreadCountSchema)` to create a new message.
  */
 export const UnreadCountSchema: GenMessage<UnreadCount> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 25);
+  messageDesc(file_herald_v1_herald, 27);
 
 /**
  * @generated from message herald.v1.GetUnreadCountResponse
@@ -1253,7 +1339,7 @@ export type GetUnreadCountResponse = Message<"herald.v1.GetUnreadCountResponse">
  * Use `create(GetUnreadCountResponseSchema)` to create a new message.
  */
 export const GetUnreadCountResponseSchema: GenMessage<GetUnreadCountResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 26);
+  messageDesc(file_herald_v1_herald, 28);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketRequest
@@ -1266,7 +1352,7 @@ export type CreateStreamTicketRequest = Message<"herald.v1.CreateStreamTicketReq
  * Use `create(CreateStreamTicketRequestSchema)` to create a new message.
  */
 export const CreateStreamTicketRequestSchema: GenMessage<CreateStreamTicketRequest> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 27);
+  messageDesc(file_herald_v1_herald, 29);
 
 /**
  * @generated from message herald.v1.CreateStreamTicketResponse
@@ -1294,7 +1380,7 @@ export type CreateStreamTicketResponse = Message<"herald.v1.CreateStreamTicketRe
  * Use `create(CreateStreamTicketResponseSchema)` to create a new message.
  */
 export const CreateStreamTicketResponseSchema: GenMessage<CreateStreamTicketResponse> = /*@__PURE__*/
-  messageDesc(file_herald_v1_herald, 28);
+  messageDesc(file_herald_v1_herald, 30);
 
 /**
  * How urgent a notification is. Clients may sort or style by it, and
@@ -1439,6 +1525,18 @@ export const Notifications: GenService<{
     methodKind: "unary";
     input: typeof SendNotificationsRequestSchema;
     output: typeof SendNotificationsResponseSchema;
+  },
+  /**
+   * Cancels a send scheduled with `deliver_at` that is not yet due, named
+   * by its idempotency key (the caller's, in the caller's tenant). Needs
+   * the `notifications:send` scope. INVALID_ARGUMENT without a key.
+   *
+   * @generated from rpc herald.v1.Notifications.CancelScheduledNotification
+   */
+  cancelScheduledNotification: {
+    methodKind: "unary";
+    input: typeof CancelScheduledNotificationRequestSchema;
+    output: typeof CancelScheduledNotificationResponseSchema;
   },
   /**
    * Opens the token user's event stream. The server first replays the
