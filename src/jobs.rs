@@ -59,3 +59,26 @@ impl Jobs {
         self.tracker.len()
     }
 }
+
+/// Runs `work` at once and then every `interval` (a run that overruns
+/// delays the next; none are bunched) until `shutdown`, which also
+/// abandons a run in progress. For periodic jobs (retention, the
+/// scheduler).
+pub async fn every<F, Fut>(interval: std::time::Duration, shutdown: CancellationToken, mut work: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = work() => {}
+        }
+    }
+}

@@ -17,24 +17,15 @@ pub async fn run<S: Store>(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
+    crate::jobs::every(interval, shutdown, || async {
         let Some(cutoff) = std::time::SystemTime::now().checked_sub(retention) else {
-            continue;
+            return;
         };
-        let pruned = tokio::select! {
-            () = shutdown.cancelled() => return,
-            pruned = store.prune(cutoff) => pruned,
-        };
-        match pruned {
+        match store.prune(cutoff).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "retention pruned old events"),
             Err(e) => tracing::warn!(error = %e, "retention run failed"),
         }
-    }
+    })
+    .await;
 }

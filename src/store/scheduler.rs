@@ -26,38 +26,28 @@ pub async fn run<S: Store>(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut ticks = tokio::time::interval(interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    crate::jobs::every(interval, shutdown, || async {
+        drain("deliver scheduled sends", || store.deliver_due(clock.now())).await;
+        drain("delete expired notifications", || store.expire(clock.now())).await;
+    })
+    .await;
+}
+
+/// Runs `batch` until it does nothing (returns 0) or fails (logged as
+/// `what`).
+async fn drain<F, Fut>(what: &str, mut batch: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = super::StoreResult<usize>>,
+{
     loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
-        }
-        let work = async {
-            loop {
-                match store.deliver_due(clock.now()).await {
-                    Ok(0) => break,
-                    Ok(n) => tracing::debug!(sends = n, "scheduled sends delivered"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "delivering scheduled sends failed");
-                        break;
-                    }
-                }
+        match batch().await {
+            Ok(0) => return,
+            Ok(n) => tracing::debug!(done = n, "{what}"),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed");
+                return;
             }
-            loop {
-                match store.expire(clock.now()).await {
-                    Ok(0) => break,
-                    Ok(n) => tracing::debug!(notifications = n, "expired notifications deleted"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "deleting expired notifications failed");
-                        break;
-                    }
-                }
-            }
-        };
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = work => {}
         }
     }
 }
