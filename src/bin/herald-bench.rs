@@ -170,7 +170,8 @@ struct Load {
     #[arg(long)]
     sse: bool,
     /// Sends carry every presentation field (category, severity, actor,
-    /// action URL, two actions), as a rich inbox's would.
+    /// action URL, two actions) and an expiry (a day out), as a rich
+    /// inbox's would.
     #[arg(long)]
     rich: bool,
     /// The first part of each run, e.g. `1s`, whose sends are checked for
@@ -812,6 +813,8 @@ async fn drive(
                                 url: "/builds/42/retry".into(),
                             },
                         ];
+                        let day = std::time::Duration::from_secs(24 * 3600);
+                        r.expires_at = Some((std::time::SystemTime::now() + day).into());
                     }
                     r
                 };
