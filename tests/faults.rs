@@ -1173,6 +1173,14 @@ async fn database_stall() {
             .await
             .expect("take the lock");
         let stalled = Instant::now();
+        // For the diagnosis should a send ever get past the lock: the
+        // locker's transaction id (rows committed after the lock have a
+        // later xmin) and, further down, whether it still holds the lock.
+        let locker_txid: i64 = locker
+            .query_one("SELECT txid_current()", &[])
+            .await
+            .expect("the locker's txid")
+            .get(0);
         let probe = {
             let ledger = ledger.clone();
             let mut c = lazy_client(r0.addr);
@@ -1211,6 +1219,15 @@ async fn database_stall() {
         let probe_took = stalled.elapsed();
         // Hold the stall a little past the probe's end.
         tokio::time::sleep(Duration::from_millis(300)).await;
+        let still_held: i64 = locker
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() \
+                 AND relation = 'user_streams'::regclass AND mode = 'AccessExclusiveLock' \
+                 AND granted",
+                &[],
+            )
+            .await
+            .map_or(-1, |r| r.get(0));
         locker
             .batch_execute("ROLLBACK")
             .await
@@ -1247,10 +1264,31 @@ async fn database_stall() {
             .into_iter()
             .filter(|a| a.issued >= stalled && a.done < released)
             .collect();
-        assert!(
-            ok_in_stall.is_empty(),
-            "sends succeeded behind the lock: {ok_in_stall:?}"
-        );
+        if !ok_in_stall.is_empty() {
+            // What the database says of those rows, to tell a send that got
+            // past the lock from a lock that was lost.
+            let admin = db.connect().await;
+            let mut rows = Vec::new();
+            for a in &ok_in_stall {
+                let row = admin
+                    .query_opt(
+                        "SELECT xmin::text, created_at::text FROM notifications WHERE id = $1",
+                        &[&a.id],
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)));
+                rows.push((a.id, row));
+            }
+            panic!(
+                "sends succeeded behind the lock: {ok_in_stall:?}; stalled at +0, released at \
+                 {:?}; the locker (txid {locker_txid}) still held the lock before release: \
+                 {still_held} (1 = yes); the rows (id, xmin, created_at): {rows:?}",
+                released - stalled
+            );
+        }
+        assert_eq!(still_held, 1, "the locker lost its lock during the stall");
         for (took, outcome) in &reads {
             match outcome {
                 Err((code, message)) => assert!(

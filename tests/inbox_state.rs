@@ -522,8 +522,58 @@ async fn counts_equal_lists_after_concurrent_sends_and_changes(backend: Backend)
                 }
             }));
         }
+        // Meanwhile, on PostgreSQL: in every committed snapshot the
+        // stream's counters equal its rows (what the listings read), so no
+        // badge is ever off, not only at rest.
+        let watch = tokio_util::sync::CancellationToken::new();
+        let snapshots = match &d.db {
+            Some(db) => {
+                let db = db.connect().await;
+                let watch = watch.clone();
+                Some(tokio::spawn(async move {
+                    let mut checked = 0u32;
+                    while !watch.is_cancelled() {
+                        db.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                            .await
+                            .unwrap();
+                        let row = db
+                            .query_one(
+                                "SELECT (SELECT unread FROM user_streams WHERE user_id = 'alice'), \
+                                   (SELECT unseen FROM user_streams WHERE user_id = 'alice'), \
+                                   count(*) FILTER (WHERE read_at IS NULL), \
+                                   count(*) FILTER (WHERE read_at IS NULL AND seen_at IS NULL) \
+                                 FROM notifications WHERE user_id = 'alice' \
+                                   AND archived_at IS NULL AND deleted_at IS NULL",
+                                &[],
+                            )
+                            .await
+                            .unwrap();
+                        db.batch_execute("COMMIT").await.unwrap();
+                        let counters: (Option<i64>, Option<i64>) = (row.get(0), row.get(1));
+                        let rows: (i64, i64) = (row.get(2), row.get(3));
+                        assert_eq!(
+                            (counters.0.unwrap_or(0), counters.1.unwrap_or(0)),
+                            rows,
+                            "round {round}: counters (unread, unseen) = rows in one snapshot"
+                        );
+                        checked += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                    }
+                    checked
+                }))
+            }
+            None => None,
+        };
         for t in tasks {
             t.await.unwrap();
+        }
+        watch.cancel();
+        if let Some(snapshots) = snapshots {
+            let checked = snapshots.await.unwrap();
+            assert!(
+                checked >= 3,
+                "round {round}: only {checked} snapshots checked"
+            );
         }
         let mut c = d.client(0).await;
         let got = counts(&mut c, "alice", named()).await;
