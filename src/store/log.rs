@@ -554,57 +554,39 @@ impl<'c> Appending<'c> {
     where
         'c: 'a,
     {
-        let plain = self.n_replace_keys.iter().all(Option::is_none)
-            && self.n_group_keys.iter().all(Option::is_none)
-            && self.n_expires.iter().all(Option::is_none);
-        if !self.content_ids.is_empty() && plain {
-            pipeline.push(
-                INSERT_PLAIN_NOTIFICATIONS,
-                vec![
-                    &self.content_ids,
-                    &self.c_kinds,
-                    &self.c_titles,
-                    &self.c_bodies,
-                    &self.c_data,
-                    &self.note_ids,
-                    &self.n_tenants,
-                    &self.n_users,
-                    &self.n_seqs,
-                    &self.note_contents,
-                    &self.at,
-                    &self.c_categories,
-                    &self.c_severities,
-                    &self.c_actors,
-                    &self.c_action_urls,
-                    &self.c_actions,
-                ],
-            );
-        } else if !self.content_ids.is_empty() {
-            pipeline.push(
-                INSERT_NOTIFICATIONS,
-                vec![
-                    &self.content_ids,
-                    &self.c_kinds,
-                    &self.c_titles,
-                    &self.c_bodies,
-                    &self.c_data,
-                    &self.note_ids,
-                    &self.n_tenants,
-                    &self.n_users,
-                    &self.n_seqs,
-                    &self.note_contents,
-                    &self.at,
-                    &self.c_categories,
-                    &self.c_severities,
-                    &self.c_actors,
-                    &self.c_action_urls,
-                    &self.c_actions,
+        if !self.content_ids.is_empty() {
+            let mut params: Vec<&'a (dyn ToSql + Sync)> = vec![
+                &self.content_ids,
+                &self.c_kinds,
+                &self.c_titles,
+                &self.c_bodies,
+                &self.c_data,
+                &self.note_ids,
+                &self.n_tenants,
+                &self.n_users,
+                &self.n_seqs,
+                &self.note_contents,
+                &self.at,
+                &self.c_categories,
+                &self.c_severities,
+                &self.c_actors,
+                &self.c_action_urls,
+                &self.c_actions,
+            ];
+            let plain = self.n_replace_keys.iter().all(Option::is_none)
+                && self.n_group_keys.iter().all(Option::is_none)
+                && self.n_expires.iter().all(Option::is_none);
+            if plain {
+                pipeline.push(INSERT_PLAIN_NOTIFICATIONS, params);
+            } else {
+                params.extend::<[&'a (dyn ToSql + Sync); 4]>([
                     &self.n_replace_keys,
                     &self.n_group_keys,
                     &self.n_actors,
                     &self.n_expires,
-                ],
-            );
+                ]);
+                pipeline.push(INSERT_NOTIFICATIONS, params);
+            }
         }
         // Updates come one per keyed send's recipient with a notification
         // of the key (a handful per transaction, normally), in event order.
