@@ -378,7 +378,10 @@ impl<S: Store> Session<S> {
     }
 
     async fn deliver(&mut self, event: &StreamEvent) -> Result<(), End> {
-        if let EventBody::Notification(n) = &event.body
+        // A filtered stream gets the notifications its filter matches and
+        // their updates (as the update's content matches); state changes
+        // always.
+        if let EventBody::Notification(n) | EventBody::Updated(n) = &event.body
             && !self.wants(&n.content)
         {
             return Ok(());

@@ -419,7 +419,52 @@ async fn bad_fold_requests_are_refused_naming_the_field(backend: Backend) {
     d.stop().await;
 }
 
+/// A filtered stream gets the updates its filter matches, as it gets the
+/// notifications.
+async fn a_filtered_stream_gets_only_the_updates_its_filter_matches(backend: Backend) {
+    let d = Deployment::start(backend, replicas(backend)).await;
+    let (mut a, mut b) = (d.client(0).await, d.client(d.replica(1)).await);
+    let mut deploys = b
+        .subscribe(authed(
+            proto::SubscribeRequest {
+                types: vec!["deploy.*".into()],
+                ..Default::default()
+            },
+            &token("alice", "", ""),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    until_caught_up(&mut deploys).await;
+    for (kind, title) in [
+        ("build.progress", "build 10 %"),
+        ("deploy.progress", "deploy 10 %"),
+        ("build.progress", "build 90 %"),
+        ("deploy.progress", "deploy 90 %"),
+    ] {
+        let key = kind.split('.').next().unwrap_or_default();
+        send(
+            &mut a,
+            proto::SendNotificationRequest {
+                r#type: kind.into(),
+                ..replacing(key, title, false)
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let first = next_event(&mut deploys).await;
+    assert_eq!(notification(&first).title, "deploy 10 %");
+    let second = next_event(&mut deploys).await;
+    assert_eq!(
+        (second.seq, updated(&second).title.as_str()),
+        (4, "deploy 90 %")
+    );
+    d.stop().await;
+}
+
 conformance!(
+    a_filtered_stream_gets_only_the_updates_its_filter_matches,
     replace_key_updates_in_place_live_and_on_resume,
     a_send_updates_some_recipients_and_adds_for_others,
     folds_racing_onto_one_key_lose_nothing,

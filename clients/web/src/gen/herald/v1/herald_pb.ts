@@ -610,7 +610,7 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
   /**
    * Resume position: the `seq` of the last event this client processed.
    * Absent: a fresh connection; the backlog is the user's unread
-   * notifications. Present: the backlog is every event after it. A
+   * notifications in the inbox (not archived, deleted or expired). Present: the backlog is every event after it. A
    * position the server cannot continue from (its `epoch` is not the
    * stream's, it is beyond the stream's newest event, or its events were
    * pruned) gets a `resync` event instead of a backlog, and the stream goes
@@ -621,8 +621,8 @@ export type SubscribeRequest = Message<"herald.v1.SubscribeRequest"> & {
   afterSeq?: bigint | undefined;
 
   /**
-   * Only notifications of these types are sent (read and control events
-   * always are). Empty: all types. An entry ending in `.*` is a prefix
+   * Only notifications (and `updated` events) of these types are sent;
+   * `read`, `state` and control events always are. Empty: all types. An entry ending in `.*` is a prefix
    * pattern: `project.*` matches `project.created` and `project.a.b`, not
    * `project`. At most 64 entries.
    *
