@@ -110,6 +110,25 @@ async fn expired_notifications_leave_at_once_then_are_deleted(backend: Backend) 
         other => panic!("expected the delete, got {other:?}"),
     }
     assert_eq!(counts(&mut b).await, (1, 1));
+
+    // An update in place moves the expiry with its content.
+    for minutes in [10, 60] {
+        send(
+            &mut a,
+            proto::SendNotificationRequest {
+                replace_key: "offer".into(),
+                expires_at: at(clock.now() + Duration::from_secs(60 * minutes)),
+                ..note(&["alice"], &format!("offer for {minutes} min"))
+            },
+        )
+        .await
+        .unwrap();
+    }
+    clock.advance(Duration::from_secs(20 * 60));
+    tokio::time::sleep(Duration::from_millis(100)).await; // a few scheduler runs
+    assert_eq!(titles(&mut b).await, ["offer for 60 min", "plain"]);
+    clock.advance(Duration::from_secs(41 * 60));
+    assert_eq!(titles(&mut b).await, ["plain"]);
     d.stop().await;
 }
 

@@ -12,7 +12,7 @@
 //! cancelled (the senders' rate limits bound how many arrive).
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
 };
@@ -74,8 +74,15 @@ struct Inner {
     dropped_seq: u64,
     /// (tenant, sender, key) → (request fingerprint, first result, when).
     idempotency: HashMap<IdempotencyKey, (String, Vec<Delivery>, bool, SystemTime)>,
-    /// Sends waiting for their `deliver_at`.
-    scheduled: Vec<ScheduledSend>,
+    /// Sends waiting for their `deliver_at`, by (due, arrival number).
+    scheduled: BTreeMap<(SystemTime, u64), ScheduledSend>,
+    /// Arrival numbers of scheduled sends, so two due at once keep their
+    /// order.
+    next_scheduled: u64,
+    /// Notifications that expire, by (expiry, user, seq), so the expiry
+    /// job finds the expired without scanning. An entry whose notification
+    /// is gone, or whose expiry an update moved, is skipped.
+    expiring: BTreeSet<(SystemTime, UserKey, u64)>,
     /// Idempotency keys, oldest first.
     idempotency_order: VecDeque<IdempotencyKey>,
     /// Stream tickets by digest, with their expiry.
@@ -232,6 +239,11 @@ impl MemoryStore {
                     EventBody::Updated(updated)
                 });
                 if let EventBody::Updated(u) = &c.event.body {
+                    if let Some(x) = n.expires_at {
+                        inner
+                            .expiring
+                            .insert((x, key(tenant, recipient.as_str()), u.seq));
+                    }
                     deliveries.push(Delivery {
                         recipient: recipient.to_string(),
                         notification_id: u.id,
@@ -257,6 +269,11 @@ impl MemoryStore {
                     group,
                 })
             });
+            if let Some(x) = n.expires_at {
+                inner
+                    .expiring
+                    .insert((x, key(tenant, recipient.as_str()), c.event.seq));
+            }
             if let Some(fold) = &n.fold {
                 let log = inner.log(epoch, tenant, recipient.as_str());
                 let is_group = matches!(fold, Fold::Group { .. });
@@ -437,12 +454,17 @@ impl Store for MemoryStore {
                 Err(StoreError::IdempotencyKeyReused)
             };
         }
-        if n.deliver_at.is_some() {
-            inner.scheduled.push(ScheduledSend {
-                tenant: tenant.to_owned(),
-                sender: sender.to_owned(),
-                n: n.clone(),
-            });
+        if let Some(due) = n.deliver_at {
+            inner.next_scheduled += 1;
+            let order = inner.next_scheduled;
+            inner.scheduled.insert(
+                (due, order),
+                ScheduledSend {
+                    tenant: tenant.to_owned(),
+                    sender: sender.to_owned(),
+                    n: n.clone(),
+                },
+            );
             if let Some(k) = idem {
                 inner.remember(k, fingerprint, Vec::new(), true);
             }
@@ -466,7 +488,7 @@ impl Store for MemoryStore {
     async fn cancel_scheduled(&self, tenant: &str, sender: &str, key: &str) -> StoreResult<bool> {
         let mut inner = self.lock();
         let before = inner.scheduled.len();
-        inner.scheduled.retain(|s| {
+        inner.scheduled.retain(|_, s| {
             !(s.tenant == tenant
                 && s.sender == sender
                 && s.n.idempotency_key.as_deref() == Some(key))
@@ -476,14 +498,10 @@ impl Store for MemoryStore {
 
     async fn deliver_due(&self, now: SystemTime) -> StoreResult<usize> {
         let mut inner = self.lock();
-        let (mut due, waiting): (Vec<ScheduledSend>, Vec<ScheduledSend>) =
-            std::mem::take(&mut inner.scheduled)
-                .into_iter()
-                .partition(|s| s.n.deliver_at.is_none_or(|at| at <= now));
-        inner.scheduled = waiting;
-        due.sort_by_key(|s| s.n.deliver_at);
+        let waiting = inner.scheduled.split_off(&(now, u64::MAX));
+        let due = std::mem::replace(&mut inner.scheduled, waiting);
         let count = due.len();
-        for s in due {
+        for s in due.into_values() {
             if s.n.expires_at.is_some_and(|x| x <= now) {
                 continue; // expired before it was due
             }
@@ -501,19 +519,23 @@ impl Store for MemoryStore {
 
     async fn expire(&self, now: SystemTime) -> StoreResult<usize> {
         let mut inner = self.lock();
-        let expired: Vec<(UserKey, Vec<i64>)> = inner
-            .users
-            .iter()
-            .filter_map(|(k, log)| {
-                let ids: Vec<i64> = log
-                    .notifications
-                    .values()
-                    .filter(|n| n.content.expires_at.is_some_and(|x| x <= now))
-                    .map(|n| n.id)
-                    .collect();
-                (!ids.is_empty()).then(|| (k.clone(), ids))
-            })
-            .collect();
+        let mut expired: BTreeMap<UserKey, Vec<i64>> = BTreeMap::new();
+        while let Some(first) = inner.expiring.first()
+            && first.0 <= now
+        {
+            let Some((_, user, seq)) = inner.expiring.pop_first() else {
+                break;
+            };
+            let current = inner
+                .users
+                .get(&user)
+                .and_then(|log| log.notifications.get(&seq))
+                .filter(|n| n.content.expires_at.is_some_and(|x| x <= now))
+                .map(|n| n.id);
+            if let Some(id) = current {
+                expired.entry(user).or_default().push(id);
+            }
+        }
         let mut deleted = 0;
         for ((tenant, user), mut ids) in expired {
             ids.sort_unstable();
@@ -690,6 +712,15 @@ impl Store for MemoryStore {
             !empty
         });
         inner.dropped_seq = dropped_seq;
+        // Expiry entries of notifications retention took go too.
+        let Inner {
+            users, expiring, ..
+        } = &mut *inner;
+        expiring.retain(|(_, user, seq)| {
+            users
+                .get(user)
+                .is_some_and(|log| log.notifications.contains_key(seq))
+        });
         inner.drop_tickets_expired_by(SystemTime::now());
         while let Some(oldest) = inner.idempotency_order.front() {
             match inner.idempotency.get(oldest) {
