@@ -886,7 +886,7 @@ impl NewNotification {
         if let Some(expires) = self.expires_at {
             let micros = expires
                 .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as u64);
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
             parts.push(serde_json::json!({"expires_at_us": micros}));
         }
         match &self.fold {
