@@ -6,7 +6,7 @@
  * wrapper around it; other frameworks can bind to `onChange`/`getSnapshot`.
  */
 import { timestampDate } from "@bufbuild/protobuf/wkt";
-import type { HeraldClient } from "./client.js";
+import type { HeraldClient, UnreadFilterOptions } from "./client.js";
 import { HeraldError, toHeraldError } from "./errors.js";
 import { filterFields, isFilterEmpty, matchesFilter, type FilterOptions } from "./filter.js";
 import {
@@ -152,6 +152,8 @@ export interface InboxSnapshot {
    * the server's `unseen` count of those not listed.
    */
   readonly unseenCount: number;
+  /** The named unread counts asked for (`InboxOptions.counts`), by name. */
+  readonly counts: Readonly<Record<string, number>>;
   /** True while the stream is live (past its backlog). */
   readonly connected: boolean;
   /** The stream's connection state. */
@@ -186,6 +188,15 @@ export interface InboxOptions
    * only (and those that arrive).
    */
   historySize?: number;
+  /**
+   * Named unread counts to keep live (a badge per category, say): each
+   * `{ name, types, categories, minSeverity }` counts the unread
+   * notifications of the list its filter matches (see `matchesFilter`), in
+   * `InboxSnapshot.counts` under its name. The list holds every unread
+   * notification (up to 10,000), so they are exact below that; the server's
+   * snapshot of the same is `client.unreadCount(filters)`.
+   */
+  counts?: readonly UnreadFilterOptions[];
 }
 
 /** A live inbox, as returned by `createInbox()`. */
@@ -736,14 +747,21 @@ export function createInbox(options: InboxOptions): Inbox {
         );
         let unreadCount = unlisted;
         let unseenCount = unlistedUnseen;
+        const counts: Record<string, number> = {};
+        for (const c of options.counts ?? []) counts[c.name] = 0;
         for (const n of notifications) {
           if (!n.read) unreadCount += 1;
           if (!n.seen) unseenCount += 1;
+          if (n.read) continue;
+          for (const c of options.counts ?? []) {
+            if (matchesFilter(c, n)) counts[c.name] = (counts[c.name] ?? 0) + 1;
+          }
         }
         snapshot = {
           notifications,
           unreadCount,
           unseenCount,
+          counts,
           connected: status.kind === "live",
           status,
           error,

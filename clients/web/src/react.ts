@@ -60,6 +60,8 @@ export interface UseNotificationsResult {
   unreadCount: number;
   /** Number of notifications neither seen nor read: the bell badge that `markAllSeen` clears. */
   unseenCount: number;
+  /** The named unread counts asked for with `counts` (a badge per category, say), by name. */
+  counts: Readonly<Record<string, number>>;
   /** True while the stream is live. */
   connected: boolean;
   /** The stream's connection state (`connecting`, `live`, `reconnecting`, `stopped`). */
@@ -107,6 +109,7 @@ const STARTING: InboxSnapshot = {
   notifications: [],
   unreadCount: 0,
   unseenCount: 0,
+  counts: {},
   connected: false,
   status: { kind: "connecting", attempt: 1 },
   error: undefined,
@@ -144,6 +147,7 @@ export function useNotifications(options: UseNotificationsOptions = {}): UseNoti
     options.watchdogMultiplier ?? null,
     options.backoff?.baseMs ?? null,
     options.backoff?.maxMs ?? null,
+    options.counts ?? [],
   ]);
 
   const [inbox, setInbox] = useState<Inbox | null>(null);
@@ -190,6 +194,7 @@ export function useNotifications(options: UseNotificationsOptions = {}): UseNoti
     notifications: snapshot.notifications,
     unreadCount: snapshot.unreadCount,
     unseenCount: snapshot.unseenCount,
+    counts: snapshot.counts,
     connected: snapshot.connected,
     status: snapshot.status,
     error: snapshot.error,

@@ -157,6 +157,34 @@ describe("createInbox state", () => {
     assert.equal(t.snap().notifications[1]!.readAt, undefined, "unread now");
   });
 
+  it("keeps named unread counts live from the list", async () => {
+    const server = new FakeHerald();
+    server.onList = (r) =>
+      r.unreadOnly
+        ? { notifications: [notification(2, 2, { category: "ci" }), notification(1, 1, { category: "billing" })] }
+        : { notifications: [notification(2, 2, { category: "ci" }), notification(1, 1, { category: "billing" })] };
+    server.scripts.push(
+      script([
+        ev.notification(1, 1, { category: "billing" }),
+        ev.notification(2, 2, { category: "ci" }),
+        ev.caughtUp(2),
+        ev.notification(3, 3, { category: "ci", type: "build.failed", severity: Severity.HIGH }),
+        ev.read(4, [2]),
+      ]),
+    );
+    const t = inbox(server, {
+      historySize: 5,
+      counts: [
+        { name: "ci", categories: ["ci"] },
+        { name: "urgent", minSeverity: Severity.HIGH },
+        { name: "builds", types: ["build.*"] },
+      ],
+    });
+    await until(() => t.snap().notifications.length === 3 && t.snap().notifications[1]!.read, "live");
+    assert.deepEqual(t.snap().counts, { ci: 1, urgent: 1, builds: 1 });
+    assert.equal(t.snap().unreadCount, 2);
+  });
+
   it("applies updated events in place, with the state they carry", async () => {
     const server = new FakeHerald();
     server.onList = (r) =>
