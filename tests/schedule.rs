@@ -279,3 +279,58 @@ conformance!(
     scheduled_sends_are_delivered_when_due_and_cancellable,
     bad_times_are_refused_naming_the_field_and_store_nothing,
 );
+
+/// Sends due together beyond one transaction's bound (10,000 recipients)
+/// are delivered over several scheduler runs, every one of them once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_due_set_is_delivered_in_bounded_transactions() {
+    bounded(async {
+        let clock = Clock::manual();
+        let d = start(Backend::Postgres, &clock).await;
+        let mut a = d.client(0).await;
+        let users: Vec<String> = (0..1000).map(|i| format!("u{i}")).collect();
+        let names: Vec<&str> = users.iter().map(String::as_str).collect();
+        for i in 0..11 {
+            let sent = send(
+                &mut a,
+                proto::SendNotificationRequest {
+                    deliver_at: at(clock.now() + Duration::from_secs(60)),
+                    ..note(&names, &format!("digest {i}"))
+                },
+            )
+            .await
+            .unwrap();
+            assert!(sent.scheduled);
+        }
+        clock.advance(Duration::from_secs(61));
+        let db = d.db.as_ref().unwrap().connect().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let row = db
+                .query_one(
+                    "SELECT (SELECT count(*) FROM notifications), \
+                            (SELECT count(*) FROM scheduled_sends)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (delivered, waiting): (i64, i64) = (row.get(0), row.get(1));
+            if waiting == 0 {
+                assert_eq!(delivered, 11_000, "each recipient of each send, once");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "delivery stalled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let last_seqs: Vec<i64> = db
+            .query("SELECT DISTINCT last_seq FROM user_streams", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(last_seqs, [11], "every stream got all eleven, gap-free");
+        d.stop().await;
+    })
+    .await;
+}

@@ -598,7 +598,8 @@ impl<'a> Schedule<'a> {
 /// ones' stored responses become their deliveries. Rows another replica
 /// is delivering are skipped (`FOR UPDATE SKIP LOCKED`), so each is
 /// delivered once. A send whose `expires_at` has passed by then is dropped
-/// undelivered. Returns how many sends were delivered or dropped.
+/// undelivered. Returns how many sends were delivered or dropped (a run
+/// holds at most [`MAX_BATCH_ROWS`] recipients, as a batch of sends does).
 pub async fn deliver_due(
     pool: &Pool,
     bus: &dyn Bus,
@@ -635,9 +636,9 @@ pub async fn deliver_due(
         max_data_bytes: usize::MAX,
         max_data_depth: usize::MAX,
     };
+    let mut recipients = 0;
     for row in &rows {
         let id: i64 = row.try_get(0).map_err(pg_error)?;
-        ids.push(id);
         let bytes: Vec<u8> = row.try_get(4).map_err(pg_error)?;
         let parsed = <proto::SendNotificationRequest as prost::Message>::decode(bytes.as_slice())
             .map_err(|e| e.to_string())
@@ -646,16 +647,23 @@ pub async fn deliver_due(
             Ok(n) if n.expires_at.is_some_and(|x| x <= now) => {
                 tracing::info!(id, "a scheduled send expired before it was due; dropped");
             }
-            Ok(n) => due.push((
-                row.try_get(1).map_err(pg_error)?,
-                row.try_get(2).map_err(pg_error)?,
-                row.try_get(3).map_err(pg_error)?,
-                n,
-            )),
+            // A transaction's rows are bounded as a batch's are; the rest
+            // wait for the next run (still due, and unlocked at commit).
+            Ok(n) if !due.is_empty() && recipients + n.recipients.len() > MAX_BATCH_ROWS => break,
+            Ok(n) => {
+                recipients += n.recipients.len();
+                due.push((
+                    row.try_get(1).map_err(pg_error)?,
+                    row.try_get(2).map_err(pg_error)?,
+                    row.try_get(3).map_err(pg_error)?,
+                    n,
+                ));
+            }
             Err(e) => {
                 tracing::warn!(id, error = %e, "a stored scheduled send does not parse; dropped")
             }
         }
+        ids.push(id);
     }
     let sends: Vec<(&str, &NewNotification)> =
         due.iter().map(|(t, _, _, n)| (t.as_str(), n)).collect();
@@ -684,7 +692,7 @@ pub async fn deliver_due(
         outcome?;
     }
     tx.commit().await.map_err(pg_error)?;
-    Ok(rows.len())
+    Ok(ids.len())
 }
 
 /// Most scheduled sends one [`deliver_due`] run delivers (one
