@@ -1173,7 +1173,7 @@ export type ListNotificationsRequest = Message<"herald.v1.ListNotificationsReque
 
   /**
    * List the archived notifications instead of the inbox (which leaves
-   * them out). Deleted notifications are never listed.
+   * them out). Deleted and expired notifications are never listed.
    *
    * @generated from field: bool archived = 7;
    */
@@ -1528,8 +1528,10 @@ export const Notifications: GenService<{
   },
   /**
    * Cancels a send scheduled with `deliver_at` that is not yet due, named
-   * by its idempotency key (the caller's, in the caller's tenant). Needs
-   * the `notifications:send` scope. INVALID_ARGUMENT without a key.
+   * by its idempotency key (the caller's, in the caller's tenant). The key
+   * stays used: a retry of the cancelled send answers `scheduled` again
+   * and schedules nothing. Needs the `notifications:send` scope.
+   * INVALID_ARGUMENT without a key.
    *
    * @generated from rpc herald.v1.Notifications.CancelScheduledNotification
    */
