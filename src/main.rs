@@ -52,6 +52,47 @@ enum Command {
     Send(Box<SendArgs>),
     /// Stream a user's events, one JSON object per line.
     Subscribe(SubscribeArgs),
+    /// Change the state of a user's notifications (read, unread, seen,
+    /// archive, unarchive, delete) and print what changed, as JSON.
+    State(StateArgs),
+    /// Cancel a send scheduled with --deliver-in, by its idempotency key.
+    Cancel(CancelArgs),
+}
+
+#[derive(Debug, Args)]
+struct StateArgs {
+    /// The user whose notifications change, when minting a token.
+    #[arg(long)]
+    user: String,
+    /// What to do.
+    #[arg(long, value_parser = ["read", "unread", "seen", "archive", "unarchive", "delete"])]
+    action: String,
+    /// These notification ids, comma-separated.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["up_to_seq", "types", "categories"])]
+    ids: Vec<i64>,
+    /// Every notification with seq <= this.
+    #[arg(long, conflicts_with_all = ["types", "categories"])]
+    up_to_seq: Option<u64>,
+    /// By filter: these types (exact or `prefix.*`), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    types: Vec<String>,
+    /// By filter: these categories, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    categories: Vec<String>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+struct CancelArgs {
+    /// The scheduled send's idempotency key.
+    #[arg(long)]
+    key: String,
+    /// The sender that scheduled it, when minting a token.
+    #[arg(long = "as", default_value = "herald-cli")]
+    sender: String,
+    #[command(flatten)]
+    client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -230,7 +271,63 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Send(args) => send(*args).await,
         Command::Subscribe(args) => subscribe(args).await,
+        Command::State(args) => change_state(args).await,
+        Command::Cancel(args) => cancel(args).await,
     }
+}
+
+async fn change_state(args: StateArgs) -> anyhow::Result<()> {
+    use proto::update_state_request::Target;
+    let token = args.client.token(&args.user, "")?;
+    let mut client = args.client.client().await?;
+    let action = match args.action.as_str() {
+        "read" => proto::StateAction::Read,
+        "unread" => proto::StateAction::Unread,
+        "seen" => proto::StateAction::Seen,
+        "archive" => proto::StateAction::Archive,
+        "unarchive" => proto::StateAction::Unarchive,
+        _ => proto::StateAction::Delete,
+    };
+    let target = if !args.ids.is_empty() {
+        Target::Ids(proto::NotificationIds { ids: args.ids })
+    } else if let Some(seq) = args.up_to_seq {
+        Target::UpToSeq(seq)
+    } else if !args.types.is_empty() || !args.categories.is_empty() {
+        Target::Filter(proto::NotificationFilter {
+            types: args.types,
+            categories: args.categories,
+            min_severity: 0,
+        })
+    } else {
+        bail!("give --ids, --up-to-seq, or a filter (--types, --categories)");
+    };
+    let request = proto::UpdateStateRequest {
+        action: action as i32,
+        target: Some(target),
+    };
+    let response = client
+        .update_state(authorized(request, &token)?)
+        .await?
+        .into_inner();
+    println!(
+        "{}",
+        json!({"changed": response.changed, "seq": response.seq})
+    );
+    Ok(())
+}
+
+async fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+    let token = args.client.token(&args.sender, SEND_SCOPE)?;
+    let mut client = args.client.client().await?;
+    let request = proto::CancelScheduledNotificationRequest {
+        idempotency_key: args.key,
+    };
+    let response = client
+        .cancel_scheduled_notification(authorized(request, &token)?)
+        .await?
+        .into_inner();
+    println!("{}", json!({"cancelled": response.cancelled}));
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
