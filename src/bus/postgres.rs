@@ -629,13 +629,14 @@ fn route_one(hub: &Hub, listener_epoch: Epoch, payload: Payload) {
             sa,
             aa,
         } => {
-            let key = StreamKey::User { tenant: t, user: u };
+            let key = StreamKey::User {
+                tenant: t,
+                user: u.clone(),
+            };
             let body = EventBody::Updated(Notification {
                 id,
                 seq: ns,
-                recipient: match &key {
-                    StreamKey::User { user, .. } => user.clone(),
-                },
+                recipient: u,
                 content: Arc::new(Content {
                     kind: ty,
                     title: ti,

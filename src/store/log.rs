@@ -775,6 +775,9 @@ pub async fn take<'c>(
                 let new = contents
                     .get(*c)
                     .ok_or_else(|| StoreError::internal("no such content"))?;
+                let content_id = *content_ids
+                    .get(*c)
+                    .ok_or_else(|| StoreError::internal("no such content"))?;
                 let actor = new.presentation.actor.as_str();
                 let fold = new.fold.map(|f| {
                     let group = matches!(f, Fold::Group { .. });
@@ -788,9 +791,6 @@ pub async fn take<'c>(
                             target.read_at = None;
                             target.seen_at = None;
                         }
-                        let content_id = *content_ids
-                            .get(*c)
-                            .ok_or_else(|| StoreError::internal("no such content"))?;
                         updates.push(UpdateRow {
                             tenant: a.tenant,
                             user: a.user,
@@ -838,7 +838,7 @@ pub async fn take<'c>(
                                 },
                             );
                         }
-                        new_notes.push(i);
+                        new_notes.push((i, new, content_id));
                         EventBody::Notification(Notification {
                             id: ids[i],
                             seq: s,
@@ -859,19 +859,6 @@ pub async fn take<'c>(
             event: Arc::new(StreamEvent::new(s, taken.epoch, body)),
         });
     }
-    let mut note_contents = Vec::with_capacity(new_notes.len());
-    for &i in &new_notes {
-        if let NewEvent::Notification(c) = appends[i].event {
-            let content_id = content_ids
-                .get(c)
-                .ok_or_else(|| StoreError::internal("no such content"))?;
-            note_contents.push(*content_id);
-        }
-    }
-    let fold_of = |i: usize| match appends[i].event {
-        NewEvent::Notification(c) => contents.get(c).and_then(|c| c.fold),
-        NewEvent::State(_) => None,
-    };
     let states = appends
         .iter()
         .zip(&seqs)
@@ -917,36 +904,33 @@ pub async fn take<'c>(
             .iter()
             .map(|c| c.presentation.actions_json())
             .collect(),
-        n_tenants: new_notes.iter().map(|&i| appends[i].tenant).collect(),
-        n_users: new_notes.iter().map(|&i| appends[i].user).collect(),
-        n_seqs: new_notes.iter().map(|&i| seqs[i]).collect(),
-        note_ids: new_notes.iter().map(|&i| ids[i]).collect(),
-        note_contents,
+        n_tenants: new_notes.iter().map(|&(i, ..)| appends[i].tenant).collect(),
+        n_users: new_notes.iter().map(|&(i, ..)| appends[i].user).collect(),
+        n_seqs: new_notes.iter().map(|&(i, ..)| seqs[i]).collect(),
+        note_ids: new_notes.iter().map(|&(i, ..)| ids[i]).collect(),
+        note_contents: new_notes
+            .iter()
+            .map(|&(.., content_id)| content_id)
+            .collect(),
         n_replace_keys: new_notes
             .iter()
-            .map(|&i| match fold_of(i) {
+            .map(|(_, new, _)| match new.fold {
                 Some(Fold::Replace(k)) => Some(k.as_str()),
                 _ => None,
             })
             .collect(),
         n_group_keys: new_notes
             .iter()
-            .map(|&i| match fold_of(i) {
+            .map(|(_, new, _)| match new.fold {
                 Some(Fold::Group { key, .. }) => Some(key.as_str()),
                 _ => None,
             })
             .collect(),
-        n_expires: new_notes
-            .iter()
-            .map(|&i| match appends[i].event {
-                NewEvent::Notification(c) => contents.get(c).and_then(|c| c.expires_at),
-                NewEvent::State(_) => None,
-            })
-            .collect(),
+        n_expires: new_notes.iter().map(|(_, new, _)| new.expires_at).collect(),
         n_actors: new_notes
             .iter()
-            .map(|&i| match fold_of(i) {
-                Some(Fold::Group { .. }) => appends_actor(contents, &appends[i]),
+            .map(|(_, new, _)| match new.fold {
+                Some(Fold::Group { .. }) => Some(new.presentation.actor.as_str()),
                 _ => None,
             })
             .collect(),
@@ -954,14 +938,6 @@ pub async fn take<'c>(
         updates,
         staged,
     })
-}
-
-/// The actor of the send `append` is a notification of.
-fn appends_actor<'c>(contents: &'c [NewContent<'c>], append: &Append<'c>) -> Option<&'c str> {
-    match append.event {
-        NewEvent::Notification(c) => contents.get(c).map(|c| c.presentation.actor.as_str()),
-        NewEvent::State(_) => None,
-    }
 }
 
 /// The columns [`notification`] reads, with the group state's columns

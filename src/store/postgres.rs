@@ -613,30 +613,24 @@ impl Store for PgStore {
         };
         let head: i64 = row.try_get(0).map_err(pg_error)?;
         let action = request.action.as_i16();
-        let (row, mut change) = match &request.target {
+        // An up-to change covers up to the head at most, a filter the whole
+        // stream as of now; the event records which seq it went up to.
+        let (up_to, filter) = match &request.target {
+            StateTarget::Ids(_) => (head, None),
+            StateTarget::UpTo(up_to) => (pos(*up_to).min(head), None),
+            StateTarget::Filter(f) => (head, Some(f)),
+        };
+        let row = match &request.target {
             StateTarget::Ids(ids) => {
                 let stmt = tx
                     .prepare_cached(&update_state_sql("n.id = ANY($4::int8[])", true))
                     .await
                     .map_err(pg_error)?;
-                let row = tx
-                    .query_one(&stmt, &[&tenant, &user, &action, ids])
+                tx.query_one(&stmt, &[&tenant, &user, &action, ids])
                     .await
-                    .map_err(pg_error)?;
-                let change = StateChange {
-                    action: request.action,
-                    ids: Vec::new(), // from the row
-                    up_to_seq: 0,
-                    filter: None,
-                };
-                (row, change)
+                    .map_err(pg_error)?
             }
             StateTarget::UpTo(_) | StateTarget::Filter(_) => {
-                let (up_to, filter) = match &request.target {
-                    StateTarget::Filter(f) => (head, Some(f)),
-                    StateTarget::UpTo(up_to) => (pos(*up_to).min(head), None),
-                    StateTarget::Ids(_) => (head, None),
-                };
                 let f = FilterColumns::of(filter);
                 let stmt = tx
                     .prepare_cached(&update_state_sql(
@@ -645,38 +639,41 @@ impl Store for PgStore {
                     ))
                     .await
                     .map_err(pg_error)?;
-                let row = tx
-                    .query_one(
-                        &stmt,
-                        &[
-                            &tenant,
-                            &user,
-                            &action,
-                            &up_to,
-                            &f.types,
-                            &f.prefixes,
-                            &f.categories,
-                            &f.min_severity,
-                        ],
-                    )
-                    .await
-                    .map_err(pg_error)?;
-                let change = StateChange {
-                    action: request.action,
-                    ids: Vec::new(),
-                    up_to_seq: seq(up_to),
-                    filter: filter.cloned(),
-                };
-                (row, change)
+                tx.query_one(
+                    &stmt,
+                    &[
+                        &tenant,
+                        &user,
+                        &action,
+                        &up_to,
+                        &f.types,
+                        &f.prefixes,
+                        &f.categories,
+                        &f.min_severity,
+                    ],
+                )
+                .await
+                .map_err(pg_error)?
             }
         };
         let changed: i64 = row.try_get(0).map_err(pg_error)?;
         if changed == 0 {
             return Ok(StateOutcome::default()); // dropping `tx` rolls back
         }
-        if matches!(request.target, StateTarget::Ids(_)) {
-            change.ids = row.try_get(1).map_err(pg_error)?;
-        }
+        let change = match &request.target {
+            StateTarget::Ids(_) => StateChange {
+                action: request.action,
+                ids: row.try_get(1).map_err(pg_error)?,
+                up_to_seq: 0,
+                filter: None,
+            },
+            StateTarget::UpTo(_) | StateTarget::Filter(_) => StateChange {
+                action: request.action,
+                ids: Vec::new(),
+                up_to_seq: seq(up_to),
+                filter: filter.cloned(),
+            },
+        };
         let committed = log::append(
             &tx,
             self.bus.as_ref(),
