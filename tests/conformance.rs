@@ -8,10 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use herald::proto::{
-    self, event::Kind, mark_read_request::Target, notifications_client::NotificationsClient,
-    resync::Reason as ResyncReason,
-};
+use herald::proto::{self, event::Kind, mark_read_request::Target, resync::Reason as ResyncReason};
 use tonic::Code;
 
 fn resync_reason(event: &proto::Event) -> Option<ResyncReason> {
@@ -30,22 +27,6 @@ fn caught_up_kind() -> Option<Kind> {
             nanos: 0,
         }),
     }))
-}
-
-/// Sends `request`, which must be refused INVALID_ARGUMENT with a message
-/// that starts with `field`.
-async fn refused_naming(
-    client: &mut NotificationsClient<tonic::transport::Channel>,
-    field: &str,
-    request: proto::SendNotificationRequest,
-) {
-    let err = send(client, request).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
-    assert!(
-        err.message().starts_with(&format!("{field}:")),
-        "expected the message to name {field}: {}",
-        err.message()
-    );
 }
 
 async fn fresh_connect_replays_unread_then_caught_up_then_live(backend: Backend) {

@@ -470,6 +470,27 @@ pub fn replicas(backend: Backend) -> usize {
     }
 }
 
+/// Asserts `outcome` is INVALID_ARGUMENT with a message that starts with
+/// `field` (the server names the offending field first).
+pub fn assert_refused_naming<T: std::fmt::Debug>(outcome: Result<T, Status>, field: &str) {
+    let err = outcome.expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{field}: {err:?}");
+    assert!(
+        err.message().starts_with(&format!("{field}:")),
+        "expected the message to name {field}: {}",
+        err.message()
+    );
+}
+
+/// Sends `request`, which must be refused INVALID_ARGUMENT naming `field`.
+pub async fn refused_naming(
+    client: &mut NotificationsClient<Channel>,
+    field: &str,
+    request: proto::SendNotificationRequest,
+) {
+    assert_refused_naming(send(client, request).await, field);
+}
+
 /// Waits (up to 15 s, polling) until retention has deleted every stream
 /// event (notifications, state and update events) of the database `db` is
 /// connected to.
