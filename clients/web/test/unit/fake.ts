@@ -4,6 +4,8 @@
  * whose unary calls are recorded and answered by test-provided functions.
  */
 import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { createHeraldClient } from "../../src/client.js";
+import { createInbox, type Inbox, type InboxOptions } from "../../src/inbox.js";
 import { durationFromMs, timestampFromDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createRouterTransport, type HandlerContext, type Transport } from "@connectrpc/connect";
 import {
@@ -283,4 +285,22 @@ export function script(events: Event[], end: Code | "hang" | "end" = "hang"): St
     if (end === "hang") await aborted(ctx.signal);
     else if (end !== "end") throw new ConnectError(`scripted ${Code[end]}`, end);
   };
+}
+
+const openInboxes: Inbox[] = [];
+
+/**
+ * An inbox on `server` with fast backoff and no history by default; closed
+ * by `closeInboxes()` (call it in `afterEach`).
+ */
+export function openInbox(server: FakeHerald, options: Partial<InboxOptions> = {}): Inbox {
+  const client = createHeraldClient({ transport: server.transport, getToken: () => "tok" });
+  const inbox = createInbox({ client, historySize: 0, backoff: { baseMs: 5, maxMs: 10 }, ...options });
+  openInboxes.push(inbox);
+  return inbox;
+}
+
+/** Closes every inbox `openInbox()` opened. */
+export function closeInboxes(): void {
+  for (const inbox of openInboxes.splice(0)) inbox.close();
 }

@@ -4,18 +4,13 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { createHeraldClient } from "../../src/client.js";
 import { HeraldError } from "../../src/errors.js";
 import { Resync_Reason, Severity } from "../../src/gen/herald/v1/herald_pb.js";
-import { createInbox, type Inbox, type InboxOptions } from "../../src/inbox.js";
-import { ev, FakeHerald, notification, script, sleep, until } from "./fake.js";
+import { createInbox, type InboxOptions } from "../../src/inbox.js";
+import { closeInboxes, ev, FakeHerald, notification, openInbox, script, sleep, until } from "./fake.js";
 
-const open: Inbox[] = [];
-afterEach(() => {
-  for (const i of open.splice(0)) i.close();
-});
+afterEach(closeInboxes);
 
 function inbox(server: FakeHerald, options: Partial<InboxOptions> = {}) {
-  const client = createHeraldClient({ transport: server.transport, getToken: () => "tok" });
-  const i = createInbox({ client, historySize: 0, backoff: { baseMs: 5, maxMs: 10 }, ...options });
-  open.push(i);
+  const i = openInbox(server, options);
   const view = () =>
     i.getSnapshot().notifications.map((n) => `${n.id}${n.read ? "r" : "u"}`).join(" ");
   return { inbox: i, view, snap: () => i.getSnapshot() };
@@ -254,8 +249,7 @@ describe("createInbox", () => {
         return client.list(o);
       },
     };
-    const i = createInbox({ client: gatedClient, historySize: 5, backoff: { baseMs: 5, maxMs: 5 }, random: () => 0 });
-    open.push(i);
+    const i = openInbox(server, { client: gatedClient, historySize: 5, backoff: { baseMs: 5, maxMs: 5 }, random: () => 0 });
     let renders = 0;
     i.onChange(() => renders++);
     const view = () => i.getSnapshot().notifications.map((n) => `${n.id}${n.read ? "r" : "u"}`).join(" ");

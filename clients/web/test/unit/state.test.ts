@@ -6,22 +6,17 @@ import { afterEach, describe, it } from "node:test";
 import { createHeraldClient } from "../../src/client.js";
 import { matchesFilter } from "../../src/filter.js";
 import { Severity, StateAction, type UpdateStateRequest } from "../../src/gen/herald/v1/herald_pb.js";
-import { createInbox, type Inbox, type InboxOptions } from "../../src/inbox.js";
-import { aborted, ev, FakeHerald, notification, script, sleep, until } from "./fake.js";
+import { type InboxOptions } from "../../src/inbox.js";
+import { aborted, closeInboxes, ev, FakeHerald, notification, openInbox, script, sleep, until } from "./fake.js";
 
-const open: Inbox[] = [];
-afterEach(() => {
-  for (const i of open.splice(0)) i.close();
-});
+afterEach(closeInboxes);
 
 /**
  * An inbox on `server`, and views of it: `view()` lists the items as
  * `<id><r|u>[s]` (read or unread, seen), newest first.
  */
 function inbox(server: FakeHerald, options: Partial<InboxOptions> = {}) {
-  const client = createHeraldClient({ transport: server.transport, getToken: () => "tok" });
-  const i = createInbox({ client, historySize: 0, backoff: { baseMs: 5, maxMs: 10 }, ...options });
-  open.push(i);
+  const i = openInbox(server, options);
   const view = () =>
     i
       .getSnapshot()
